@@ -1,0 +1,68 @@
+"""The ``disagg`` command line. Each subcommand parses its own arguments and calls into
+the package; nothing here holds logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from disagg.errors import DisaggError
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from disagg.engine.tiny_model import make_tiny_model
+
+    path = make_tiny_model(args.dir, seed=args.seed)
+    print(path)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from disagg.demo import run_demo
+
+    return run_demo(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        num_prompts=args.num_prompts,
+        max_tokens=args.max_tokens,
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="disagg", description="Prefill/decode-disaggregated LLM serving, fair between clients."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "make-tiny-model",
+        help="write a small random-weight Llama checkpoint with a trained BPE tokenizer",
+    )
+    p.add_argument("dir", help="output directory (created; must be empty if it exists)")
+    p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    p.set_defaults(func=_make_tiny_model)
+
+    p = sub.add_parser("demo", help="generate with a model offline and print outputs and tokens/s")
+    p.add_argument("--model", default="tiny", help="Hugging Face model directory, or 'tiny'")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except DisaggError as exc:
+        print(f"disagg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
