@@ -1,0 +1,253 @@
+"""The colocated engine: requests in, one scheduled step at a time, finished sequences
+out. Each step is ``schedule() -> run() -> postprocess()``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from disagg.engine.block_allocator import BlockAllocator
+from disagg.engine.checkpoint import load_model
+from disagg.engine.config import DEFAULT_CPU_KV_MEMORY, EngineConfig
+from disagg.engine.kv_cache import KVCache, KVCacheSpec
+from disagg.engine.model_config import DTYPES, ModelConfig
+from disagg.engine.runner import ModelRunner
+from disagg.engine.sampler import sample
+from disagg.engine.scheduler import Scheduler
+from disagg.engine.sequence import Sequence
+from disagg.engine.tokenizer import Tokenizer, eos_token_ids
+from disagg.errors import CheckpointError, ConfigError, InvalidRequestError
+from disagg.sampling_params import SamplingParams
+from disagg.scheduling import make_policy
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+def resolve_model_dir(model: str) -> Path:
+    """'tiny' is the embedded model (written once into the cache); anything else must be
+    a local Hugging Face model directory. Nothing is ever downloaded."""
+    if model == "tiny":
+        from disagg.engine.tiny_model import tiny_model_path
+
+        return tiny_model_path()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(
+            str(path), "not a directory: pass a local Hugging Face model directory or 'tiny'"
+        )
+    return path
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_dir = resolve_model_dir(config.model)
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device", "CUDA was asked for but torch sees no CUDA device")
+        self.dtype = self._resolve_dtype()
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        if self.tokenizer is None:
+            log.warning("%s has no tokenizer.json: only token-id prompts can be served", self.model_dir)
+        self.eos_token_ids = eos_token_ids(self.model_dir, self.model_config.eos_token_ids)
+
+        context = self.model_config.max_context
+        max_len = config.max_model_len or context
+        if max_len > context:
+            raise ConfigError("max_model_len", f"{max_len} exceeds the model's context of {context}")
+        self.model = load_model(
+            self.model_dir, self.model_config, device=self.device, dtype=self.dtype, max_positions=max_len
+        )
+        spec = KVCacheSpec.for_model(self.model_config, config.block_size, self.dtype)
+        num_blocks = config.num_blocks or spec.blocks_for_budget(self._kv_budget())
+        # One sequence must always fit alone, or preemption could never make room for it.
+        self.max_model_len = min(max_len, num_blocks * config.block_size)
+        if self.max_model_len < max_len:
+            log.info("max_model_len capped to the KV pool: %d tokens", self.max_model_len)
+        self.kv_cache = KVCache(spec, num_blocks, self.device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.scheduler = Scheduler(
+            self.allocator,
+            make_policy(config.policy),
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            # A whole prompt must fit in one prefill batch.
+            max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
+        )
+        self.runner = ModelRunner(
+            self.model,
+            self.kv_cache,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            use_cuda_graphs=not config.enforce_eager,
+        )
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self._next_id = 0
+        self._active: dict[int, Sequence] = {}
+
+    # -- requests ------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        client_id: str = "default",
+        arrival_time: float | None = None,
+    ) -> Sequence:
+        """Validates and queues one request; raises :class:`InvalidRequestError` naming
+        the bad field, and then nothing is queued."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params", f"must be SamplingParams, got {type(params).__name__}")
+        token_ids = self._prompt_token_ids(prompt)
+        vocab = self.model_config.vocab_size
+        for t in params.stop_token_ids:
+            if t >= vocab:
+                raise InvalidRequestError("stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab})")
+        seq = Sequence(
+            seq_id=self._next_id,
+            prompt_token_ids=token_ids,
+            params=params,
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            client_id=client_id,
+        )
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        self._next_id += 1
+        self._active[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def _prompt_token_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "is empty")
+            if self.tokenizer is None:
+                raise InvalidRequestError("prompt", "this model has no tokenizer.json: pass token ids")
+            ids = self.tokenizer.encode(prompt)
+            field = "prompt"
+        elif isinstance(prompt, list | tuple):
+            if not prompt:
+                raise InvalidRequestError("prompt_token_ids", "is empty")
+            vocab = self.model_config.vocab_size
+            for i, t in enumerate(prompt):
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                    raise InvalidRequestError(
+                        "prompt_token_ids", f"entry {i} ({t!r}) is not a token id in [0, {vocab})"
+                    )
+            ids = list(prompt)
+            field = "prompt_token_ids"
+        else:
+            raise InvalidRequestError("prompt", f"must be a string or a list of token ids, got {type(prompt).__name__}")
+        if len(ids) >= self.max_model_len:
+            pool = self.kv_cache.num_blocks * self.config.block_size
+            raise InvalidRequestError(
+                field,
+                f"{len(ids)} tokens leave no room to generate: max_model_len is {self.max_model_len} "
+                f"(model context {self.model_config.max_context}, KV pool {pool} tokens)",
+            )
+        return ids
+
+    def abort(self, seq_id: int) -> bool:
+        seq = self._active.pop(seq_id, None)
+        if seq is None:
+            return False
+        seq.finish_reason = "abort"
+        self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one step ------------------------------------------------------------------
+
+    def step(self) -> list[Sequence]:
+        """Runs one prefill or decode batch; returns the sequences it finished."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        if batch.is_prefill:
+            logits = self.runner.prefill(batch.seqs)
+        else:
+            logits = self.runner.decode(batch.seqs)
+        tokens = sample(logits, batch.seqs, self.generator)
+        return self._postprocess(batch.seqs, tokens)
+
+    def _postprocess(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
+        now = time.monotonic()
+        finished = []
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.output_token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self.scheduler.policy.on_tokens(seq, 1)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                seq.finish_reason = reason
+                seq.finish_time = now
+                self.scheduler.finish(seq)
+                self._active.pop(seq.seq_id, None)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if token in params.stop_token_ids:
+            return "stop"
+        if params.stop and self.tokenizer is not None and self._hit_stop_string(seq):
+            return "stop"
+        if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        # A stop string of c characters spans at most 4c byte-level tokens; decoding that
+        # tail each step keeps the check O(1) in the output length.
+        assert self.tokenizer is not None
+        window = 4 * max(len(s) for s in seq.params.stop) + 2
+        tail = self.tokenizer.decode(seq.output_token_ids[-window:])
+        if not any(s in tail for s in seq.params.stop):
+            return False
+        text = self.tokenizer.decode(seq.output_token_ids)
+        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+        if not hits:
+            return False
+        seq.text_end = min(hits)
+        return True
+
+    def output_text(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(seq.output_token_ids)
+        return text if seq.text_end is None else text[: seq.text_end]
+
+    # -- set-up helpers ------------------------------------------------------------
+
+    def _resolve_dtype(self) -> torch.dtype:
+        if self.config.dtype != "auto":
+            return DTYPES[self.config.dtype]
+        return self.model_config.dtype if self.device.type == "cuda" else torch.float32
+
+    def _kv_budget(self) -> int:
+        if self.config.kv_cache_memory is not None:
+            return self.config.kv_cache_memory
+        if self.device.type == "cpu":
+            return DEFAULT_CPU_KV_MEMORY
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        budget = int(total * self.config.gpu_memory_utilization) - used
+        if budget <= 0:
+            raise ConfigError(
+                "gpu_memory_utilization",
+                f"{self.config.gpu_memory_utilization} of the GPU is already used by the weights and others",
+            )
+        return budget

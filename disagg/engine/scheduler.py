@@ -1,0 +1,120 @@
+"""Colocated continuous batching: each step is either a prefill batch (new prompts, under
+a token budget) or a decode step over every running sequence. Prefill goes first when a
+prompt fits; when decode needs a block and none is free, the policy's victim is
+preempted and later recomputed from its tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from disagg.engine.block_allocator import BlockAllocator
+from disagg.engine.sequence import Sequence, SequenceStatus, blocks_for_tokens
+from disagg.scheduling import SchedulingPolicy
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    is_prefill: bool
+    seqs: list[Sequence]
+    preempted: list[Sequence] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        policy: SchedulingPolicy,
+        *,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ):
+        self.allocator = allocator
+        self.policy = policy
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.policy.add(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or len(self.policy) > 0
+
+    def schedule(self) -> ScheduledBatch | None:
+        batch = self._schedule_prefill()
+        if batch.seqs:
+            return batch
+        if not self.running:
+            return None
+        return self._schedule_decode()
+
+    def _schedule_prefill(self) -> ScheduledBatch:
+        admitted: list[Sequence] = []
+        tokens = 0
+        while len(self.running) + len(admitted) < self.max_num_seqs:
+            seq = self.policy.peek()
+            if seq is None:
+                break
+            if admitted and tokens + seq.num_tokens > self.max_num_batched_tokens:
+                break
+            needed = blocks_for_tokens(seq.num_tokens, self.block_size)
+            # The head waits when it does not fit; no one overtakes it, so the policy's
+            # order is the admission order (a large prompt is never starved).
+            if not self.allocator.can_allocate(needed):
+                break
+            self.policy.pop()
+            seq.block_table = self.allocator.allocate(needed)
+            seq.status = SequenceStatus.RUNNING
+            self.policy.on_admitted(seq, seq.num_tokens)
+            admitted.append(seq)
+            tokens += seq.num_tokens
+        self.running.extend(admitted)
+        return ScheduledBatch(is_prefill=True, seqs=admitted)
+
+    def _schedule_decode(self) -> ScheduledBatch:
+        scheduled: list[Sequence] = []
+        preempted: list[Sequence] = []
+        candidates = list(self.running)
+        while candidates:
+            seq = candidates.pop(0)
+            while not self._reserve_slot(seq):
+                victim = self.policy.preemption_victim(candidates + [seq])
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+                candidates.remove(victim)
+            else:
+                scheduled.append(seq)
+        self.running = scheduled
+        return ScheduledBatch(is_prefill=False, seqs=scheduled, preempted=preempted)
+
+    def _reserve_slot(self, seq: Sequence) -> bool:
+        """Makes sure the block for the token at position ``num_tokens - 1`` exists."""
+        if len(seq.block_table) * self.block_size >= seq.num_tokens:
+            return True
+        if not self.allocator.can_allocate(1):
+            return False
+        seq.block_table.extend(self.allocator.allocate(1))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Releases a finished (or aborted) sequence's blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.policy.remove(seq)
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        seq.status = SequenceStatus.FINISHED
