@@ -1,0 +1,36 @@
+"""Optional Triton import: ``import kernels`` must work on machines without Triton.
+
+Kernel modules define their ``@triton.jit`` functions under ``if HAS_TRITON:``. The
+interpreter flag (``TRITON_INTERPRET``) is read by ``triton.jit`` at decoration time, so it
+must be set before the first ``kernels`` import for Triton kernels to run on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs (e.g. macOS) have no Triton wheel.
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+# The spellings Triton itself accepts as true for boolean environment variables.
+_TRUE = frozenset({"1", "true", "yes", "on", "y"})
+
+
+def interpreter_enabled() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks Triton to run kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= ``n`` (``tl.arange`` extents must be powers of two)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+__all__ = ["HAS_TRITON", "interpreter_enabled", "next_power_of_2", "tl", "triton"]

@@ -1,0 +1,226 @@
+"""Decode attention: one new query token per sequence against its paged KV cache.
+
+Cache layout: (num_blocks, block_size, H_kv, D). ``block_tables[b, j]`` is the cache block
+holding tokens ``[j * block_size, (j + 1) * block_size)`` of sequence ``b``; entries past
+the sequence's last block are padding and are never read. Query head ``h`` attends with
+KV head ``h // (H_q // H_kv)`` (grouped-query attention).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels._triton import HAS_TRITON, next_power_of_2, tl, triton
+from kernels.backend import resolve
+
+
+def _check(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> None:
+    assert query.dim() == 3 and k_cache.dim() == 4, (query.shape, k_cache.shape)
+    assert k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
+    b, h_q, d = query.shape
+    h_kv = k_cache.shape[2]
+    assert k_cache.shape[3] == d and h_q % h_kv == 0, (query.shape, k_cache.shape)
+    assert query.dtype == k_cache.dtype == v_cache.dtype
+    assert block_tables.dim() == 2 and block_tables.shape[0] == b, block_tables.shape
+    assert context_lens.shape == (b,), context_lens.shape
+    assert block_tables.dtype == context_lens.dtype == torch.int32
+
+
+def paged_decode_attention_torch(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    _check(query, k_cache, v_cache, block_tables, context_lens)
+    b, block_size = query.shape[0], k_cache.shape[1]
+    if b == 0:
+        return torch.empty_like(query)
+    assert int(context_lens.min()) > 0, "every sequence needs at least one token"
+    max_len = int(context_lens.max())
+    n_blocks = (max_len + block_size - 1) // block_size
+    assert n_blocks <= block_tables.shape[1], (max_len, block_tables.shape)
+
+    # Padding entries may hold any value: point them at block 0 so the gather stays in
+    # bounds; the positions they cover are masked out below.
+    first_pos = torch.arange(n_blocks, device=query.device) * block_size  # (n_blocks,)
+    used = first_pos[None, :] < context_lens[:, None]  # (B, n_blocks)
+    tables = torch.where(used, block_tables[:, :n_blocks], 0).long()  # (B, n_blocks)
+
+    seq_len = n_blocks * block_size
+    pos = torch.arange(seq_len, device=query.device)  # (L,)
+    mask = pos[None, :] < context_lens[:, None]  # (B, L)
+    # Slots past the context are uninitialised (possibly NaN), and a masked score still
+    # multiplies its value (0 * NaN = NaN), so zero them rather than only masking scores.
+    drop = ~mask[:, :, None, None]  # (B, L, 1, 1)
+    k = k_cache[tables].flatten(1, 2).masked_fill_(drop, 0).float()  # (B, L, H_kv, D)
+    v = v_cache[tables].flatten(1, 2).masked_fill_(drop, 0).float()  # (B, L, H_kv, D)
+
+    out = F.scaled_dot_product_attention(
+        query.float()[:, :, None, :],  # (B, H_q, 1, D)
+        k.transpose(1, 2),  # (B, H_kv, L, D)
+        v.transpose(1, 2),  # (B, H_kv, L, D)
+        attn_mask=mask[:, None, None, :],  # (B, 1, 1, L)
+        scale=scale,
+        enable_gqa=True,
+    )  # (B, H_q, 1, D)
+    return out[:, :, 0, :].to(query.dtype)  # (B, H_q, D)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _paged_decode_kernel(
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        tables_ptr,
+        lens_ptr,
+        out_ptr,
+        q_stride_b,
+        q_stride_h,
+        cache_stride_block,
+        cache_stride_slot,
+        cache_stride_head,
+        tables_stride_b,
+        out_stride_b,
+        out_stride_h,
+        qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+        block_size,
+        head_dim,
+        GROUP: tl.constexpr,  # query heads per KV head
+        BLOCK_H: tl.constexpr,  # GROUP padded to a tl.dot-friendly size (>= 16)
+        BLOCK_N: tl.constexpr,  # cache tokens per iteration
+        BLOCK_D: tl.constexpr,  # head_dim padded to a power of two
+    ):
+        # One program per (sequence, KV head): every query head of the group shares each
+        # K/V tile it loads, and the group forms the M dimension of tl.dot.
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        ctx_len = tl.load(lens_ptr + seq)
+
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        h_mask = offs_h < GROUP
+        d_mask = offs_d < head_dim
+        q_heads = kv_head * GROUP + offs_h  # (BLOCK_H,)
+
+        q = tl.load(
+            q_ptr + seq * q_stride_b + q_heads[:, None] * q_stride_h + offs_d[None, :],
+            mask=h_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_H, BLOCK_D)
+
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        for start in range(0, ctx_len, BLOCK_N):
+            pos = start + offs_n  # (BLOCK_N,)
+            n_mask = pos < ctx_len
+            # Table entries past the last block are never loaded (masked).
+            block = tl.load(
+                tables_ptr + seq * tables_stride_b + pos // block_size, mask=n_mask, other=0
+            ).to(tl.int64)
+            row = (
+                block * cache_stride_block
+                + (pos % block_size) * cache_stride_slot
+                + kv_head * cache_stride_head
+            )  # (BLOCK_N,)
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+
+            # float32 inputs may run as TF32 on GPU (Triton's default precision).
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_H, BLOCK_N) float32
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            # Online softmax; m_new is finite because every chunk has a valid position.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        out = acc / l_i[:, None]
+        tl.store(
+            out_ptr + seq * out_stride_b + q_heads[:, None] * out_stride_h + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=h_mask[:, None] & d_mask[None, :],
+        )
+
+
+def paged_decode_attention_triton(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    block_n: int = 32,
+) -> torch.Tensor:
+    _check(query, k_cache, v_cache, block_tables, context_lens)
+    b, h_q, d = query.shape
+    h_kv = k_cache.shape[2]
+    assert query.stride(2) == 1 and k_cache.stride(3) == 1
+    assert k_cache.stride() == v_cache.stride()
+    assert block_tables.stride(1) == 1 and context_lens.is_contiguous()
+    out = torch.empty_like(query)  # (B, H_q, D)
+    if b == 0:
+        return out
+    group = h_q // h_kv
+    _paged_decode_kernel[(b, h_kv)](
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        query.stride(0),
+        query.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        scale * 1.4426950408889634,  # log2(e)
+        k_cache.shape[1],
+        d,
+        GROUP=group,
+        BLOCK_H=max(16, next_power_of_2(group)),
+        BLOCK_N=block_n,
+        BLOCK_D=max(16, next_power_of_2(d)),
+    )
+    return out
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of each sequence's newest token over its cached context.
+
+    query: (B, H_q, D); k_cache, v_cache: (num_blocks, block_size, H_kv, D);
+    block_tables: (B, max_blocks) int32; context_lens: (B,) int32, >= 1, counting the new
+    token (already stored in the cache). Returns (B, H_q, D) in query's dtype; softmax and
+    accumulation run in float32.
+    """
+    if resolve(query) == "triton":
+        return paged_decode_attention_triton(
+            query, k_cache, v_cache, block_tables, context_lens, scale
+        )
+    return paged_decode_attention_torch(query, k_cache, v_cache, block_tables, context_lens, scale)
