@@ -64,6 +64,7 @@ def load_model(
     with torch.device("meta"):
         model = CausalLM(config, max_positions)
     model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()
     model.model.rope.reset_cache()
 
     params = dict(model.named_parameters())

@@ -132,7 +132,12 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.model = DecoderStack(cfg, max_positions)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Shares the embedding with the output head when the config says so. Call it
+        again after ``to_empty``, which materialises the two as separate tensors."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def shard_sizes(self, fused: str) -> list[int]:

@@ -90,7 +90,7 @@ class Scheduler:
                 candidates.remove(victim)
             else:
                 scheduled.append(seq)
-        self.running = scheduled
+        self.running = list(scheduled)  # finishing a sequence edits running, not the batch
         return ScheduledBatch(is_prefill=False, seqs=scheduled, preempted=preempted)
 
     def _reserve_slot(self, seq: Sequence) -> bool:
