@@ -33,7 +33,7 @@ def run_demo(*, model: str, device: str, dtype: str, num_prompts: int, max_token
     llm = LLM(model, device=device, dtype=dtype)
     load_s = time.perf_counter() - t0
     prompts = demo_prompts(num_prompts)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=1, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95, ignore_eos=True)
 
     llm.generate(prompts[:2], SamplingParams(max_tokens=2))  # warm-up
     t0 = time.perf_counter()
