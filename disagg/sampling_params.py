@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from disagg.errors import InvalidRequestError
 
+# What torch.Generator.manual_seed accepts (a signed or unsigned 64-bit value).
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -29,11 +32,18 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        # Accept lists (the natural thing to pass) but store tuples: params are shared.
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        # Accept lists (the natural thing to pass) or None, but store tuples: params are shared.
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is None:
+                value = ()
+            elif isinstance(value, str) and name == "stop":
+                value = (value,)
+            try:
+                value = tuple(value)
+            except TypeError:
+                raise InvalidRequestError(name, f"must be a list, got {type(value).__name__}") from None
+            object.__setattr__(self, name, value)
         self._validate()
 
     def _validate(self) -> None:
@@ -45,8 +55,10 @@ class SamplingParams:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k):
             raise InvalidRequestError("top_k", f"must be an integer (<= 0 disables), got {self.top_k!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise InvalidRequestError("seed", f"must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and _SEED_MIN <= self.seed <= _SEED_MAX):
+            raise InvalidRequestError(
+                "seed", f"must be an integer in [{_SEED_MIN}, {_SEED_MAX}] or None, got {self.seed!r}"
+            )
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {s!r}")

@@ -26,6 +26,8 @@ def weight_files(model_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(str(index), f"not a valid safetensors index ({exc!r})") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(str(index), "'weight_map' must map tensor names to file names")
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
@@ -90,7 +92,8 @@ def load_model(
                 )
             dest.copy_(tensor)
             pending.get(target, set()).discard(shard)
-    missing = sorted(name for name, pieces in pending.items() if pieces)
+    # Named as the checkpoint names them (k_proj, not our fused qkv_proj).
+    missing = sorted(_hf_name(name, piece) for name, pieces in pending.items() for piece in pieces)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise CheckpointError(str(model_dir), f"{len(missing)} weights missing from the checkpoint: {shown}")
@@ -102,6 +105,17 @@ def _map_name(hf_name: str) -> tuple[str, int | None]:
         if f".{fragment}." in hf_name:
             return hf_name.replace(f".{fragment}.", f".{fused}."), shard
     return hf_name, None
+
+
+def _hf_name(name: str, shard: int | None) -> str:
+    """Inverse of :func:`_map_name`."""
+    if shard is None:
+        return name
+    fused = name.split(".")[-2]
+    for fragment, target in CausalLM.FUSED_SHARDS.items():
+        if target == (fused, shard):
+            return name.replace(f".{fused}.", f".{fragment}.")
+    raise AssertionError(f"no checkpoint name for shard {shard} of {name}")
 
 
 def _expected_pieces(model: CausalLM, name: str) -> set[int | None]:

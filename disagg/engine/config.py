@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from disagg.errors import ConfigError
@@ -33,7 +34,8 @@ class EngineConfig:
     enforce_eager: bool = False
 
     def __post_init__(self) -> None:
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+        # torch.device raises a bare RuntimeError on e.g. "cuda:x"; catch it here instead.
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError("device", f"must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError("dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")

@@ -94,8 +94,11 @@ def _as_prompt_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, list | tuple):
-        if prompts and all(isinstance(t, int) for t in prompts):
-            return [list(prompts)]  # one prompt given as token ids
+        # One prompt given as token ids: a list holding no prompt at all (no string or
+        # list). A bad entry ([5, 2.5]) then makes one bad prompt naming that entry, not
+        # two "prompts" 5 and 2.5.
+        if prompts and not any(isinstance(t, str | list | tuple) for t in prompts):
+            return [list(prompts)]
         return list(prompts)
     raise InvalidRequestError("prompts", f"must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
 

@@ -93,7 +93,11 @@ class ModelConfig:
             raise CheckpointError(str(path), f"not valid JSON ({exc})") from exc
         if not isinstance(raw, dict):
             raise CheckpointError(str(path), "must hold a JSON object")
-        return cls.from_dict(raw, source=str(path))
+        try:
+            return cls.from_dict(raw, source=str(path))
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
+            # int("big"), int(None), a dict where a list belongs, zero heads...
+            raise CheckpointError(str(path), f"a field has an invalid value ({exc})") from exc
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:

@@ -28,8 +28,12 @@ def sample(
         dtype=torch.float32,
         device=logits.device,
     )
-    scaled = logits / temps.unsqueeze(1)  # (B, V)
-    scaled = _apply_top_k(scaled, [s.params.top_k for s in seqs])
+    # Top-k on the raw logits: a positive temperature does not change their order.
+    kept = _apply_top_k(logits, [s.params.top_k for s in seqs])
+    # Shift each row's max to 0 before dividing (softmax and top-p are shift-invariant):
+    # a tiny temperature then sends the others to -inf, where dividing the raw logits
+    # would overflow to +-inf and turn the softmax into NaN.
+    scaled = (kept - kept.amax(dim=-1, keepdim=True)) / temps.unsqueeze(1)  # (B, V)
     scaled = _apply_top_p(scaled, [s.params.top_p for s in seqs])
     probs = torch.softmax(scaled, dim=-1)  # (B, V)
 

@@ -82,12 +82,15 @@ class Scheduler:
         while candidates:
             seq = candidates.pop(0)
             while not self._reserve_slot(seq):
-                victim = self.policy.preemption_victim(candidates + [seq])
+                # The victim is chosen among every running sequence, those already given
+                # their slot this step included: running order is admission order, which
+                # need not be the policy's order (re-admissions, out-of-order arrivals).
+                victim = self.policy.preemption_victim(scheduled + candidates + [seq])
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
                     break
-                candidates.remove(victim)
+                (scheduled if victim in scheduled else candidates).remove(victim)
             else:
                 scheduled.append(seq)
         self.running = list(scheduled)  # finishing a sequence edits running, not the batch
