@@ -3,12 +3,14 @@ out. Each step is ``schedule() -> run() -> postprocess()``."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
 
 import torch
 
+from disagg.engine.attention_metadata import AttentionMetadata
 from disagg.engine.block_allocator import BlockAllocator
 from disagg.engine.checkpoint import load_model
 from disagg.engine.config import DEFAULT_CPU_KV_MEMORY, EngineConfig
@@ -65,7 +67,7 @@ class LLMEngine:
             self.model_dir, self.model_config, device=self.device, dtype=self.dtype, max_positions=max_len
         )
         spec = KVCacheSpec.for_model(self.model_config, config.block_size, self.dtype)
-        num_blocks = config.num_blocks or spec.blocks_for_budget(self._kv_budget())
+        num_blocks = config.num_blocks or spec.blocks_for_budget(self._kv_budget(spec, max_len))
         # One sequence must always fit alone, or preemption could never make room for it.
         self.max_model_len = min(max_len, num_blocks * config.block_size)
         if self.max_model_len < max_len:
@@ -237,17 +239,47 @@ class LLMEngine:
             return DTYPES[self.config.dtype]
         return self.model_config.dtype if self.device.type == "cuda" else torch.float32
 
-    def _kv_budget(self) -> int:
+    def _kv_budget(self, spec: KVCacheSpec, max_len: int) -> int:
         if self.config.kv_cache_memory is not None:
             return self.config.kv_cache_memory
         if self.device.type == "cpu":
             return DEFAULT_CPU_KV_MEMORY
+        # What the GPU may hold, less what is in use, less the activations of the
+        # largest prefill batch (measured by running one).
+        activations = self._peak_prefill_bytes(spec, max_len)
         free, total = torch.cuda.mem_get_info(self.device)
-        used = total - free
-        budget = int(total * self.config.gpu_memory_utilization) - used
+        budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activations
         if budget <= 0:
             raise ConfigError(
                 "gpu_memory_utilization",
-                f"{self.config.gpu_memory_utilization} of the GPU is already used by the weights and others",
+                f"{self.config.gpu_memory_utilization} of the GPU leaves no room for the KV cache "
+                f"after weights, other processes and {activations / 2**20:.0f} MiB of activations",
             )
         return budget
+
+    @torch.inference_mode()
+    def _peak_prefill_bytes(self, spec: KVCacheSpec, max_len: int) -> int:
+        """Runs a dummy prefill of ``max_num_batched_tokens`` tokens (in sequences no
+        longer than ``max_len``) against a one-block cache that stores nothing, and
+        returns the memory it needed beyond the weights."""
+        tokens = max(self.config.max_num_batched_tokens, max_len)
+        lens = [max_len] * (tokens // max_len) + ([tokens % max_len] if tokens % max_len else [])
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])  # (T,)
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=torch.full((tokens,), -1, dtype=torch.long, device=self.device),
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max(lens),
+        )
+        scratch = KVCache(spec, 1, self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        hidden = self.model(torch.zeros(tokens, dtype=torch.long, device=self.device), positions, scratch.layers, meta)
+        self.model.compute_logits(hidden[: self.config.max_num_seqs])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del hidden, scratch
+        torch.cuda.empty_cache()
+        return peak
