@@ -63,10 +63,12 @@ class Result:
         return self.transformers_s / self.engine_s
 
 
-def make_workload(n: int, vocab: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+def make_workload(
+    n: int, vocab: int, max_output_len: int, seed: int = 0
+) -> tuple[list[list[int]], list[int]]:
     rng = random.Random(seed)
     prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(16, 512))] for _ in range(n)]
-    output_lens = [rng.randint(16, 256) for _ in range(n)]
+    output_lens = [rng.randint(16, max_output_len) for _ in range(n)]
     return prompts, output_lens
 
 
@@ -117,7 +119,7 @@ def run_transformers(path: str, prompts, output_lens, device: str) -> float:
     return elapsed
 
 
-def bench_model(name: str, num_prompts: int, device: str, workdir: Path) -> Result:
+def bench_model(name: str, num_prompts: int, max_output_len: int, device: str, workdir: Path) -> Result:
     if name == "tiny":
         path = str(tiny_model_path())
         vocab = 2048
@@ -126,7 +128,7 @@ def bench_model(name: str, num_prompts: int, device: str, workdir: Path) -> Resu
         vocab = MEDIUM["vocab_size"]
     else:
         raise SystemExit(f"unknown model {name!r}: choose tiny or medium")
-    prompts, output_lens = make_workload(num_prompts, vocab)
+    prompts, output_lens = make_workload(num_prompts, vocab, max_output_len)
     engine_s = run_engine(path, prompts, output_lens, device)
     hf_s = run_transformers(path, prompts, output_lens, device)
     return Result(name, device, num_prompts, sum(map(len, prompts)), sum(output_lens), engine_s, hf_s)
@@ -187,12 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,medium", help="comma-separated: tiny, medium")
     parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument(
+        "--max-output-len", type=int, default=256, help="output lengths are uniform in [16, this]"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        results = [bench_model(m, args.num_prompts, args.device, Path(tmp)) for m in args.models.split(",")]
+        results = [
+            bench_model(m, args.num_prompts, args.max_output_len, args.device, Path(tmp))
+            for m in args.models.split(",")
+        ]
         roofline = bench_decode_roofline(Path(tmp)) if args.device.startswith("cuda") else None
 
     if args.json:

@@ -42,14 +42,15 @@ def prefill_attention_torch(
         if start == end:
             continue
         assert end - start <= max_seqlen, (start, end, max_seqlen)
+        # 4-D inputs: with 3-D ones CPU SDPA falls back to its slow math path.
         out[start:end] = F.scaled_dot_product_attention(
-            query[start:end].transpose(0, 1),  # (H_q, L, D)
-            key[start:end].transpose(0, 1),  # (H_kv, L, D)
-            value[start:end].transpose(0, 1),  # (H_kv, L, D)
+            query[None, start:end].transpose(1, 2),  # (1, H_q, L, D)
+            key[None, start:end].transpose(1, 2),  # (1, H_kv, L, D)
+            value[None, start:end].transpose(1, 2),  # (1, H_kv, L, D)
             is_causal=True,
             scale=scale,
             enable_gqa=True,
-        ).transpose(0, 1)  # (L, H_q, D)
+        )[0].transpose(0, 1)  # (L, H_q, D)
     return out
 
 

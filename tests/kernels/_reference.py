@@ -74,20 +74,22 @@ def make_paged_kv(
     dtype: torch.dtype,
     pad_entry: int,
     extra_columns: int = 2,
+    fill: float = float("nan"),
 ):
     """Random per-sequence K/V written into shuffled cache blocks.
 
-    Every cache slot not holding a context token is NaN, and block-table entries past a
-    sequence's last block hold ``pad_entry``, so reading anything outside the context shows
-    up as NaN (or an index error). Returns (k_cache, v_cache, block_tables, context_lens,
+    Every cache slot not holding a context token is ``fill`` (NaN by default), and
+    block-table entries past a sequence's last block hold ``pad_entry``, so reading
+    anything outside the context shows up as NaN (or an index error); a large finite
+    ``fill`` shows up as a wrong result instead. Returns (k_cache, v_cache, block_tables, context_lens,
     keys, values) with keys[b], values[b]: (lengths[b], H_kv, D).
     """
     per_seq = [math.ceil(n / block_size) for n in lengths]
     num_blocks = sum(per_seq) + 3  # a few blocks belong to nobody
     order = torch.randperm(num_blocks).tolist()
     shape = (num_blocks, block_size, h_kv, d)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    k_cache = torch.full(shape, fill, dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, fill, dtype=dtype, device=DEVICE)
     tables = torch.full((len(lengths), max(per_seq) + extra_columns), pad_entry, dtype=torch.int32)
     keys, values = [], []
     for b, n in enumerate(lengths):

@@ -100,3 +100,19 @@ def test_empty_context_is_rejected() -> None:
     lens = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
     with pytest.raises(AssertionError, match="at least one token"):
         paged_decode_attention_torch(query, k_cache, v_cache, tables, lens, 0.2)
+
+
+@pytest.mark.parametrize("fill", [float("nan"), 1e4], ids=["nan", "finite-garbage"])
+def test_torch_grouped_batch_matches_naive(fill) -> None:
+    """More sequences than one length group (16), in shuffled lengths, with stale slots
+    that are NaN (the zeroing fallback) or large finite garbage (the fast path)."""
+    torch.manual_seed(7)
+    lengths = [int(n) for n in torch.randint(1, 70, (37,))]
+    k_cache, v_cache, tables, lens, keys, values = make_paged_kv(
+        lengths, 16, 2, 32, torch.float32, pad_entry=0, fill=fill
+    )
+    query = torch.randn(len(lengths), 8, 32, device=DEVICE)
+    out = paged_decode_attention_torch(query, k_cache, v_cache, tables, lens, 32**-0.5)
+    torch.testing.assert_close(
+        out.double().cpu(), _naive(query, keys, values, 32**-0.5), atol=TOL[torch.float32], rtol=0
+    )
