@@ -28,6 +28,8 @@ from disagg.scheduling import make_policy
 log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+# Admission beside running sequences keeps 1/N of the pool free for their growth.
+ADMISSION_WATERMARK_DIVISOR = 100
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -81,6 +83,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             # A whole prompt must fit in one prefill batch.
             max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
+            watermark_blocks=num_blocks // ADMISSION_WATERMARK_DIVISOR,
         )
         self.runner = ModelRunner(
             self.model,

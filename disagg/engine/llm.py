@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 from disagg.engine.config import EngineConfig
 from disagg.engine.engine import LLMEngine, Prompt
 from disagg.engine.sequence import Sequence
-from disagg.errors import DisaggError, InvalidRequestError
+from disagg.errors import ConfigError, DisaggError, InvalidRequestError
 from disagg.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ class LLM:
     """
 
     def __init__(self, model: str = "tiny", **engine_kwargs: object):
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(engine_kwargs) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown engine setting; known: {', '.join(sorted(known))}")
         self.engine = LLMEngine(EngineConfig(model=str(model), **engine_kwargs))  # type: ignore[arg-type]
         self.tokenizer = self.engine.tokenizer
 

@@ -28,12 +28,16 @@ class Scheduler:
         block_size: int,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        watermark_blocks: int = 0,
     ):
         self.allocator = allocator
         self.policy = policy
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Blocks kept free when admitting beside running sequences, so their next decode
+        # steps do not preempt the newcomer at once (which would waste its prefill).
+        self.watermark_blocks = watermark_blocks
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
@@ -62,9 +66,10 @@ class Scheduler:
             if admitted and tokens + seq.num_tokens > self.max_num_batched_tokens:
                 break
             needed = blocks_for_tokens(seq.num_tokens, self.block_size)
+            reserve = self.watermark_blocks if (self.running or admitted) else 0
             # The head waits when it does not fit; no one overtakes it, so the policy's
             # order is the admission order (a large prompt is never starved).
-            if not self.allocator.can_allocate(needed):
+            if not self.allocator.can_allocate(needed + reserve):
                 break
             self.policy.pop()
             seq.block_table = self.allocator.allocate(needed)

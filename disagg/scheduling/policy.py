@@ -9,6 +9,7 @@ drive the colocated engine, the prefill and decode nodes, and the simulator.
 from __future__ import annotations
 
 import heapq
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence as SeqList
 from typing import Protocol
@@ -63,40 +64,40 @@ class FCFS(SchedulingPolicy):
     request keeps its arrival time, so it returns to the head of the queue."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Request]] = []
-        self._waiting: set[int] = set()
-        self._removed: set[int] = set()
+        # Entries are (arrival, seq_id, ticket, request); an entry is live only while its
+        # ticket is the one ``_live`` holds for that id, so removal is O(1) and lazy, and
+        # a removed-then-re-added request is never queued twice.
+        self._heap: list[tuple[float, int, int, Request]] = []
+        self._live: dict[int, int] = {}
+        self._tickets = itertools.count()
 
     def add(self, request: Request) -> None:
-        heapq.heappush(self._heap, (request.arrival_time, request.seq_id, request))
-        self._removed.discard(request.seq_id)
-        self._waiting.add(request.seq_id)
+        ticket = next(self._tickets)
+        self._live[request.seq_id] = ticket
+        heapq.heappush(self._heap, (request.arrival_time, request.seq_id, ticket, request))
 
     def peek(self) -> Request | None:
-        while self._heap and self._heap[0][1] in self._removed:
-            self._removed.discard(heapq.heappop(self._heap)[1])
-        return self._heap[0][2] if self._heap else None
+        heap = self._heap
+        while heap and self._live.get(heap[0][1]) != heap[0][2]:
+            heapq.heappop(heap)  # removed or superseded
+        return heap[0][3] if heap else None
 
     def pop(self) -> Request:
         head = self.peek()
         if head is None:
             raise IndexError("pop from an empty queue")
         heapq.heappop(self._heap)
-        self._waiting.discard(head.seq_id)
+        del self._live[head.seq_id]
         return head
 
     def remove(self, request: Request) -> bool:
-        if request.seq_id not in self._waiting:
-            return False
-        self._waiting.discard(request.seq_id)
-        self._removed.add(request.seq_id)  # lazily dropped when it reaches the head
-        return True
+        return self._live.pop(request.seq_id, None) is not None
 
     def preemption_victim(self, running: SeqList[Request]) -> Request:
         return max(running, key=lambda r: (r.arrival_time, r.seq_id))
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        return len(self._live)
 
 
 POLICIES: dict[str, type[SchedulingPolicy]] = {"fcfs": FCFS}

@@ -552,3 +552,9 @@ def test_cli_reports_a_bad_model_dir_without_a_traceback(
     assert captured.err.startswith("disagg demo: error: ")
     assert str(model) in captured.err or "GPT2LMHeadModel" in captured.err
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_unknown_engine_setting_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match="num_block") as info:
+        LLM("tiny", num_block=8)
+    assert info.value.field == "num_block"

@@ -286,3 +286,32 @@ def test_finish_releases_blocks_of_running_and_waiting_sequences(waiting: bool) 
     assert sched.has_unfinished()
     assert len(sched.policy) == (0 if waiting else 1)
     check_memory(sched)
+
+
+def test_admission_beside_running_sequences_keeps_the_watermark_free():
+    sched = Scheduler(
+        BlockAllocator(10),
+        FCFS(),
+        block_size=4,
+        max_num_seqs=8,
+        max_num_batched_tokens=1000,
+        watermark_blocks=2,
+    )
+    first, second = make_seq(0, 16), make_seq(1, 16)  # 4 blocks each
+    sched.add(first)
+    sched.add(second)
+    batch = sched.schedule()
+    # first takes 4 of 10; second would leave 2 free, but 2 must stay free beside it.
+    assert batch is not None and batch.seqs == [first]
+    assert sched.allocator.num_free == 6
+
+
+def test_watermark_never_blocks_a_lone_sequence_that_needs_the_whole_pool():
+    sched = Scheduler(
+        BlockAllocator(4), FCFS(), block_size=4, max_num_seqs=8, max_num_batched_tokens=1000,
+        watermark_blocks=2,
+    )
+    seq = make_seq(0, 16)
+    sched.add(seq)
+    batch = sched.schedule()
+    assert batch is not None and batch.seqs == [seq] and sched.allocator.num_free == 0
