@@ -6,7 +6,8 @@ The same prompts (random token ids, 16-512 tokens) and per-prompt output lengths
 through ``LLM.generate`` (continuous batching, paged KV) and through transformers'
 batched ``generate`` (left-padded, one batch, run to the longest output). Both are
 greedy with EOS ignored, so both produce exactly the requested tokens; throughput counts
-only those requested tokens. On CUDA it also measures the decode step of a ~1B-parameter
+only those requested tokens. Each side runs ``--repeats`` times, alternating, and the
+median time is kept. On CUDA it also measures the decode step of a ~1B-parameter
 Llama at batch 1 against the memory-bandwidth bound (weight bytes / HBM bandwidth).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -81,45 +83,57 @@ def write_random_llama(shape: dict, path: Path, dtype: torch.dtype = torch.float
     return path
 
 
-def run_engine(path: str, prompts, output_lens, device: str) -> float:
-    llm = LLM(path, device=device)
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4))  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    _sync(device)
-    elapsed = time.perf_counter() - t0
-    assert [len(o.token_ids) for o in outs] == output_lens
-    return elapsed
+class EngineSide:
+    def __init__(self, path: str, device: str):
+        self.llm = LLM(path, device=device)
+        self.device = device
+        self.llm.generate([[5] * 16] * 2, SamplingParams(temperature=0, max_tokens=4))  # warm-up
 
-
-def run_transformers(path: str, prompts, output_lens, device: str) -> float:
-    import transformers as tf
-
-    model = tf.AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding, as decoder-only generation needs
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        model.generate(ids[:2, -16:].to(device), max_new_tokens=4, **kwargs)  # warm-up
-        _sync(device)
+    def run(self, prompts: list[list[int]], output_lens: list[int]) -> float:
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
+        _sync(self.device)
         t0 = time.perf_counter()
-        out = model.generate(
-            ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(output_lens),
-            min_new_tokens=max(output_lens), **kwargs,
-        )
-        _sync(device)
+        outs = self.llm.generate(prompts, params)
+        _sync(self.device)
         elapsed = time.perf_counter() - t0
-    assert out.shape[1] == width + max(output_lens)
-    return elapsed
+        assert [len(o.token_ids) for o in outs] == output_lens
+        return elapsed
 
 
-def bench_model(name: str, num_prompts: int, max_output_len: int, device: str, workdir: Path) -> Result:
+class TransformersSide:
+    def __init__(self, path: str, device: str):
+        import transformers as tf
+
+        self.model = tf.AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        self.device = device
+        self.kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+        with torch.no_grad():  # warm-up
+            self.model.generate(torch.full((2, 16), 5, device=device), max_new_tokens=4, **self.kwargs)
+
+    def run(self, prompts: list[list[int]], output_lens: list[int]) -> float:
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding, as decoder-only generation needs
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        new = max(output_lens)
+        with torch.no_grad():
+            _sync(self.device)
+            t0 = time.perf_counter()
+            out = self.model.generate(
+                ids.to(self.device), attention_mask=mask.to(self.device),
+                max_new_tokens=new, min_new_tokens=new, **self.kwargs,
+            )
+            _sync(self.device)
+            elapsed = time.perf_counter() - t0
+        assert out.shape[1] == width + new
+        return elapsed
+
+
+def bench_model(
+    name: str, num_prompts: int, max_output_len: int, repeats: int, device: str, workdir: Path
+) -> Result:
     if name == "tiny":
         path = str(tiny_model_path())
         vocab = 2048
@@ -129,9 +143,16 @@ def bench_model(name: str, num_prompts: int, max_output_len: int, device: str, w
     else:
         raise SystemExit(f"unknown model {name!r}: choose tiny or medium")
     prompts, output_lens = make_workload(num_prompts, vocab, max_output_len)
-    engine_s = run_engine(path, prompts, output_lens, device)
-    hf_s = run_transformers(path, prompts, output_lens, device)
-    return Result(name, device, num_prompts, sum(map(len, prompts)), sum(output_lens), engine_s, hf_s)
+    engine, hf = EngineSide(path, device), TransformersSide(path, device)
+    # Alternate the two so that machine noise falls on both alike; keep the median.
+    engine_s, hf_s = [], []
+    for _ in range(repeats):
+        engine_s.append(engine.run(prompts, output_lens))
+        hf_s.append(hf.run(prompts, output_lens))
+    return Result(
+        name, device, num_prompts, sum(map(len, prompts)), sum(output_lens),
+        statistics.median(engine_s), statistics.median(hf_s),
+    )
 
 
 def bench_decode_roofline(workdir: Path) -> dict:
@@ -192,13 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-output-len", type=int, default=256, help="output lengths are uniform in [16, this]"
     )
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side; the median is kept")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         results = [
-            bench_model(m, args.num_prompts, args.max_output_len, args.device, Path(tmp))
+            bench_model(m, args.num_prompts, args.max_output_len, args.repeats, args.device, Path(tmp))
             for m in args.models.split(",")
         ]
         roofline = bench_decode_roofline(Path(tmp)) if args.device.startswith("cuda") else None
