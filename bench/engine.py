@@ -30,13 +30,23 @@ from disagg.engine.tiny_model import tiny_model_path
 # A ~30M-parameter Llama shape, random weights: matmuls dominate, yet it runs in about
 # a minute on 2 CPU cores.
 MEDIUM = dict(
-    vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
 )
 # A ~1.2B-parameter Llama shape (Llama-3.2-1B-like) for the GPU bandwidth check.
 ONE_B = dict(
-    vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=4096,
 )
 # Published HBM bandwidths (bytes/s) by device-name fragment.
 HBM_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 3.0e11, "A10": 6.0e11}
@@ -108,7 +118,9 @@ class TransformersSide:
         self.device = device
         self.kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
         with torch.no_grad():  # warm-up
-            self.model.generate(torch.full((2, 16), 5, device=device), max_new_tokens=4, **self.kwargs)
+            self.model.generate(
+                torch.full((2, 16), 5, device=device), max_new_tokens=4, **self.kwargs
+            )
 
     def run(self, prompts: list[list[int]], output_lens: list[int]) -> float:
         width = max(len(p) for p in prompts)
@@ -122,8 +134,11 @@ class TransformersSide:
             _sync(self.device)
             t0 = time.perf_counter()
             out = self.model.generate(
-                ids.to(self.device), attention_mask=mask.to(self.device),
-                max_new_tokens=new, min_new_tokens=new, **self.kwargs,
+                ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                **self.kwargs,
             )
             _sync(self.device)
             elapsed = time.perf_counter() - t0
@@ -150,8 +165,13 @@ def bench_model(
         engine_s.append(engine.run(prompts, output_lens))
         hf_s.append(hf.run(prompts, output_lens))
     return Result(
-        name, device, num_prompts, sum(map(len, prompts)), sum(output_lens),
-        statistics.median(engine_s), statistics.median(hf_s),
+        name,
+        device,
+        num_prompts,
+        sum(map(len, prompts)),
+        sum(output_lens),
+        statistics.median(engine_s),
+        statistics.median(hf_s),
     )
 
 
@@ -162,7 +182,9 @@ def bench_decode_roofline(workdir: Path) -> dict:
     llm = LLM(str(path), device="cuda", dtype="bfloat16", max_num_seqs=8, max_model_len=2048)
     engine = llm.engine
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    seq = engine.add_request(list(range(3, 131)), SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+    seq = engine.add_request(
+        list(range(3, 131)), SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    )
     engine.step()  # prefill
     for _ in range(20):  # warm-up decode steps
         engine.step()
@@ -220,27 +242,47 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         results = [
-            bench_model(m, args.num_prompts, args.max_output_len, args.repeats, args.device, Path(tmp))
+            bench_model(
+                m, args.num_prompts, args.max_output_len, args.repeats, args.device, Path(tmp)
+            )
             for m in args.models.split(",")
         ]
         roofline = bench_decode_roofline(Path(tmp)) if args.device.startswith("cuda") else None
 
     if args.json:
-        print(json.dumps({
-            "results": [asdict(r) | {"engine_tok_s": r.engine_tok_s, "transformers_tok_s": r.transformers_tok_s,
-                                     "speedup": r.speedup} for r in results],
-            "decode_roofline": roofline,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "results": [
+                        asdict(r)
+                        | {
+                            "engine_tok_s": r.engine_tok_s,
+                            "transformers_tok_s": r.transformers_tok_s,
+                            "speedup": r.speedup,
+                        }
+                        for r in results
+                    ],
+                    "decode_roofline": roofline,
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(f"{'model':8} {'device':6} {'prompts':>7} {'in tok':>7} {'out tok':>7} "
-          f"{'engine tok/s':>12} {'HF tok/s':>9} {'speedup':>8}")
+    print(
+        f"{'model':8} {'device':6} {'prompts':>7} {'in tok':>7} {'out tok':>7} "
+        f"{'engine tok/s':>12} {'HF tok/s':>9} {'speedup':>8}"
+    )
     for r in results:
-        print(f"{r.model:8} {r.device:6} {r.num_prompts:7d} {r.prompt_tokens:7d} {r.output_tokens:7d} "
-              f"{r.engine_tok_s:12.1f} {r.transformers_tok_s:9.1f} {r.speedup:7.2f}x")
+        print(
+            f"{r.model:8} {r.device:6} {r.num_prompts:7d} {r.prompt_tokens:7d} {r.output_tokens:7d} "
+            f"{r.engine_tok_s:12.1f} {r.transformers_tok_s:9.1f} {r.speedup:7.2f}x"
+        )
     if roofline:
-        print(f"\n1B decode, batch 1, CUDA graphs on {roofline['device']}: "
-              f"{roofline['decode_step_ms']:.3f} ms/step; bound {roofline['bandwidth_bound_ms']:.3f} ms "
-              f"({roofline['weight_bytes'] / 1e9:.2f} GB of weights) -> {roofline['ratio_to_bound']:.2f}x the bound")
+        print(
+            f"\n1B decode, batch 1, CUDA graphs on {roofline['device']}: "
+            f"{roofline['decode_step_ms']:.3f} ms/step; bound {roofline['bandwidth_bound_ms']:.3f} ms "
+            f"({roofline['weight_bytes'] / 1e9:.2f} GB of weights) -> {roofline['ratio_to_bound']:.2f}x the bound"
+        )
     return 0
 
 

@@ -47,3 +47,12 @@ class ConfigError(DisaggError, ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class RequestRejectedError(DisaggError):
+    """A valid request the server will not take now; ``reason`` says why
+    (``rate_limit``, ``queue_full``, ``slo``, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason

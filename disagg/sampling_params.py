@@ -42,26 +42,37 @@ class SamplingParams:
             try:
                 value = tuple(value)
             except TypeError:
-                raise InvalidRequestError(name, f"must be a list, got {type(value).__name__}") from None
+                raise InvalidRequestError(
+                    name, f"must be a list, got {type(value).__name__}"
+                ) from None
             object.__setattr__(self, name, value)
         self._validate()
 
     def _validate(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise InvalidRequestError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+            raise InvalidRequestError(
+                "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}"
+            )
         if not _is_number(self.temperature) or not self.temperature >= 0:
             raise InvalidRequestError("temperature", f"must be >= 0, got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k):
-            raise InvalidRequestError("top_k", f"must be an integer (<= 0 disables), got {self.top_k!r}")
-        if self.seed is not None and not (_is_int(self.seed) and _SEED_MIN <= self.seed <= _SEED_MAX):
             raise InvalidRequestError(
-                "seed", f"must be an integer in [{_SEED_MIN}, {_SEED_MAX}] or None, got {self.seed!r}"
+                "top_k", f"must be an integer (<= 0 disables), got {self.top_k!r}"
+            )
+        if self.seed is not None and not (
+            _is_int(self.seed) and _SEED_MIN <= self.seed <= _SEED_MAX
+        ):
+            raise InvalidRequestError(
+                "seed",
+                f"must be an integer in [{_SEED_MIN}, {_SEED_MAX}] or None, got {self.seed!r}",
             )
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {s!r}")
+                raise InvalidRequestError(
+                    "stop", f"stop strings must be non-empty strings, got {s!r}"
+                )
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise InvalidRequestError(

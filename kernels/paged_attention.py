@@ -71,7 +71,7 @@ def _attend_group(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    b, h_q, d = query.shape
+    b, _h_q, d = query.shape
     block_size, h_kv = k_cache.shape[1], k_cache.shape[2]
     max_len = int(context_lens.max())
     n_blocks = (max_len + block_size - 1) // block_size

@@ -26,7 +26,9 @@ def weight_files(model_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(str(index), f"not a valid safetensors index ({exc!r})") from exc
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
             raise CheckpointError(str(index), "'weight_map' must map tensor names to file names")
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         for f in files:
@@ -96,7 +98,9 @@ def load_model(
     missing = sorted(_hf_name(name, piece) for name, pieces in pending.items() for piece in pieces)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise CheckpointError(str(model_dir), f"{len(missing)} weights missing from the checkpoint: {shown}")
+        raise CheckpointError(
+            str(model_dir), f"{len(missing)} weights missing from the checkpoint: {shown}"
+        )
     return model.eval()
 
 

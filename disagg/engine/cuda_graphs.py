@@ -11,12 +11,14 @@ from disagg.engine.model import CausalLM, KVLayer
 
 
 def batch_size_buckets(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 1, 16))
+    sizes = [1, 2, 4, 8, *list(range(16, max_num_seqs + 1, 16))]
     return sorted({min(s, max_num_seqs) for s in sizes})
 
 
 class DecodeGraphs:
-    def __init__(self, model: CausalLM, kv_layers: list[KVLayer], max_num_seqs: int, max_blocks: int):
+    def __init__(
+        self, model: CausalLM, kv_layers: list[KVLayer], max_num_seqs: int, max_blocks: int
+    ):
         device = kv_layers[0][0].device
         self.buckets = batch_size_buckets(max_num_seqs)
         n = self.buckets[-1]
@@ -26,7 +28,9 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
-        self.hidden = torch.zeros(n, model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=device)
+        self.hidden = torch.zeros(
+            n, model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=device
+        )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = None
         for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool

@@ -58,15 +58,23 @@ class LLMEngine:
         self.dtype = self._resolve_dtype()
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         if self.tokenizer is None:
-            log.warning("%s has no tokenizer.json: only token-id prompts can be served", self.model_dir)
+            log.warning(
+                "%s has no tokenizer.json: only token-id prompts can be served", self.model_dir
+            )
         self.eos_token_ids = eos_token_ids(self.model_dir, self.model_config.eos_token_ids)
 
         context = self.model_config.max_context
         max_len = config.max_model_len or context
         if max_len > context:
-            raise ConfigError("max_model_len", f"{max_len} exceeds the model's context of {context}")
+            raise ConfigError(
+                "max_model_len", f"{max_len} exceeds the model's context of {context}"
+            )
         self.model = load_model(
-            self.model_dir, self.model_config, device=self.device, dtype=self.dtype, max_positions=max_len
+            self.model_dir,
+            self.model_config,
+            device=self.device,
+            dtype=self.dtype,
+            max_positions=max_len,
         )
         spec = KVCacheSpec.for_model(self.model_config, config.block_size, self.dtype)
         num_blocks = config.num_blocks or spec.blocks_for_budget(self._kv_budget(spec, max_len))
@@ -78,7 +86,7 @@ class LLMEngine:
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(
             self.allocator,
-            make_policy(config.policy),
+            make_policy(config.policy, config.fairness),
             block_size=config.block_size,
             max_num_seqs=config.max_num_seqs,
             # A whole prompt must fit in one prefill batch.
@@ -110,12 +118,16 @@ class LLMEngine:
         the bad field, and then nothing is queued."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("sampling_params", f"must be SamplingParams, got {type(params).__name__}")
+            raise InvalidRequestError(
+                "sampling_params", f"must be SamplingParams, got {type(params).__name__}"
+            )
         token_ids = self._prompt_token_ids(prompt)
         vocab = self.model_config.vocab_size
         for t in params.stop_token_ids:
             if t >= vocab:
-                raise InvalidRequestError("stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab})")
+                raise InvalidRequestError(
+                    "stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab})"
+                )
         seq = Sequence(
             seq_id=self._next_id,
             prompt_token_ids=token_ids,
@@ -125,9 +137,9 @@ class LLMEngine:
         )
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        self.scheduler.add(seq)  # may raise RequestRejectedError (e.g. a rate limit)
         self._next_id += 1
         self._active[seq.seq_id] = seq
-        self.scheduler.add(seq)
         return seq
 
     def _prompt_token_ids(self, prompt: Prompt) -> list[int]:
@@ -135,7 +147,9 @@ class LLMEngine:
             if not prompt:
                 raise InvalidRequestError("prompt", "is empty")
             if self.tokenizer is None:
-                raise InvalidRequestError("prompt", "this model has no tokenizer.json: pass token ids")
+                raise InvalidRequestError(
+                    "prompt", "this model has no tokenizer.json: pass token ids"
+                )
             ids = self.tokenizer.encode(prompt)
             field = "prompt"
         elif isinstance(prompt, list | tuple):
@@ -150,7 +164,9 @@ class LLMEngine:
             ids = list(prompt)
             field = "prompt_token_ids"
         else:
-            raise InvalidRequestError("prompt", f"must be a string or a list of token ids, got {type(prompt).__name__}")
+            raise InvalidRequestError(
+                "prompt", f"must be a string or a list of token ids, got {type(prompt).__name__}"
+            )
         if len(ids) >= self.max_model_len:
             pool = self.kv_cache.num_blocks * self.config.block_size
             raise InvalidRequestError(
@@ -267,7 +283,9 @@ class LLMEngine:
         returns the memory it needed beyond the weights."""
         tokens = max(self.config.max_num_batched_tokens, max_len)
         lens = [max_len] * (tokens // max_len) + ([tokens % max_len] if tokens % max_len else [])
-        cu_seqlens = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=self.device)
+        cu_seqlens = torch.tensor(
+            [0, *itertools.accumulate(lens)], dtype=torch.int32, device=self.device
+        )
         positions = torch.cat([torch.arange(n, device=self.device) for n in lens])  # (T,)
         meta = AttentionMetadata(
             is_prefill=True,
@@ -279,7 +297,12 @@ class LLMEngine:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        hidden = self.model(torch.zeros(tokens, dtype=torch.long, device=self.device), positions, scratch.layers, meta)
+        hidden = self.model(
+            torch.zeros(tokens, dtype=torch.long, device=self.device),
+            positions,
+            scratch.layers,
+            meta,
+        )
         self.model.compute_logits(hidden[: self.config.max_num_seqs])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base

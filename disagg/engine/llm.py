@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from disagg.engine.config import EngineConfig
 from disagg.engine.engine import LLMEngine, Prompt
 from disagg.engine.sequence import Sequence
-from disagg.errors import ConfigError, DisaggError, InvalidRequestError
+from disagg.errors import ConfigError, DisaggError, InvalidRequestError, RequestRejectedError
 from disagg.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,9 @@ class LLM:
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(engine_kwargs) - known)
         if unknown:
-            raise ConfigError(unknown[0], f"unknown engine setting; known: {', '.join(sorted(known))}")
+            raise ConfigError(
+                unknown[0], f"unknown engine setting; known: {', '.join(sorted(known))}"
+            )
         self.engine = LLMEngine(EngineConfig(model=str(model), **engine_kwargs))  # type: ignore[arg-type]
         self.tokenizer = self.engine.tokenizer
 
@@ -54,21 +56,29 @@ class LLM:
         self,
         prompts: Prompt | list[Prompt],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        client_id: str | list[str] = "default",
     ) -> list[RequestOutput]:
         """Generates for every prompt and returns the results in input order.
 
         ``prompts`` is one prompt or a list of them; a prompt is a string or a list of
-        token ids. ``sampling_params`` is one for all or one per prompt. An invalid
-        request gets an output carrying its typed error; the others run normally.
+        token ids. ``sampling_params`` and ``client_id`` (whom the fair policies charge)
+        are one for all or one per prompt. A request that is invalid or rejected (e.g. by
+        a rate limit) gets an output carrying its typed error; the others run normally.
         """
         prompt_list = _as_prompt_list(prompts)
-        params_list = _as_params_list(sampling_params, len(prompt_list))
+        params_list = _per_prompt(
+            sampling_params, len(prompt_list), "sampling_params", SamplingParams
+        )
+        client_list = _per_prompt(client_id, len(prompt_list), "client_id", str)
         outputs: list[RequestOutput | None] = [None] * len(prompt_list)
         pending: dict[int, tuple[int, Prompt]] = {}
-        for index, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
+        for index, (prompt, params, client) in enumerate(
+            zip(prompt_list, params_list, client_list, strict=True)
+        ):
             try:
-                seq = self.engine.add_request(prompt, params)
-            except InvalidRequestError as exc:
+                seq = self.engine.add_request(prompt, params, client_id=client)
+            except (InvalidRequestError, RequestRejectedError) as exc:
                 log.warning("request %d rejected: %s", index, exc)
                 outputs[index] = _rejected(prompt, exc)
                 continue
@@ -105,20 +115,22 @@ def _as_prompt_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:
         if prompts and not any(isinstance(t, str | list | tuple) for t in prompts):
             return [list(prompts)]
         return list(prompts)
-    raise InvalidRequestError("prompts", f"must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
+    raise InvalidRequestError(
+        "prompts",
+        f"must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}",
+    )
 
 
-def _as_params_list(
-    params: SamplingParams | list[SamplingParams] | None, n: int
-) -> list[SamplingParams | None]:
-    if params is None or isinstance(params, SamplingParams):
-        return [params] * n
-    params = list(params)
-    if len(params) != n:
+def _per_prompt(value, n: int, field: str, kind: type) -> list:
+    """One value for all prompts, or a list of one per prompt."""
+    if value is None or isinstance(value, kind):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
         raise InvalidRequestError(
-            "sampling_params", f"{len(params)} given for {n} prompts; pass one, or one per prompt"
+            field, f"{len(values)} given for {n} prompts; pass one, or one per prompt"
         )
-    return params
+    return values
 
 
 def _rejected(prompt: Prompt, error: DisaggError) -> RequestOutput:

@@ -8,6 +8,8 @@ the fused weights from the separate Hugging Face tensors (see ``FUSED_SHARDS``).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +19,9 @@ from disagg.engine.model_config import ModelConfig
 from disagg.engine.rope import RotaryEmbedding
 from kernels import paged_decode_attention, prefill_attention, store_kvcache
 
-KVLayer = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each (blocks, block_size, H_kv, D)
+KVLayer = tuple[
+    torch.Tensor, torch.Tensor
+]  # (k_cache, v_cache), each (blocks, block_size, H_kv, D)
 
 
 class RMSNorm(nn.Module):
@@ -119,7 +123,7 @@ class CausalLM(nn.Module):
     except the fused projections named in ``FUSED_SHARDS``."""
 
     # Hugging Face tensor name fragment -> (our fused parameter fragment, shard index).
-    FUSED_SHARDS: dict[str, tuple[str, int]] = {
+    FUSED_SHARDS: ClassVar[dict[str, tuple[str, int]]] = {
         "q_proj": ("qkv_proj", 0),
         "k_proj": ("qkv_proj", 1),
         "v_proj": ("qkv_proj", 2),

@@ -86,7 +86,9 @@ class ModelConfig:
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
-            raise CheckpointError(str(path), "missing: a Hugging Face model directory needs config.json")
+            raise CheckpointError(
+                str(path), "missing: a Hugging Face model directory needs config.json"
+            )
         try:
             raw = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -117,7 +119,8 @@ class ModelConfig:
         head_dim = int(raw.get("head_dim") or hidden // heads)
         if heads % kv_heads:
             raise CheckpointError(
-                source, f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+                source,
+                f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})",
             )
         act = raw.get("hidden_act", "silu")
         if act != "silu":
@@ -172,7 +175,9 @@ def _parse_rope(raw: dict[str, Any], source: str) -> tuple[float, RopeScaling | 
                 original_max_position_embeddings=int(params["original_max_position_embeddings"]),
             )
         except KeyError as exc:
-            raise CheckpointError(source, f"llama3 rope scaling is missing {exc.args[0]!r}") from exc
+            raise CheckpointError(
+                source, f"llama3 rope scaling is missing {exc.args[0]!r}"
+            ) from exc
     raise CheckpointError(
         source, f"rope type {rope_type!r} is not supported (supported: 'default', 'llama3')"
     )

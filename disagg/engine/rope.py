@@ -35,7 +35,9 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to query and key from a precomputed float32 cos/sin table."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None):
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None
+    ):
         super().__init__()
         self.head_dim = head_dim
         self.max_positions = max_positions

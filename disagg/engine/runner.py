@@ -64,15 +64,19 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         positions = [s.num_tokens - 1 for s in seqs]
-        slots = [s.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                 for s, p in zip(seqs, positions, strict=True)]
+        slots = [
+            s.block_table[p // self.block_size] * self.block_size + p % self.block_size
+            for s, p in zip(seqs, positions, strict=True)
+        ]
         input_ids = self._tensor([s.last_token_id for s in seqs], torch.long)  # (B,)
         positions_t = self._tensor(positions, torch.long)
         slot_mapping = self._tensor(slots, torch.long)
         context_lens = self._tensor([s.num_tokens for s in seqs], torch.int32)
         block_tables = self._block_tables(seqs)
         if self.graphs is not None and self.graphs.fits(len(seqs), block_tables.shape[1]):
-            hidden = self.graphs.run(input_ids, positions_t, slot_mapping, context_lens, block_tables)
+            hidden = self.graphs.run(
+                input_ids, positions_t, slot_mapping, context_lens, block_tables
+            )
         else:
             meta = AttentionMetadata(
                 is_prefill=False,

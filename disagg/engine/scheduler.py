@@ -42,8 +42,9 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        seq.status = SequenceStatus.WAITING
+        """Queues a new request; the policy may reject it (RequestRejectedError)."""
         self.policy.add(seq)
+        seq.status = SequenceStatus.WAITING
 
     def has_unfinished(self) -> bool:
         return bool(self.running) or len(self.policy) > 0
@@ -74,7 +75,9 @@ class Scheduler:
             self.policy.pop()
             seq.block_table = self.allocator.allocate(needed)
             seq.status = SequenceStatus.RUNNING
-            self.policy.on_admitted(seq, seq.num_tokens)
+            # Service is the prompt, charged once: recomputing a preempted request's
+            # tokens is the system's cost, not the client's.
+            self.policy.on_admitted(seq, seq.num_prompt_tokens if seq.num_preemptions == 0 else 0)
             admitted.append(seq)
             tokens += seq.num_tokens
         self.running.extend(admitted)
@@ -115,7 +118,8 @@ class Scheduler:
         seq.block_table = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.add(seq)
+        seq.status = SequenceStatus.WAITING
+        self.policy.requeue(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Releases a finished (or aborted) sequence's blocks."""
@@ -126,3 +130,4 @@ class Scheduler:
         self.allocator.free(seq.block_table)
         seq.block_table = []
         seq.status = SequenceStatus.FINISHED
+        self.policy.on_finished(seq)

@@ -11,7 +11,9 @@ def test_demo_prints_outputs_and_throughput(capsys):
     assert main(["demo", "--num-prompts", "3", "--max-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n  -> ") == 3
-    match = re.search(r"3 requests: (\d+) prompt \+ (\d+) generated tokens .* ([\d.]+) generated tokens/s", out)
+    match = re.search(
+        r"3 requests: (\d+) prompt \+ (\d+) generated tokens .* ([\d.]+) generated tokens/s", out
+    )
     assert match is not None, out
     assert int(match.group(2)) == 15
     assert float(match.group(3)) > 0

@@ -43,15 +43,23 @@ def make_hf_checkpoint(kind: str, path: Path, *, max_shard_size: str | None = No
         )
         model = tf.LlamaForCausalLM(cfg)
     elif kind == "qwen2":
-        cfg = tf.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **COMMON)
+        cfg = tf.Qwen2Config(
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **COMMON
+        )
         model = tf.Qwen2ForCausalLM(cfg)
         # Random init leaves biases at zero; make them count.
         with torch.no_grad():
             for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                for proj in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                ):
                     proj.bias.normal_(0, 0.5)
     elif kind == "mistral":
-        cfg = tf.MistralConfig(num_attention_heads=8, num_key_value_heads=2, sliding_window=4096, **COMMON)
+        cfg = tf.MistralConfig(
+            num_attention_heads=8, num_key_value_heads=2, sliding_window=4096, **COMMON
+        )
         model = tf.MistralForCausalLM(cfg)
     else:
         raise ValueError(kind)
@@ -60,7 +68,9 @@ def make_hf_checkpoint(kind: str, path: Path, *, max_shard_size: str | None = No
     return path
 
 
-def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32) -> list[int]:
+def hf_greedy(
+    path: Path, prompt: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32
+) -> list[int]:
     """transformers' own greedy generate for one prompt, cut after the first EOS."""
     import transformers as tf
 

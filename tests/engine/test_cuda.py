@@ -27,6 +27,8 @@ def test_cuda_greedy_matches_transformers(llama, enforce_eager):
 
 def test_cuda_graphs_equal_eager_in_bfloat16(llama):
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    eager = LLM(str(llama), device="cuda", dtype="bfloat16", enforce_eager=True).generate(PROMPTS, params)
+    eager = LLM(str(llama), device="cuda", dtype="bfloat16", enforce_eager=True).generate(
+        PROMPTS, params
+    )
     graphs = LLM(str(llama), device="cuda", dtype="bfloat16").generate(PROMPTS, params)
     assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]

@@ -76,7 +76,7 @@ def test_prefill_and_decode_logits_match_transformers(checkpoint, dtype):
     llm = LLM(str(path), dtype=dtype_name, block_size=4)
     engine = llm.engine
     prompt = _prompts(384)[5]
-    reference = hf_logits(path, prompt + [7], dtype)  # (T+1, V)
+    reference = hf_logits(path, [*prompt, 7], dtype)  # (T+1, V)
     scale = reference.abs().max()
 
     seq = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=4))

@@ -308,7 +308,11 @@ def test_admission_beside_running_sequences_keeps_the_watermark_free():
 
 def test_watermark_never_blocks_a_lone_sequence_that_needs_the_whole_pool():
     sched = Scheduler(
-        BlockAllocator(4), FCFS(), block_size=4, max_num_seqs=8, max_num_batched_tokens=1000,
+        BlockAllocator(4),
+        FCFS(),
+        block_size=4,
+        max_num_seqs=8,
+        max_num_batched_tokens=1000,
         watermark_blocks=2,
     )
     seq = make_seq(0, 16)
