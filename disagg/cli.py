@@ -30,6 +30,12 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from disagg.sim.cli import run_simulate
+
+    return run_simulate(args)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="disagg", description="Prefill/decode-disaggregated LLM serving, fair between clients."
@@ -51,6 +57,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
     p.set_defaults(func=_demo)
+
+    from disagg.sim.cli import add_arguments as add_simulate_arguments
+
+    p = sub.add_parser("simulate", help="simulate a serving cluster under a workload and a policy")
+    add_simulate_arguments(p)
+    p.set_defaults(func=_simulate)
     return parser
 
 

@@ -24,12 +24,11 @@ from disagg.engine.tokenizer import Tokenizer, eos_token_ids
 from disagg.errors import CheckpointError, ConfigError, InvalidRequestError
 from disagg.sampling_params import SamplingParams
 from disagg.scheduling import make_policy
+from disagg.scheduling.admission import watermark
 
 log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
-# Admission beside running sequences keeps 1/N of the pool free for their growth.
-ADMISSION_WATERMARK_DIVISOR = 100
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -91,7 +90,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             # A whole prompt must fit in one prefill batch.
             max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
-            watermark_blocks=num_blocks // ADMISSION_WATERMARK_DIVISOR,
+            watermark_blocks=watermark(num_blocks),
         )
         self.runner = ModelRunner(
             self.model,

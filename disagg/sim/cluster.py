@@ -1,0 +1,184 @@
+"""What a simulated cluster is: its shape and its instances' behaviour per step.
+
+Instances are driven by :class:`disagg.sim.simulator.Simulator`; each plans its next
+step from the shared pool policies (the very objects the real nodes use) and reports
+what the step did. Decode runs in *macro-steps*: k identical-batch decode steps at once,
+cut wherever something could change the batch (a request finishing, memory running
+out, a new request becoming admissible), which is exact for the metrics kept and makes
+simulation of long outputs cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from disagg.errors import ConfigError
+from disagg.scheduling import SchedulingPolicy
+from disagg.scheduling.admission import watermark
+from disagg.sim.latency import LatencyModel
+from disagg.sim.request import SimRequest
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """``colocated``: ``instances`` instances each running prefill and decode,
+    prefill first (or, with ``chunked_prefill`` tokens per step, mixed batches).
+    ``disagg``: ``prefill`` and ``decode`` instances; KV moves at
+    ``transfer_bandwidth`` bytes/s (+ ``transfer_latency`` s) when a decode instance
+    pulls a request. ``max_batch_tokens`` caps a prefill batch, ``max_batch_size`` the
+    requests decoding at once. ``admission``: ``optimistic`` admits a request when its
+    prompt fits (beside a small watermark) and preempts when decode runs out of memory,
+    as the engine does; ``reserve`` admits only when prompt + all its output fit, so no
+    request is ever preempted (S-LoRA's and the VTC artifact's rule, which knows each
+    request's output length). ``publish_interval`` (two-stage VTC) is how often the
+    merged counters reach the pools; None means they see them live."""
+
+    kind: Literal["colocated", "disagg"] = "colocated"
+    instances: int = 1
+    prefill: int = 1
+    decode: int = 1
+    max_batch_tokens: int = 8192
+    max_batch_size: int = 256
+    chunked_prefill: int | None = None
+    transfer_bandwidth: float = 25e9
+    transfer_latency: float = 1e-3
+    publish_interval: float | None = None
+    admission: Literal["optimistic", "reserve"] = "optimistic"
+
+    def __post_init__(self) -> None:
+        if self.admission not in ("optimistic", "reserve"):
+            raise ConfigError("admission", f"must be optimistic or reserve, got {self.admission!r}")
+        if self.kind not in ("colocated", "disagg"):
+            raise ConfigError("cluster", f"must be colocated or disagg, got {self.kind!r}")
+        for name in ("instances", "prefill", "decode", "max_batch_tokens", "max_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+        if self.chunked_prefill is not None and (
+            self.chunked_prefill < 1 or self.kind != "colocated"
+        ):
+            raise ConfigError(
+                "chunked_prefill", "must be >= 1 and applies to a colocated cluster only"
+            )
+        if not self.transfer_bandwidth > 0:
+            raise ConfigError("transfer_bandwidth", f"must be > 0, got {self.transfer_bandwidth!r}")
+        if self.publish_interval is not None and not self.publish_interval > 0:
+            raise ConfigError("publish_interval", f"must be > 0, got {self.publish_interval!r}")
+
+
+@dataclass(slots=True)
+class Step:
+    """One planned step of an instance: how long it takes and what it did."""
+
+    duration: float
+    prefilled: list[SimRequest]  # produce their next token at the end
+    decoded: list[SimRequest]  # produce ``tokens`` tokens each at the end
+    tokens: int = 0
+    preempted: list[SimRequest] | None = None
+
+
+class Instance:
+    """KV memory accounting shared by every kind of instance, in tokens. ``used`` is
+    the sum of the footprints of the requests it holds: their context, plus (when the
+    instance decodes under ``reserve`` admission) the output they have yet to produce."""
+
+    def __init__(self, index: int, latency: LatencyModel, spec: ClusterSpec, *, decodes: bool):
+        self.index = index
+        self.latency = latency
+        self.spec = spec
+        self.capacity = latency.kv_capacity_tokens
+        if self.capacity < 1:
+            raise ConfigError(
+                "kv_capacity_tokens", "the model leaves no room for KV cache on this instance"
+            )
+        self.reserves_output = decodes and spec.admission == "reserve"
+        self.watermark = 0 if self.reserves_output else watermark(self.capacity)
+        self.used = 0
+        self.busy = False
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used
+
+    def footprint(self, r: SimRequest) -> int:
+        return r.context + (r.remaining if self.reserves_output else 0)
+
+    def fits(self, r: SimRequest, extra: int, alone: bool) -> bool:
+        """Whether ``r`` can be admitted, bringing ``extra`` tokens of KV."""
+        need = extra + (r.remaining if self.reserves_output else 1)
+        return need + (0 if alone else self.watermark) <= self.free
+
+
+def admit_prefill_batch(
+    policy: SchedulingPolicy, instance: Instance, running: int, now: float, log: ServiceLog
+) -> list[SimRequest]:
+    """Takes waiting requests in policy order while the head fits (token budget, KV
+    memory, batch size); the head blocks the queue when it does not."""
+    spec = instance.spec
+    batch: list[SimRequest] = []
+    tokens = 0
+    while running + len(batch) < spec.max_batch_size:
+        head = policy.peek()
+        if head is None:
+            break
+        n = head.prefill_tokens
+        if batch and tokens + n > spec.max_batch_tokens:
+            break
+        if not instance.fits(head, n, alone=running + len(batch) == 0):
+            break
+        policy.pop()
+        instance.used += n + (head.remaining if instance.reserves_output else 0)
+        tokens += n
+        first_time = head.num_preemptions == 0 and head.prefill_start is None
+        if head.prefill_start is None:
+            head.prefill_start = now
+        head.instance = instance.index
+        policy.on_admitted(head, head.prompt_len if first_time else 0)
+        if first_time:
+            log.input(now, head)
+        batch.append(head)
+    return batch
+
+
+def prefill_duration(latency: LatencyModel, batch: list[SimRequest]) -> float:
+    lens = [r.prefill_tokens for r in batch]
+    return latency.prefill_time(sum(lens), sum(n * n for n in lens), len(batch))
+
+
+def decode_duration(latency: LatencyModel, batch_size: int, context: int, steps: int) -> float:
+    """``steps`` decode steps of a fixed batch whose context grows by ``batch_size``
+    per step, evaluated at the mean context (exact when time is linear in context)."""
+    return steps * latency.decode_time(batch_size, context + batch_size * (steps - 1) // 2)
+
+
+def steps_until(deadline: float, now: float, step_time: float) -> int:
+    """Decode steps that start before ``deadline`` (at least one)."""
+    if math.isinf(deadline):
+        return 1 << 30
+    return max(1, math.ceil((deadline - now) / max(step_time, 1e-12)))
+
+
+class ServiceLog:
+    """Weighted service per client as it is delivered, for the metrics: input at
+    admission, output per token, both priced by the metric cost."""
+
+    def __init__(self, cost, weights: dict[str, float]):
+        self.cost = cost
+        self.weights = weights
+        self.events: list[tuple[float, str, float]] = []  # (time, client, weighted service)
+        self.backlog: list[tuple[float, str, int]] = []  # (time, client, +1 / -1 pending)
+
+    def input(self, t: float, r: SimRequest) -> None:
+        self.events.append(
+            (t, r.client_id, self.cost(r.prompt_len, 0) / self.weights.get(r.client_id, 1.0))
+        )
+
+    def output(self, t: float, r: SimRequest, n: int) -> None:
+        before = r.produced - n
+        amount = self.cost(r.prompt_len, r.produced) - self.cost(r.prompt_len, before)
+        self.events.append((t, r.client_id, amount / self.weights.get(r.client_id, 1.0)))
+
+    def pending(self, t: float, client: str, delta: int) -> None:
+        self.backlog.append((t, client, delta))

@@ -1,0 +1,406 @@
+"""The discrete-event loop: arrivals, instance steps, KV transfers and counter
+publications, in time order, until the workload's duration. Requests still queued or
+running then are reported unfinished (not drained), so every figure describes the
+contended window."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from disagg.errors import RequestRejectedError
+from disagg.scheduling import (
+    FairnessConfig,
+    LinearCost,
+    ServiceCost,
+    make_policy,
+    make_pool_policies,
+)
+from disagg.sim.cluster import (
+    ClusterSpec,
+    Instance,
+    ServiceLog,
+    admit_prefill_batch,
+    decode_duration,
+    prefill_duration,
+    steps_until,
+)
+from disagg.sim.latency import LatencyModel, transfer_time
+from disagg.sim.request import SimRequest
+from disagg.sim.workload import Workload
+
+INF = float("inf")
+
+
+@dataclass
+class SimResult:
+    policy: str
+    cluster: ClusterSpec
+    duration: float
+    requests: list[SimRequest]
+    rejected: list[SimRequest]
+    log: ServiceLog
+    weights: dict[str, float]
+    client_ids: list[str]
+    metric_cost: ServiceCost = field(default_factory=LinearCost)
+
+
+class _Node(Instance):
+    """An instance plus what it runs: ``running`` decodes; ``incoming`` are pulled
+    requests whose KV is still in flight (disaggregated decode only)."""
+
+    def __init__(self, index: int, latency: LatencyModel, spec: ClusterSpec, *, decodes: bool):
+        super().__init__(index, latency, spec, decodes=decodes)
+        self.running: list[SimRequest] = []
+        self.incoming: list[SimRequest] = []
+        self.prefilling: list[list] = []  # chunked prefill: [request, tokens left]
+        self.busy_until = 0.0
+
+
+class Simulator:
+    def __init__(
+        self,
+        workload: Workload,
+        cluster: ClusterSpec,
+        *,
+        policy: str,
+        latency: LatencyModel,
+        decode_latency: LatencyModel | None = None,
+        fairness: FairnessConfig | None = None,
+        metric_cost: ServiceCost | None = None,
+    ):
+        self.workload = workload
+        self.cluster = cluster
+        self.policy_name = policy
+        self.now = 0.0
+        fairness = fairness or FairnessConfig()
+        weights = {**workload.weights, **fairness.weights}
+        fairness = replace(
+            fairness,
+            weights=weights,
+            clock=self._clock,
+            stale_views=cluster.publish_interval is not None,
+        )
+        self.weights = weights
+        self.log = ServiceLog(metric_cost or fairness.cost, weights)
+        self._events: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+        self.requests: list[SimRequest] = []
+        self.rejected: list[SimRequest] = []
+        if cluster.kind == "colocated":
+            self.policy = make_policy(policy, fairness)
+            self.pools = None
+            self.nodes = [
+                _Node(i, latency, cluster, decodes=True) for i in range(cluster.instances)
+            ]
+            self.prefill_nodes: list[_Node] = []
+            self.decode_nodes: list[_Node] = []
+        else:
+            self.pools = make_pool_policies(policy, fairness)
+            self.prefill_nodes = [
+                _Node(i, latency, cluster, decodes=False) for i in range(cluster.prefill)
+            ]
+            dl = decode_latency or latency
+            self.decode_nodes = [
+                _Node(cluster.prefill + i, dl, cluster, decodes=True) for i in range(cluster.decode)
+            ]
+            self.nodes = self.prefill_nodes + self.decode_nodes
+
+    def _clock(self) -> float:
+        return self.now
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        arrivals = iter(self.workload.arrivals)
+        self._next_arrival = next(arrivals, None)
+        self._arrivals = arrivals
+        self._schedule_next_arrival()
+        if self.pools is not None and self.cluster.publish_interval is not None:
+            self._at(self.cluster.publish_interval, self._publish)
+        end = self.workload.duration
+        while self._events and self._events[0][0] <= end:
+            t, _, action = heapq.heappop(self._events)
+            self.now = t
+            action()
+        self.now = end
+        return SimResult(
+            self.policy_name,
+            self.cluster,
+            end,
+            self.requests,
+            self.rejected,
+            self.log,
+            self.weights,
+            self.workload.client_ids,
+            self.log.cost,
+        )
+
+    def _at(self, t: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._events, (t, next(self._order), action))
+
+    def _schedule_next_arrival(self) -> None:
+        a = self._next_arrival
+        if a is not None:
+            self._at(a.time, self._arrive)
+
+    @property
+    def next_arrival_time(self) -> float:
+        return self._next_arrival.time if self._next_arrival is not None else INF
+
+    def _publish(self) -> None:
+        assert self.pools is not None
+        self.pools.publish()
+        self._at(self.now + self.cluster.publish_interval, self._publish)
+
+    # -- arrivals ------------------------------------------------------------------
+
+    def _arrive(self) -> None:
+        a = self._next_arrival
+        assert a is not None
+        self._next_arrival = next(self._arrivals, None)
+        self._schedule_next_arrival()
+        r = SimRequest(
+            len(self.requests) + len(self.rejected), a.client_id, a.time, a.prompt_len, a.output_len
+        )
+        queue = self.policy if self.pools is None else self.pools.prefill
+        try:
+            queue.add(r)
+        except RequestRejectedError:
+            self.rejected.append(r)
+            return
+        self.requests.append(r)
+        self.log.pending(self.now, r.client_id, +1)
+        self._wake(self.nodes if self.pools is None else self.prefill_nodes)
+
+    def _wake(self, nodes: list[_Node]) -> None:
+        for node in nodes:
+            if not node.busy:
+                self._start(node)
+
+    def _start(self, node: _Node) -> None:
+        if self.pools is None:
+            self._start_colocated(node)
+        elif node in self.prefill_nodes:
+            self._start_prefill(node)
+        else:
+            self._start_decode(node)
+
+    # -- colocated -----------------------------------------------------------------
+
+    def _start_colocated(self, node: _Node) -> None:
+        if self.cluster.chunked_prefill is None:
+            batch = admit_prefill_batch(self.policy, node, len(node.running), self.now, self.log)
+            if batch:
+                for r in batch:
+                    self.log.pending(self.now, r.client_id, -1)
+                self._run(
+                    node,
+                    prefill_duration(node.latency, batch),
+                    lambda: self._end_prefill_colocated(node, batch),
+                )
+                return
+        else:
+            self._admit_chunked(node)
+            if node.prefilling:
+                self._chunked_step(node)
+                return
+        if not node.running:
+            node.busy = False
+            return
+        self._decode_step(node, self.policy, self.policy)
+
+    def _admit_chunked(self, node: _Node) -> None:
+        batch = admit_prefill_batch(
+            self.policy, node, len(node.running) + len(node.prefilling), self.now, self.log
+        )
+        for r in batch:
+            self.log.pending(self.now, r.client_id, -1)
+            node.prefilling.append([r, r.prefill_tokens])
+
+    def _chunked_step(self, node: _Node) -> None:
+        """One step of chunked prefill (Sarathi-style): every running request decodes
+        one token and up to ``chunked_prefill`` prompt tokens are prefilled, oldest
+        first. Its time is the two batch times added (a conservative model)."""
+        budget = self.cluster.chunked_prefill
+        assert budget is not None
+        chunks: list[tuple[list, int]] = []
+        for entry in node.prefilling:
+            if budget == 0:
+                break
+            n = min(budget, entry[1])
+            chunks.append((entry, n))
+            budget -= n
+        lens = [n for _, n in chunks]
+        duration = node.latency.prefill_time(sum(lens), sum(n * n for n in lens), len(lens))
+        decoding = list(node.running)
+        while decoding and not node.reserves_output and node.free < len(decoding):
+            victim = self.policy.preemption_victim(decoding)
+            decoding.remove(victim)
+            self._preempt(node, victim, self.policy)
+        if decoding:
+            duration += node.latency.decode_time(len(decoding), sum(r.context for r in decoding))
+        self._run(node, duration, lambda: self._end_chunked(node, chunks, decoding))
+
+    def _end_chunked(
+        self, node: _Node, chunks: list[tuple[list, int]], decoding: list[SimRequest]
+    ) -> None:
+        for r in decoding:
+            if not self._produce(node, r, 1, self.policy):
+                node.running.remove(r)
+        for entry, n in chunks:
+            entry[1] -= n
+            if entry[1] == 0:
+                node.prefilling.remove(entry)
+                r = entry[0]
+                r.recompute_len = 0
+                if self._produce(node, r, 1, self.policy):
+                    node.running.append(r)
+        self._start(node)
+
+    def _end_prefill_colocated(self, node: _Node, batch: list[SimRequest]) -> None:
+        for r in batch:
+            r.recompute_len = 0
+            if self._produce(node, r, 1, self.policy):
+                node.running.append(r)
+        self._start(node)
+
+    # -- disaggregated ---------------------------------------------------------------
+
+    def _start_prefill(self, node: _Node) -> None:
+        assert self.pools is not None
+        batch = admit_prefill_batch(self.pools.prefill, node, 0, self.now, self.log)
+        if not batch:
+            node.busy = False
+            return
+        self._run(
+            node, prefill_duration(node.latency, batch), lambda: self._end_prefill(node, batch)
+        )
+
+    def _end_prefill(self, node: _Node, batch: list[SimRequest]) -> None:
+        assert self.pools is not None
+        for r in batch:
+            r.recompute_len = 0
+            # The first token is output service: it is charged where output is charged.
+            if self._produce(node, r, 1, self.pools.decode):
+                self.pools.decode.add(r)  # held here until a decode node pulls it
+            else:
+                self.log.pending(self.now, r.client_id, -1)
+        self._start(node)
+        self._wake(self.decode_nodes)
+
+    def _start_decode(self, node: _Node) -> None:
+        assert self.pools is not None
+        policy = self.pools.decode
+        while len(node.running) + len(node.incoming) < self.cluster.max_batch_size:
+            head = policy.peek()
+            alone = not node.running and not node.incoming
+            if head is None or not node.fits(head, head.context, alone):
+                break
+            policy.pop()
+            self.log.pending(self.now, head.client_id, -1)
+            node.used += node.footprint(head)
+            node.incoming.append(head)
+            t = transfer_time(
+                head.context,
+                node.latency.kv_bytes_per_token,
+                self.cluster.transfer_bandwidth,
+                self.cluster.transfer_latency,
+            )
+            head.transfer_end = self.now + t
+            self._at(head.transfer_end, lambda r=head, dst=node: self._end_transfer(r, dst))
+        if not node.running:
+            node.busy = False
+            return
+        self._decode_step(node, policy, self.pools.prefill)
+
+    def _end_transfer(self, r: SimRequest, node: _Node) -> None:
+        source = self.nodes[r.instance] if r.instance >= 0 else None
+        if source is not None:
+            source.used -= source.footprint(r)
+        r.decode_start = self.now
+        r.instance = node.index
+        node.incoming.remove(r)
+        node.running.append(r)
+        if source is not None and not source.busy:
+            self._start(source)
+        if not node.busy:
+            self._start(node)
+
+    # -- decode, shared ------------------------------------------------------------
+
+    def _decode_step(self, node: _Node, policy, requeue_to) -> None:
+        """A macro-step of k decode steps over ``node.running``."""
+        while node.running and not node.reserves_output and node.free < len(node.running):
+            victim = policy.preemption_victim(node.running)
+            self._preempt(node, victim, requeue_to)
+        if not node.running:
+            node.busy = False
+            if self.pools is None:
+                self._start(node)
+            return
+        b = len(node.running)
+        context = sum(r.context for r in node.running)
+        step_time = node.latency.decode_time(b, context)
+        k = min(r.remaining for r in node.running)
+        if not node.reserves_output:
+            k = min(k, node.free // b)
+        k = min(k, steps_until(self._cut_time(node, policy), self.now, step_time))
+        duration = decode_duration(node.latency, b, context, k)
+        batch = list(node.running)
+        self._run(node, duration, lambda: self._end_decode(node, batch, k, policy))
+
+    def _cut_time(self, node: _Node, policy) -> float:
+        """When something could join this node's batch."""
+        if self.pools is None:
+            # Prefill goes first: a waiting head that does not fit now waits for a
+            # finish (which k already stops at); otherwise the next arrival.
+            return INF if policy.peek() is not None else self.next_arrival_time
+        cut = min((r.transfer_end for r in node.incoming), default=INF)
+        if policy.peek() is None:
+            cut = min(cut, min((p.busy_until for p in self.prefill_nodes if p.busy), default=INF))
+        return cut
+
+    def _end_decode(self, node: _Node, batch: list[SimRequest], k: int, policy) -> None:
+        for r in batch:
+            if not self._produce(node, r, k, policy):
+                node.running.remove(r)
+        self._start(node)
+
+    def _produce(self, node: _Node, r: SimRequest, n: int, policy) -> bool:
+        """``r`` produced ``n`` tokens now; returns whether it goes on."""
+        if r.first_token_time is None:
+            r.first_token_time = self.now
+        r.produced += n
+        if not node.reserves_output:
+            node.used += n
+        policy.on_tokens(r, n)
+        self.log.output(self.now, r, n)
+        if r.produced < r.output_len:
+            return True
+        r.finish_time = self.now
+        node.used -= node.footprint(r)
+        for p in self._policies():
+            p.on_finished(r)
+        return False
+
+    def _preempt(self, node: _Node, victim: SimRequest, requeue_to) -> None:
+        node.running.remove(victim)
+        node.used -= node.footprint(victim)
+        victim.recompute_len = victim.context
+        victim.num_preemptions += 1
+        victim.instance = -1
+        requeue_to.requeue(victim)
+        self.log.pending(self.now, victim.client_id, +1)
+        if self.pools is not None:
+            self._wake(self.prefill_nodes)
+
+    def _policies(self):
+        return (self.policy,) if self.pools is None else (self.pools.prefill, self.pools.decode)
+
+    def _run(self, node: _Node, duration: float, on_end: Callable[[], None]) -> None:
+        node.busy = True
+        node.busy_until = self.now + duration
+        self._at(node.busy_until, on_end)
