@@ -47,6 +47,7 @@ class ServiceLedger:
         self.forget_after = forget_after
         self.clock = clock  # seconds; the simulator passes its own
         self._counters: dict[str, float] = {}
+        self.version = 0  # bumped whenever a counter changes (readers cache against it)
         self._pending: dict[str, int] = {}  # client -> pending request count (> 0)
         self._pending_ids: set[int] = set()
         self._min_heap: list[tuple[float, str]] = []  # lazy: pending clients by counter
@@ -99,7 +100,11 @@ class ServiceLedger:
 
     def charge(self, client: str, cost: float) -> None:
         """Adds ``cost`` weighted service to the client's counter."""
-        self._counters[client] = self._counters.get(client, 0.0) + cost / self.weight(client)
+        counters = self._counters
+        counters[client] = counters.get(client, 0.0) + cost / self.weights.get(
+            client, self.default_weight
+        )
+        self.version += 1
 
     def enter(self, request_id: int, client: str) -> None:
         """A request starts pending (idempotent per request id)."""
@@ -112,6 +117,7 @@ class ServiceLedger:
                 floor = self.floor()  # over the others: this client is not pending yet
                 if self._counters.get(client, 0.0) < floor:
                     self._counters[client] = floor
+                    self.version += 1
             self._counters.setdefault(client, 0.0)
             self._pending[client] = 1
             heapq.heappush(self._min_heap, (self._counters[client], client))

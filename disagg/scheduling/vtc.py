@@ -19,7 +19,10 @@ from disagg.scheduling.policy import Request, SchedulingPolicy
 
 class CounterSource(Protocol):
     """Where a pool reads counters and sends charges: the ledger itself, or a stale
-    view of it (see :class:`StaleView`)."""
+    view of it (see :class:`StaleView`). ``version`` changes whenever a counter it
+    reports may have changed."""
+
+    version: int
 
     def counter(self, client: str) -> float: ...
 
@@ -36,11 +39,13 @@ class StaleView:
         self.ledger = ledger
         self._snapshot: dict[str, float] = {}
         self._local: dict[str, float] = {}
+        self.version = 0
         self.refresh()
 
     def refresh(self) -> None:
         self._snapshot = self.ledger.counters()
         self._local.clear()
+        self.version += 1
 
     def counter(self, client: str) -> float:
         return self._snapshot.get(client, 0.0) + self._local.get(client, 0.0)
@@ -48,6 +53,7 @@ class StaleView:
     def charge(self, client: str, cost: float) -> None:
         self.ledger.charge(client, cost)
         self._local[client] = self._local.get(client, 0.0) + cost / self.ledger.weight(client)
+        self.version += 1
 
 
 class CounterOrdered(SchedulingPolicy):
@@ -81,45 +87,80 @@ class CounterOrdered(SchedulingPolicy):
         self._count: dict[str, int] = {}  # client -> live waiting requests
         self._clients: list[tuple[float, float, str]] = []  # lazy (counter, head arrival, client)
         self._tickets = itertools.count()
+        self._counter = self.view.counter
+        # peek()'s answer, valid while nothing it depends on changed: pop() right after
+        # peek() (the common case) then skips the search.
+        self._peeked: tuple[Request, int, int] | None = None
+        self._mutations = 0
+        # A linear cost (the default) is charged without calling it: a hot path.
+        self._linear = (
+            (self.cost.w_in, self.cost.w_out) if isinstance(self.cost, LinearCost) else None
+        )
 
     # -- queue ---------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
         client = request.client_id
+        self._mutations += 1
         self.ledger.enter(request.seq_id, client)
         ticket = next(self._tickets)
         self._live[request.seq_id] = ticket
-        queue = self._queues.setdefault(client, [])
-        heapq.heappush(queue, (request.arrival_time, request.seq_id, ticket, request))
-        self._count[client] = self._count.get(client, 0) + 1
-        # A fresh key for the client; any older one is refreshed or dropped lazily.
-        heapq.heappush(self._clients, (self.view.counter(client), request.arrival_time, client))
+        arrival = request.arrival_time
+        count = self._count.get(client, 0)
+        if count:
+            queue = self._queues[client]
+            heapq.heappush(queue, (arrival, request.seq_id, ticket, request))
+            self._count[client] = count + 1
+            if queue[0][2] != ticket:
+                return  # not the new head: the client's key stands
+        else:
+            self._queues[client] = [(arrival, request.seq_id, ticket, request)]
+            self._count[client] = 1
+        # Newly waiting, or a new head (a requeued request arrived earlier): a fresh key.
+        # Older keys of the client are refreshed or dropped lazily.
+        heapq.heappush(self._clients, (self._counter(client), arrival, client))
         if len(self._clients) > 4 * len(self._count) + 64:
             self._rebuild_client_heap()
 
     def peek(self) -> Request | None:
-        heap = self._clients
+        heap, counts, counter = self._clients, self._count, self._counter
         while heap:
             key_counter, key_arrival, client = heap[0]
-            if not self._count.get(client):
+            if client not in counts:
                 heapq.heappop(heap)
                 continue
             head = self._head(client)
-            current = (self.view.counter(client), head.arrival_time)
-            if (key_counter, key_arrival) < current:
-                heapq.heapreplace(heap, (*current, client))
+            current = counter(client)
+            # Keys only grow (charges, lifts, later heads), so a key below the client's
+            # present one is stale: refresh it and look again.
+            if key_counter < current or (
+                key_counter == current and key_arrival < head.arrival_time
+            ):
+                heapq.heapreplace(heap, (current, head.arrival_time, client))
                 continue
+            self._peeked = (head, self.view.version, self._mutations)
             return head
         return None
 
     def pop(self) -> Request:
-        head = self.peek()
-        if head is None:
-            raise IndexError("pop from an empty queue")
+        cached = self._peeked
+        if cached is not None and cached[1] == self.view.version and cached[2] == self._mutations:
+            head = cached[0]
+        else:
+            head = self.peek()
+            if head is None:
+                raise IndexError("pop from an empty queue")
+        self._peeked = None
+        self._mutations += 1
         client = head.client_id
         heapq.heappop(self._queues[client])
         del self._live[head.seq_id]
-        self._drop_one(client)
+        left = self._count[client] - 1
+        if left:
+            self._count[client] = left
+        else:
+            del self._count[client]
+            del self._queues[client]
         if self.ends_pending:
             self.ledger.leave(head.seq_id, client)
         return head
@@ -127,6 +168,7 @@ class CounterOrdered(SchedulingPolicy):
     def remove(self, request: Request) -> bool:
         if self._live.pop(request.seq_id, None) is None:
             return False
+        self._mutations += 1
         self._drop_one(request.client_id)
         self.ledger.leave(request.seq_id, request.client_id)
         return True
@@ -146,7 +188,11 @@ class CounterOrdered(SchedulingPolicy):
 
     def on_admitted(self, request: Request, num_input_tokens: int) -> None:
         if self.charge_input and num_input_tokens:
-            self.view.charge(request.client_id, input_charge(self.cost, num_input_tokens))
+            if self._linear is not None:
+                amount = self._linear[0] * num_input_tokens
+            else:
+                amount = input_charge(self.cost, num_input_tokens)
+            self.view.charge(request.client_id, amount)
 
     def on_finished(self, request: Request) -> None:
         self.ledger.leave(request.seq_id, request.client_id)
@@ -162,8 +208,8 @@ class CounterOrdered(SchedulingPolicy):
     # -- internals -----------------------------------------------------------------
 
     def _head(self, client: str) -> Request:
-        queue = self._queues[client]
-        while self._live.get(queue[0][1]) != queue[0][2]:
+        queue, live = self._queues[client], self._live
+        while live.get(queue[0][1]) != queue[0][2]:
             heapq.heappop(queue)  # removed or superseded
         return queue[0][3]
 
