@@ -129,7 +129,10 @@ def admit_prefill_batch(
         if not instance.fits(head, n, alone=running + len(batch) == 0):
             break
         policy.pop()
-        instance.used += n + (head.remaining if instance.reserves_output else 0)
+        # What ``fits`` checked is what is taken: the prompt (or recompute) and the slot
+        # of the token this prefill produces (or, reserving, every output token). Taking
+        # only ``n`` let a batch of many short prompts overrun the pool at prefill end.
+        instance.used += n + (head.remaining if instance.reserves_output else 1)
         tokens += n
         first_time = head.num_preemptions == 0 and head.prefill_start is None
         if head.prefill_start is None:
@@ -149,15 +152,43 @@ def prefill_duration(latency: LatencyModel, batch: list[SimRequest]) -> float:
 
 def decode_duration(latency: LatencyModel, batch_size: int, context: int, steps: int) -> float:
     """``steps`` decode steps of a fixed batch whose context grows by ``batch_size``
-    per step, evaluated at the mean context (exact when time is linear in context)."""
-    return steps * latency.decode_time(batch_size, context + batch_size * (steps - 1) // 2)
+    per step: the mean of the first and last steps' times, times ``steps`` (exact when
+    time is linear in context; the mean context itself may be a half token, which an
+    integer midpoint would round away)."""
+    first = latency.decode_time(batch_size, context)
+    if steps == 1:
+        return first
+    last = latency.decode_time(batch_size, context + batch_size * (steps - 1))
+    return steps * (first + last) / 2
 
 
-def steps_until(deadline: float, now: float, step_time: float) -> int:
-    """Decode steps that start before ``deadline`` (at least one)."""
+def steps_until(deadline: float, now: float, step_time: float, growth: float = 0.0) -> int:
+    """Decode steps that start before ``deadline`` (at least one): the first takes
+    ``step_time`` and each next one ``growth`` longer (the batch's context grows every
+    step). Counting them all at the first step's time overshot the deadline by up to
+    k²·growth/2, so an arrival waited many steps past its own."""
     if math.isinf(deadline):
         return 1 << 30
-    return max(1, math.ceil((deadline - now) / max(step_time, 1e-12)))
+    span = deadline - now
+    first = max(step_time, 1e-12)
+    if span <= first:
+        return 1
+    if growth <= 0:
+        return math.ceil(span / first)
+
+    def elapsed(k: int) -> float:  # k steps' time, as decode_duration adds them
+        return k * first + growth * k * (k - 1) / 2
+
+    # The smallest k with elapsed(k) >= span: the quadratic's root (in the form that
+    # keeps its precision when growth is tiny), then settled exactly.
+    b = first - growth / 2
+    root = math.sqrt(b * b + 2 * growth * span)
+    k = max(1, math.ceil(2 * span / (root + b) if b > 0 else (root - b) / growth))
+    while k > 1 and elapsed(k - 1) >= span:
+        k -= 1
+    while elapsed(k) < span:
+        k += 1
+    return k
 
 
 class ServiceLog:

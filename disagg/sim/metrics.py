@@ -87,16 +87,33 @@ def max_backlogged_difference(result: SimResult) -> float | None:
         return None
     # Merge service and backlog events in time order; backlog changes first at a tie,
     # so a client is counted backlogged for service delivered at its entry time.
+    # Service delivered at one instant (one step, or one macro-step, charging several
+    # clients) is one change: the differences are read after all of it, not between
+    # two clients' shares, which would depend on the order they were logged in.
     stream = [(t, 0, c, d) for t, c, d in result.log.backlog] + [
         (t, 1, c, a) for t, c, a in result.log.events
     ]
     stream.sort(key=lambda e: (e[0], e[1]))
+    stream.append((math.inf, 0, "", 0))  # flushes the last instant's service
     served = dict.fromkeys(clients, 0.0)
     pending = dict.fromkeys(clients, 0)
     # (i, j) -> (min, max) of S_i - S_j since both became backlogged
     ranges: dict[tuple[str, str], list[float]] = {}
     best = 0.0
-    for _, kind, client, value in stream:
+    served_now: set[str] = set()  # backlogged clients served at the current instant
+    instant = -math.inf
+    for t, kind, client, value in stream:
+        if t != instant or kind == 0:
+            for pair, span in ranges.items():
+                if pair[0] in served_now or pair[1] in served_now:
+                    d = served[pair[0]] - served[pair[1]]
+                    span[0] = min(span[0], d)
+                    span[1] = max(span[1], d)
+                    best = max(best, span[1] - span[0])
+            served_now.clear()
+            instant = t
+        if t == math.inf:
+            break
         if kind == 0:
             was = pending[client] > 0
             pending[client] += value
@@ -112,14 +129,8 @@ def max_backlogged_difference(result: SimResult) -> float | None:
                     del ranges[pair]
             continue
         served[client] += value
-        if pending[client] <= 0:
-            continue
-        for pair, span in ranges.items():
-            if client in pair:
-                d = served[pair[0]] - served[pair[1]]
-                span[0] = min(span[0], d)
-                span[1] = max(span[1], d)
-                best = max(best, span[1] - span[0])
+        if pending[client] > 0:
+            served_now.add(client)
     return best
 
 
