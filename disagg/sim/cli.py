@@ -53,6 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instances", type=int, default=1, help="colocated instances")
     p.add_argument("--prefill", type=int, default=1, help="prefill instances (disagg)")
     p.add_argument("--decode", type=int, default=1, help="decode instances (disagg)")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        help="GPUs available; the instances' tp x pp GPUs must fit in them (default: no limit)",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--latency-profile", help="fitted profile JSON (docs/latency-model.md)")
     src.add_argument("--model", help="model preset or Hugging Face config.json, for the roofline")
@@ -104,8 +109,47 @@ def _is_config_path(name: str) -> bool:
     return name.endswith(".json") or Path(name).is_dir()
 
 
+def gpus_needed(args: argparse.Namespace) -> tuple[int, str]:
+    """GPUs the cluster occupies, and how that count is made up."""
+    if args.cluster == "colocated":
+        return args.instances * args.tp * args.pp, (
+            f"{args.instances} instances x tp {args.tp} x pp {args.pp}"
+        )
+    dtp, dpp = decode_degrees(args)
+    need = args.prefill * args.tp * args.pp + args.decode * dtp * dpp
+    return need, (
+        f"{args.prefill} prefill x tp {args.tp} x pp {args.pp} + "
+        f"{args.decode} decode x tp {dtp} x pp {dpp}"
+    )
+
+
+def decode_degrees(args: argparse.Namespace) -> tuple[int, int]:
+    """The decode instances' (tp, pp): their own when given (0 included, to be refused),
+    else the prefill instances'."""
+    return (
+        args.tp if args.decode_tp is None else args.decode_tp,
+        args.pp if args.decode_pp is None else args.decode_pp,
+    )
+
+
+def check_gpus(args: argparse.Namespace) -> None:
+    if args.gpus is None:
+        return
+    if args.gpus < 1:
+        raise ConfigError("gpus", f"must be an integer >= 1, got {args.gpus}")
+    need, how = gpus_needed(args)
+    if need > args.gpus:
+        raise ConfigError(
+            "gpus",
+            f"the cluster needs {need} GPUs ({how}) but --gpus is {args.gpus}; "
+            f"give --gpus >= {need} or fewer or smaller instances",
+        )
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     workload = load_workload(args.workload)
+    if not args.transfer_bandwidth > 0:  # checked here to report it in GB/s, as given
+        raise ConfigError("transfer_bandwidth", f"must be > 0 GB/s, got {args.transfer_bandwidth}")
     cluster = ClusterSpec(
         kind=args.cluster,
         instances=args.instances,
@@ -120,12 +164,21 @@ def run_simulate(args: argparse.Namespace) -> int:
     )
     latency = build_latency(args, args.tp, args.pp)
     decode_latency = None
-    if args.cluster == "disagg" and (args.decode_tp or args.decode_pp):
-        decode_latency = build_latency(args, args.decode_tp or args.tp, args.decode_pp or args.pp)
+    if args.cluster == "disagg" and decode_degrees(args) != (args.tp, args.pp):
+        try:
+            decode_latency = build_latency(args, *decode_degrees(args))
+        except ConfigError as exc:  # say which flag: --decode-tp, not --tp
+            if exc.field not in ("tp", "pp"):
+                raise
+            raise ConfigError(f"decode_{exc.field}", exc.reason) from None
+    check_gpus(args)
     slo = None
     if (args.ttft_slo is None) != (args.tpot_slo is None):
         raise ConfigError("ttft_slo", "give both --ttft-slo and --tpot-slo, or neither")
     if args.ttft_slo is not None:
+        for name in ("ttft_slo", "tpot_slo"):
+            if not getattr(args, name) > 0:
+                raise ConfigError(name, f"must be > 0 seconds, got {getattr(args, name)}")
         slo = SLO(args.ttft_slo, args.tpot_slo)
     fairness = FairnessConfig(cost=LinearCost(args.w_in, args.w_out), rpm_limit=args.rpm_limit)
     t0 = time.perf_counter()
