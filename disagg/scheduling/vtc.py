@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Iterator
 from collections.abc import Sequence as SeqList
 from typing import Protocol
 
@@ -178,6 +179,12 @@ class CounterOrdered(SchedulingPolicy):
 
     def num_waiting(self, client: str) -> int:
         return self._count.get(client, 0)
+
+    def heads(self) -> Iterator[Request]:
+        """Each waiting client's first request: the candidates the order picks among
+        as counters change (a simulator checks whether any of them fits)."""
+        for client in self._count:
+            yield self._head(client)
 
     # -- service -------------------------------------------------------------------
 

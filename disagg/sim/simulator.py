@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from disagg.errors import RequestRejectedError
 from disagg.scheduling import (
+    CounterOrdered,
     FairnessConfig,
     LinearCost,
     ServiceCost,
@@ -390,14 +391,17 @@ class Simulator:
 
     def _cut_time(self, node: _Node, policy) -> float:
         """When something could join this node's batch."""
+        waiting = policy.peek() is not None
+        if waiting and self._another_head_fits(node, policy):
+            return self.now  # counters move each step: re-decide after one
         if self.pools is None:
-            # Prefill goes first: a waiting head that does not fit now waits for a
-            # finish (which k already stops at); otherwise the next arrival. Exact for
-            # FCFS and RPM; under VTC/LCF the head can change as counters grow step by
-            # step, which this does not see (tests/sim/test_simulator.py, xfail).
-            return INF if policy.peek() is not None else self.next_arrival_time
+            # Prefill goes first. A waiting head that does not fit waits for a finish
+            # (k stops there); with counter order a new arrival may become the head.
+            if waiting and not isinstance(policy, CounterOrdered):
+                return INF
+            return self.next_arrival_time
         cut = min((r.transfer_end for r in node.incoming), default=INF)
-        if policy.peek() is None:
+        if not waiting or isinstance(policy, CounterOrdered):
             # A prefill under way ends with a request to pull. The next arrival, if a
             # prefill instance is idle, can be ready no sooner than its prefill alone.
             cut = min(cut, min((p.busy_until for p in self.prefill_nodes if p.busy), default=INF))
@@ -406,6 +410,17 @@ class Simulator:
                 n = a.prompt_len
                 cut = min(cut, a.time + self.prefill_nodes[0].latency.prefill_time(n, n * n, 1))
         return cut
+
+    def _another_head_fits(self, node: _Node, policy) -> bool:
+        """Under counter order the head changes as running requests are charged, so a
+        waiting client's head that fits now may be picked at the next step."""
+        if (
+            not isinstance(policy, CounterOrdered)
+            or len(node.running) >= self.cluster.max_batch_size
+        ):
+            return False
+        held = (lambda r: r.prefill_tokens) if self.pools is None else (lambda r: r.context)
+        return any(node.fits(h, held(h), alone=False) for h in policy.heads())
 
     def _end_decode(self, node: _Node, batch: list[SimRequest], k: int, policy) -> None:
         for r in batch:

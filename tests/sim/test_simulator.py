@@ -625,12 +625,6 @@ def test_vtc_with_optimistic_admission_stays_far_from_fcfs_starvation():
         assert served["a"] == pytest.approx(served["b"], rel=0.1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a decode macro-step runs to the next finish while the queue's head does not "
-    "fit, but under VTC/LCF the head changes as counters are charged step by step, and "
-    "a request that fits then waits for the finish instead of the next step",
-)
 @pytest.mark.parametrize("policy", ["vtc", "lcf"])
 def test_a_request_that_becomes_the_head_and_fits_is_admitted_at_the_next_step(policy):
     # a decodes four requests and waits with a 900-token prompt that does not fit; b
