@@ -206,11 +206,13 @@ class CounterOrdered(SchedulingPolicy):
 
     def on_tokens(self, request: Request, num_output_tokens: int) -> None:
         if self.charge_output and num_output_tokens:
-            n_in = request.num_prompt_tokens
-            before = request.num_output_tokens - num_output_tokens
-            self.view.charge(
-                request.client_id, output_charge(self.cost, n_in, before, num_output_tokens)
-            )
+            if self._linear is not None:
+                amount = self._linear[1] * num_output_tokens
+            else:
+                n_in = request.num_prompt_tokens
+                before = request.num_output_tokens - num_output_tokens
+                amount = output_charge(self.cost, n_in, before, num_output_tokens)
+            self.view.charge(request.client_id, amount)
 
     # -- internals -----------------------------------------------------------------
 

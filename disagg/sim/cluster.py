@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from disagg.errors import ConfigError
-from disagg.scheduling import SchedulingPolicy
+from disagg.scheduling import LinearCost, SchedulingPolicy
 from disagg.scheduling.admission import watermark
 from disagg.sim.latency import LatencyModel
 from disagg.sim.request import SimRequest
@@ -200,6 +200,8 @@ class ServiceLog:
         self.weights = weights
         self.events: list[tuple[float, str, float]] = []  # (time, client, weighted service)
         self.backlog: list[tuple[float, str, int]] = []  # (time, client, +1 / -1 pending)
+        # Linear cost: output service is w_out per token, whatever came before.
+        self._w_out = cost.w_out if isinstance(cost, LinearCost) else None
 
     def input(self, t: float, r: SimRequest) -> None:
         self.events.append(
@@ -207,8 +209,10 @@ class ServiceLog:
         )
 
     def output(self, t: float, r: SimRequest, n: int) -> None:
-        before = r.produced - n
-        amount = self.cost(r.prompt_len, r.produced) - self.cost(r.prompt_len, before)
+        if self._w_out is not None:
+            amount = self._w_out * n
+        else:
+            amount = self.cost(r.prompt_len, r.produced) - self.cost(r.prompt_len, r.produced - n)
         self.events.append((t, r.client_id, amount / self.weights.get(r.client_id, 1.0)))
 
     def pending(self, t: float, client: str, delta: int) -> None:
