@@ -51,6 +51,14 @@ class StaleView:
     def counter(self, client: str) -> float:
         return self._snapshot.get(client, 0.0) + self._local.get(client, 0.0)
 
+    def observe(self, client: str) -> None:
+        """Learns one client's live counter now: a request handed to this pool carries
+        its client's counter (lift included), as a dispatch message would."""
+        live = self.ledger.counter(client) - self._local.get(client, 0.0)
+        if live > self._snapshot.get(client, 0.0):
+            self._snapshot[client] = live
+            self.version += 1
+
     def charge(self, client: str, cost: float) -> None:
         self.ledger.charge(client, cost)
         self._local[client] = self._local.get(client, 0.0) + cost / self.ledger.weight(client)
@@ -89,6 +97,7 @@ class CounterOrdered(SchedulingPolicy):
         self._clients: list[tuple[float, float, str]] = []  # lazy (counter, head arrival, client)
         self._tickets = itertools.count()
         self._counter = self.view.counter
+        self._observe = getattr(self.view, "observe", None)
         # peek()'s answer, valid while nothing it depends on changed: pop() right after
         # peek() (the common case) then skips the search.
         self._peeked: tuple[Request, int, int] | None = None
@@ -104,6 +113,8 @@ class CounterOrdered(SchedulingPolicy):
         client = request.client_id
         self._mutations += 1
         self.ledger.enter(request.seq_id, client)
+        if self._observe is not None:
+            self._observe(client)
         ticket = next(self._tickets)
         self._live[request.seq_id] = ticket
         arrival = request.arrival_time

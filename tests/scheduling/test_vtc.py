@@ -212,10 +212,11 @@ def test_stale_views_see_other_pools_only_after_a_publication():
     pools.prefill.add(r)
     admit(pools.prefill)  # charged at prefill: visible to the prefill view at once
     assert prefill_view.counter("a") == 10 and decode_view.counter("a") == 0
-    pools.decode.add(r)
+    pools.decode.add(r)  # the hand-over carries the client's counter: 10
     admit(pools.decode)
     produce(pools.decode, r, 5)
-    assert decode_view.counter("a") == 10 and prefill_view.counter("a") == 10
+    # decode sees its own charges at once; prefill does not see them yet
+    assert decode_view.counter("a") == 20 and prefill_view.counter("a") == 10
     pools.publish()
     assert (
         prefill_view.counter("a") == decode_view.counter("a") == 20 == pools.ledgers[0].counter("a")
@@ -229,3 +230,20 @@ def test_colocated_and_disaggregated_names_are_checked():
         make_pool_policies("vtc")
     with pytest.raises(ConfigError, match="fcfs, lcf, rpm, vtc"):
         make_policy("wfq")
+
+
+def test_a_stale_view_learns_a_lift_with_the_request_that_caused_it():
+    """A returning client is lifted in the ledger when its request arrives; the pool
+    it arrives at must order it by the lifted counter, not by its stale snapshot."""
+    pools = make_pool_policies("two-stage-vtc", FairnessConfig(stale_views=True))
+    busy = Req(1, "busy", 0.0, prompt=50)
+    pools.prefill.add(busy)
+    admit(pools.prefill)
+    pools.decode.add(busy)
+    admit(pools.decode)
+    produce(pools.decode, busy, 100)  # busy: 250 in the ledger
+    pools.prefill.add(Req(2, "busy", 1.0))  # pending again (lifted to its own 250)
+    pools.prefill.add(Req(3, "late", 2.0))  # lifted to 250 in the ledger
+    prefill_view = pools.views[0]
+    assert prefill_view.counter("late") == pools.ledgers[0].counter("late") == 250
+    assert prefill_view.counter("busy") == 250
