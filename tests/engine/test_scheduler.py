@@ -319,3 +319,30 @@ def test_watermark_never_blocks_a_lone_sequence_that_needs_the_whole_pool():
     sched.add(seq)
     batch = sched.schedule()
     assert batch is not None and batch.seqs == [seq] and sched.allocator.num_free == 0
+
+
+def test_under_vtc_a_head_that_does_not_fit_is_not_overtaken():
+    """The chosen client's head waits for memory; no other client's request jumps
+    ahead, so admission order stays the policy's order (and VTC's bound holds)."""
+    from disagg.scheduling import make_policy
+
+    sched = Scheduler(
+        BlockAllocator(8),
+        make_policy("vtc"),
+        block_size=4,
+        max_num_seqs=8,
+        max_num_batched_tokens=1000,
+    )
+    running = make_seq(0, 16)  # 4 blocks
+    running.client_id = "a"
+    sched.add(running)
+    assert sched.schedule().seqs == [running]
+    big = make_seq(1, 20, arrival=1.0)  # needs 5 blocks: does not fit beside `running`
+    big.client_id = "b"  # b has the smallest counter (0), so its head is chosen
+    small = make_seq(2, 4, arrival=2.0)  # 1 block: would fit
+    small.client_id = "a"
+    sched.add(big)
+    sched.add(small)
+    batch = sched.schedule()
+    assert batch is not None and not batch.is_prefill  # decode only: big waits, small too
+    assert sched.policy.peek() is big
