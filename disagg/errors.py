@@ -56,3 +56,67 @@ class RequestRejectedError(DisaggError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+
+
+# -- the wire protocol and the client library ------------------------------------------
+
+
+class ProtocolError(DisaggError):
+    """A ZeroMQ message is not a valid protocol message.
+
+    ``code`` names the check that failed (``bad_frames``, ``wrong_magic``,
+    ``unsupported_version``, ``oversized``, ``not_json``, ``unknown_type``,
+    ``invalid_fields``); ``field`` is the dotted path of the offending field when there is
+    one; ``request_id`` is the message's request id when it could still be read, so the
+    reply can name the request it is about.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.field = field
+        self.request_id = request_id
+
+
+class InvalidRequest(InvalidRequestError):
+    """The client's request is invalid: found locally before sending, or reported by the
+    coordinator (``invalid_request``). ``field`` names the argument to change."""
+
+
+class RequestRejected(RequestRejectedError):
+    """The coordinator will not take this valid request now (``rejected``); ``reason`` is
+    machine-readable (``rate_limit``, ``queue_full``, ...), ``message`` is for people."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(reason, message)
+        self.message = message
+
+
+class ServerUnavailable(DisaggError):
+    """No coordinator answered: nothing was heard within the timeout (ZeroMQ connects
+    lazily, so an absent server shows only as silence), or the coordinator said it cannot
+    serve (``unavailable``). ``address`` and ``timeout`` say where and how long we waited."""
+
+    def __init__(self, message: str, *, address: str, timeout: float | None = None) -> None:
+        super().__init__(message)
+        self.address = address
+        self.timeout = timeout
+
+
+class RequestFailed(DisaggError):
+    """A request that may have started did not finish: the coordinator reported a failure,
+    sent a reply the client could not read, stalled past the timeout, or the client was
+    closed while the request was in flight."""
+
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id

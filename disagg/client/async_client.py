@@ -1,0 +1,359 @@
+"""The asyncio client: one DEALER socket, one receive task, many requests in flight.
+
+Every request is a :class:`Call` registered under its id; the receive task decodes each
+reply and puts it on that call's queue, and the coroutine that made the request reads
+its queue. So requests never wait on each other, and a reply the client cannot read
+fails only the request it names.
+
+Invariant: a call is *settled* once the coordinator has ended it (``Finished`` or
+``Error``) or the client has sent ``Abort`` for it. A call that ends any other way (a
+timeout, a cancelled task, a stream closed early, a reply it could not read) is aborted
+when it is released, so the coordinator never works for a caller that has gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from disagg.client.async_stream import AsyncStream
+from disagg.client.call import Call
+from disagg.client.request import Request, check_timeout, exception_for, prepare_request
+from disagg.client.results import Completion
+from disagg.errors import (
+    ConfigError,
+    DisaggError,
+    ProtocolError,
+    RequestFailed,
+    ServerUnavailable,
+)
+from disagg.protocol import (
+    Abort,
+    Error,
+    Finished,
+    Generate,
+    Ping,
+    Sampling,
+    decode_reply,
+    encode,
+)
+
+_log = logging.getLogger(__name__)
+
+# A client trusts its coordinator, and a Finished message carries the whole output and
+# prompt as token ids: allow far more than the coordinator allows a client.
+DEFAULT_CLIENT_MAX_MESSAGE_BYTES = 64 << 20
+# How long a closed socket keeps trying to deliver the Aborts sent just before closing.
+# ZeroMQ does this in its I/O thread: close() itself never blocks.
+_CLOSE_LINGER_MS = 1000
+
+
+class AsyncClient:
+    """A connection to the coordinator's client endpoint, for one event loop.
+
+    ``timeout`` is the default per call (seconds; ``math.inf`` for none). The socket
+    connects at once (ZeroMQ connects in the background and queues messages meanwhile);
+    the receive task starts on first use. Use ``async with`` or call :meth:`close`, which
+    aborts requests still in flight.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = 60.0,
+        api_key: str | None = None,
+        max_message_bytes: int = DEFAULT_CLIENT_MAX_MESSAGE_BYTES,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        if (
+            isinstance(max_message_bytes, bool)
+            or not isinstance(max_message_bytes, int)
+            or max_message_bytes < 1
+        ):
+            raise ConfigError(
+                "max_message_bytes", f"must be an integer >= 1, got {max_message_bytes!r}"
+            )
+        if not isinstance(address, str) or "://" not in address:
+            raise ConfigError(
+                "address", f"must be a ZeroMQ endpoint such as tcp://host:port, got {address!r}"
+            )
+        if api_key is not None and not isinstance(api_key, str):
+            raise ConfigError("api_key", f"must be a string or None, got {type(api_key).__name__}")
+        self.address = address
+        self.timeout = check_timeout(timeout)
+        self._api_key = api_key
+        self._max_message_bytes = max_message_bytes
+        ctx = context or zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # A routing id of our own survives reconnects, so replies to requests in flight
+        # still reach us after a dropped TCP connection (the coordinator's ROUTER sets
+        # ROUTER_HANDOVER). A leading zero byte is reserved by ZeroMQ, hence the prefix.
+        self.routing_id = b"c" + uuid.uuid4().bytes
+        sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
+        try:
+            sock.connect(address)
+        except zmq.ZMQError as e:
+            sock.close()
+            raise ConfigError("address", f"cannot connect to {address!r}: {e}") from None
+        self._sock = sock
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._recv_task: asyncio.Task[None] | None = None
+        self._calls: dict[str, Call] = {}
+        self._pings: dict[str, asyncio.Future[None]] = {}
+        self._closed = False
+        self._broken: str | None = None  # why the receive task stopped, if it did
+
+    # -- public API ----------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet ended."""
+        return len(self._calls)
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        *,
+        client_id: str,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> Completion:
+        """Runs one request to its end. ``timeout`` bounds the whole call (the coordinator
+        sends nothing between ``Accepted`` and ``Finished``)."""
+        request = prepare_request(prompt, client_id, timeout, sampling, self.timeout)
+        call = Call(uuid.uuid4().hex)
+        try:
+            async with asyncio.timeout(request.timeout):
+                await self._submit(call, request, stream=False)
+                while True:
+                    msg = await call.next()
+                    if isinstance(msg, Finished):
+                        return Completion.from_message(msg)
+                    if isinstance(msg, Error):
+                        raise exception_for(msg, self.address)
+                    # Accepted (and Tokens, should the coordinator stream anyway): progress.
+        except TimeoutError:
+            raise self._timeout_error(call, request.timeout, "finish") from None
+        finally:
+            self._release(call)
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        *,
+        client_id: str,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> AsyncStream:
+        """Checks the request now and returns an async iterator of :class:`StreamChunk`;
+        the request is sent on the first ``__anext__``. ``timeout`` bounds each wait for
+        the next message, so a long stream that keeps moving never times out."""
+        request = prepare_request(prompt, client_id, timeout, sampling, self.timeout)
+        if self._closed:
+            raise RequestFailed(f"the client for {self.address} is closed")
+        return AsyncStream(self, request)
+
+    async def ping(self, *, timeout: float | None = None) -> float:
+        """Round-trip time to the coordinator in seconds; :class:`ServerUnavailable` when
+        no ``Pong`` comes within ``timeout``."""
+        limit = self.timeout if timeout is None else check_timeout(timeout)
+        loop = self._ensure_started()
+        nonce = uuid.uuid4().hex
+        pong = loop.create_future()
+        self._pings[nonce] = pong
+        start = time.perf_counter()  # uvloop.time() ticks in whole milliseconds
+        try:
+            async with asyncio.timeout(limit):
+                await self._sock.send_multipart(encode(Ping(nonce=nonce)))
+                await pong
+        except TimeoutError:
+            raise ServerUnavailable(
+                f"no pong from the coordinator at {self.address} within {limit:g} s; "
+                "is it running and reachable?",
+                address=self.address,
+                timeout=limit,
+            ) from None
+        finally:
+            self._pings.pop(nonce, None)
+        return time.perf_counter() - start
+
+    async def close(self) -> None:
+        """Aborts the requests still in flight (their callers get :class:`RequestFailed`)
+        and closes the socket. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for call in list(self._calls.values()):
+            self._release(call)
+            call.queue.put_nowait(
+                RequestFailed(
+                    f"the client was closed while request {call.request_id} was in flight; "
+                    "it was aborted",
+                    request_id=call.request_id,
+                )
+            )
+        for pong in self._pings.values():
+            if not pong.done():
+                pong.set_exception(RequestFailed("the client was closed during a ping"))
+        self._pings.clear()
+        if self._recv_task is not None:
+            self._recv_task.cancel()
+            await asyncio.wait([self._recv_task])
+        self._sock.close(linger=_CLOSE_LINGER_MS)
+
+    async def __aenter__(self) -> AsyncClient:
+        self._ensure_started()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- requests ------------------------------------------------------------------
+
+    def _ensure_started(self) -> asyncio.AbstractEventLoop:
+        if self._closed:
+            raise RequestFailed(f"the client for {self.address} is closed")
+        if self._broken is not None:
+            raise RequestFailed(f"the client for {self.address} stopped: {self._broken}")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+            self._recv_task = loop.create_task(
+                self._receive(), name=f"disagg-client {self.address}"
+            )
+        elif loop is not self._loop:
+            raise RuntimeError("an AsyncClient serves one event loop; make one per loop")
+        return loop
+
+    async def _submit(self, call: Call, request: Request, *, stream: bool) -> None:
+        self._ensure_started()
+        frames = encode(
+            Generate(
+                request_id=call.request_id,
+                client_id=request.client_id,
+                api_key=self._api_key,
+                prompt=request.prompt,
+                sampling=Sampling.from_params(request.params),
+                stream=stream,
+            )
+        )
+        self._calls[call.request_id] = call
+        call.submitted = True
+        await self._sock.send_multipart(frames)
+
+    def _release(self, call: Call) -> None:
+        """The caller is done with ``call``: forget it, and abort it unless settled."""
+        self._calls.pop(call.request_id, None)
+        if call.settled or not call.submitted:
+            return
+        call.settled = True
+        if self._sock.closed:
+            return  # close() already aborted every call it knew
+        sent = self._sock.send_multipart(
+            encode(Abort(request_id=call.request_id)), flags=zmq.NOBLOCK
+        )
+        sent.add_done_callback(self._abort_sent)
+
+    def _abort_sent(self, sent: asyncio.Future[Any]) -> None:
+        if sent.cancelled():
+            return  # the socket closed first; close() lingers to deliver what it queued
+        if (exc := sent.exception()) is not None:
+            _log.warning("could not send an abort to %s: %s", self.address, exc)
+
+    def _timeout_error(self, call: Call, timeout: float | None, what: str) -> DisaggError:
+        # Nothing heard: the coordinator is down, unreachable or swamped, and as far as we
+        # know never took the request, so retrying elsewhere is safe (ServerUnavailable).
+        # Heard: the coordinator owns a request that stopped moving (RequestFailed).
+        if not call.heard:
+            return ServerUnavailable(
+                f"no answer from the coordinator at {self.address} within {timeout:g} s "
+                f"(request {call.request_id}); is it running and reachable?",
+                address=self.address,
+                timeout=timeout,
+            )
+        return RequestFailed(
+            f"request {call.request_id} was accepted by {self.address} but did not {what} "
+            f"within {timeout:g} s; it was aborted",
+            request_id=call.request_id,
+        )
+
+    # -- the receive task ----------------------------------------------------------
+
+    async def _receive(self) -> None:
+        try:
+            while True:
+                frames = await self._sock.recv_multipart()
+                self._dispatch(frames)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a dead receive task must fail every caller, not hang them
+            _log.exception("the receive task for %s stopped", self.address)
+            self._broken = f"{type(e).__name__}: {e}"
+            for call in list(self._calls.values()):
+                self._fail(call, RequestFailed(f"the client stopped receiving: {self._broken}"))
+            for pong in self._pings.values():
+                if not pong.done():
+                    pong.set_exception(RequestFailed(f"the client stopped: {self._broken}"))
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        try:
+            msg = decode_reply(frames, max_bytes=self._max_message_bytes)
+        except ProtocolError as e:
+            self._on_unreadable(e)
+            return
+        if msg.type == "pong":
+            pong = self._pings.pop(msg.nonce, None)
+            if pong is not None and not pong.done():
+                pong.set_result(None)
+            return
+        if msg.request_id is None:  # an Error not tied to a request
+            self._on_untied_error(msg)
+            return
+        call = self._calls.get(msg.request_id)
+        if call is None:
+            # Late replies for requests that timed out or were aborted are expected.
+            _log.debug("ignoring %s for request %s, no longer in flight", msg.type, msg.request_id)
+            return
+        call.heard = True
+        if msg.type in ("finished", "error"):
+            call.settled = True
+            del self._calls[msg.request_id]
+        call.queue.put_nowait(msg)
+
+    def _on_unreadable(self, e: ProtocolError) -> None:
+        _log.warning("unreadable message from %s: %s", self.address, e)
+        call = self._calls.get(e.request_id) if e.request_id is not None else None
+        if call is not None:
+            self._fail(
+                call,
+                RequestFailed(
+                    f"the coordinator at {self.address} sent a reply to request "
+                    f"{call.request_id} that the client cannot read ({e}); it was aborted",
+                    request_id=call.request_id,
+                ),
+            )
+
+    def _on_untied_error(self, err: Error) -> None:
+        # The coordinator could not tell which request a message of ours was: it can only
+        # be one it has not answered yet, so those fail; answered ones carry on.
+        _log.warning("error from %s not tied to a request: %s", self.address, err.message)
+        for call in [c for c in self._calls.values() if not c.heard]:
+            self._fail(call, exception_for(err, self.address))
+
+    def _fail(self, call: Call, exc: DisaggError) -> None:
+        # Not settled, and still registered until the caller releases it: the release
+        # (or close(), if that comes first) sends the Abort.
+        call.heard = True
+        call.queue.put_nowait(exc)

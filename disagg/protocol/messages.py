@@ -1,0 +1,195 @@
+"""The typed messages between clients and the coordinator's client endpoint.
+
+One pydantic model per message type; the ``type`` field tells them apart on the wire.
+Every model forbids unknown fields and non-finite numbers, so what decodes is exactly
+what ``docs/protocol.md`` describes. The models check types and shapes only: whether a
+request's values make sense (a temperature below zero, a prompt too long for the model)
+is the coordinator's question, answered with ``Error{code: "invalid_request"}``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+
+from disagg.sampling_params import SamplingParams
+
+# Bounds on identifiers keep a hostile peer from making the coordinator index huge keys.
+MAX_ID_CHARS = 256
+MAX_API_KEY_CHARS = 4096
+
+ErrorCode = Literal["invalid_request", "rejected", "unavailable", "failed", "bad_message"]
+FinishReason = Literal["stop", "length", "abort"]
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+TokenId = Annotated[int, Field(ge=0)]
+Seconds = Annotated[float, Field(ge=0)]
+
+
+def _check_prompt(value: Any) -> str | list[int]:
+    # A plain validator instead of ``str | list[int]``: pydantic would report a failed union
+    # once per member, under member names no client knows; this names the field alone.
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for i, t in enumerate(value):
+            if type(t) is not int or t < 0:
+                raise ValueError(f"token id at position {i} must be an integer >= 0, got {t!r}")
+        return value
+    raise ValueError(
+        f"must be a string or a list of token ids, got {type(value).__name__} {value!r:.40}"
+    )
+
+
+Prompt = Annotated[str | list[int], PlainValidator(_check_prompt)]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Sampling(_Message):
+    """:class:`~disagg.sampling_params.SamplingParams` on the wire. Every field may be
+    omitted (the default applies); ranges are checked by :meth:`to_params`."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+    @classmethod
+    def from_params(cls, params: SamplingParams) -> Sampling:
+        return cls(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+            stop=list(params.stop),
+            stop_token_ids=list(params.stop_token_ids),
+            ignore_eos=params.ignore_eos,
+        )
+
+    def to_params(self) -> SamplingParams:
+        """Raises :class:`~disagg.errors.InvalidRequestError` naming the bad field."""
+        return SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=tuple(self.stop),
+            stop_token_ids=tuple(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+# -- client -> coordinator -------------------------------------------------------------
+
+
+class Generate(_Message):
+    """Start a request. ``request_id`` is chosen by the client, unique per connection."""
+
+    type: Literal["generate"] = "generate"
+    request_id: Id
+    client_id: Id
+    api_key: Annotated[str, Field(max_length=MAX_API_KEY_CHARS)] | None = None
+    prompt: Prompt
+    sampling: Sampling = Field(default_factory=Sampling)
+    stream: bool = False
+
+
+class Abort(_Message):
+    """Stop a request; the coordinator frees its resources and sends nothing more for it
+    (or one ``Finished`` with ``finish_reason == "abort"`` that the client ignores)."""
+
+    type: Literal["abort"] = "abort"
+    request_id: Id
+
+
+class Ping(_Message):
+    type: Literal["ping"] = "ping"
+    nonce: Id
+
+
+# -- coordinator -> client -------------------------------------------------------------
+
+
+class Accepted(_Message):
+    """The request is valid and queued; sent once, before any ``Tokens``."""
+
+    type: Literal["accepted"] = "accepted"
+    request_id: Id
+    prompt_token_ids: list[TokenId]
+
+
+class Tokens(_Message):
+    """A chunk of output (streamed requests only). ``index`` is the position in the output
+    of ``token_ids[0]``; chunks arrive in order, without gaps or repeats; ``text`` is the
+    decoded text these tokens add."""
+
+    type: Literal["tokens"] = "tokens"
+    request_id: Id
+    index: Annotated[int, Field(ge=0)]
+    token_ids: list[TokenId]
+    text: str
+
+
+class Timings(_Message):
+    """Seconds spent by the request; ``null`` where a phase did not happen (``tpot_s``
+    with fewer than two output tokens; ``kv_transfer_s`` when it finished at prefill)."""
+
+    queue_s: Seconds | None = None
+    ttft_s: Seconds | None = None
+    tpot_s: Seconds | None = None
+    kv_transfer_s: Seconds | None = None
+    total_s: Seconds | None = None
+
+
+class Nodes(_Message):
+    """Which prefill and decode nodes served the request (the last ones, after a retry)."""
+
+    prefill: str | None = None
+    decode: str | None = None
+
+
+class Finished(_Message):
+    """The request is done; the full output, authoritative over the streamed chunks."""
+
+    type: Literal["finished"] = "finished"
+    request_id: Id
+    finish_reason: FinishReason
+    token_ids: list[TokenId]
+    text: str
+    prompt_token_ids: list[TokenId]
+    timings: Timings = Field(default_factory=Timings)
+    nodes: Nodes = Field(default_factory=Nodes)
+
+
+class Error(_Message):
+    """The request (or, with ``request_id == null``, a message that could not be tied to
+    one) failed. ``field``/``reason`` refine ``code``: the field at fault for
+    ``invalid_request`` and ``bad_message``; the machine-readable reason for
+    ``rejected`` (``rate_limit``, ...) and ``bad_message`` (the protocol error code)."""
+
+    type: Literal["error"] = "error"
+    request_id: Id | None = None
+    code: ErrorCode
+    field: str | None = None
+    reason: str | None = None
+    message: str
+
+
+class Pong(_Message):
+    type: Literal["pong"] = "pong"
+    nonce: Id
+
+
+ClientMessage = Generate | Abort | Ping
+ServerMessage = Accepted | Tokens | Finished | Error | Pong
+Message = ClientMessage | ServerMessage

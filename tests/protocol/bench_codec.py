@@ -1,0 +1,62 @@
+"""Encode + decode cost of the hot-path message (Tokens), against the stdlib ``json``.
+
+    python -m tests.protocol.bench_codec [--tokens N] [--repeat R]
+
+Not collected by pytest (timings on a shared machine are not assertions); the numbers
+are quoted in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import timeit
+
+from disagg.protocol import MAGIC, PROTOCOL_VERSION, Tokens, decode_reply, encode
+
+
+def _best_us(fn, number: int, repeat: int) -> float:
+    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1, help="tokens per chunk")
+    parser.add_argument("--number", type=int, default=20000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+
+    rid = "3f2a9c0d4e5b6a7f8091a2b3c4d5e6f7"  # a uuid4 hex, as the client makes them
+    ids = [31337 + i for i in range(args.tokens)]
+    text = " hello" * args.tokens
+    msg = Tokens(request_id=rid, index=117, token_ids=ids, text=text)
+    frames = encode(msg)
+    assert decode_reply(frames) == msg
+
+    def stdlib_encode() -> list[bytes]:
+        obj = {"type": "tokens", "request_id": rid, "index": 117, "token_ids": ids, "text": text}
+        return [MAGIC, PROTOCOL_VERSION, json.dumps(obj, ensure_ascii=False).encode()]
+
+    rows = [
+        (
+            "build Tokens (validated)",
+            lambda: Tokens(request_id=rid, index=117, token_ids=ids, text=text),
+        ),
+        ("encode", lambda: encode(msg)),
+        ("decode_reply", lambda: decode_reply(frames)),
+        (
+            "build + encode + decode",
+            lambda: decode_reply(
+                encode(Tokens(request_id=rid, index=117, token_ids=ids, text=text))
+            ),
+        ),
+        ("stdlib json.dumps (baseline)", stdlib_encode),
+        ("stdlib json.loads (baseline)", lambda: json.loads(frames[2])),
+    ]
+    print(f"Tokens with {args.tokens} token(s), payload {len(frames[2])} bytes")
+    for name, fn in rows:
+        print(f"  {name:<30} {_best_us(fn, args.number, args.repeat):7.2f} us")
+
+
+if __name__ == "__main__":
+    main()
