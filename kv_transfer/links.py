@@ -1,0 +1,96 @@
+"""Point-to-point messages to the peers of one torch.distributed group, under deadlines.
+
+Every wait gets what is left of its call's deadline. A failure becomes a typed error and
+marks the peer broken, because neither backend can take back a posted operation: gloo
+closes the connection to a peer whose wait timed out, and an NCCL communicator with an
+unfinished operation must be aborted. Later calls for a broken peer fail at once with
+``TransferChannelError`` until the group is rebuilt and a new backend made.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from kv_transfer.base import check_timeout
+from kv_transfer.errors import InvalidTransferArgument, TransferChannelError, TransferTimeout
+from kv_transfer.header import RequestId
+
+# A wait that starts after the deadline still gets this long, so work that already
+# finished is collected instead of being reported late.
+_MIN_WAIT_S = 1e-3
+
+
+@dataclass(slots=True)
+class Xfer:
+    """One call in flight: what every wait and error needs."""
+
+    request_id: RequestId
+    peer: int
+    timeout: float
+    start: float  # time.perf_counter() at the call
+    deadline: float  # time.monotonic() deadline
+
+
+class PeerLinks:
+    """``isend``/``irecv``/``wait`` to the other ranks of ``group`` (None: the default)."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        if not dist.is_initialized():
+            raise InvalidTransferArgument(
+                "group", "torch.distributed is not initialised; call init_transfer_group first"
+            )
+        self._group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self._broken: dict[int, str] = {}
+
+    def begin(self, request_id: RequestId, peer: int, timeout: float) -> Xfer:
+        """Start a call with ``peer``: a usable peer and a deadline ``timeout`` s away."""
+        timeout = check_timeout(timeout)
+        if not isinstance(peer, int) or not 0 <= peer < self.world_size or peer == self.rank:
+            raise InvalidTransferArgument(
+                "peer",
+                f"{peer!r} is not another rank of this {self.world_size}-rank group "
+                f"(self: {self.rank})",
+            )
+        if peer in self._broken:
+            raise TransferChannelError(peer, f"it broke earlier ({self._broken[peer]})")
+        return Xfer(request_id, peer, timeout, time.perf_counter(), time.monotonic() + timeout)
+
+    def mark_broken(self, peer: int, reason: str) -> None:
+        self._broken.setdefault(peer, reason)
+
+    def isend(self, tensor: torch.Tensor, x: Xfer) -> dist.Work:
+        try:
+            return dist.isend(tensor, group=self._group, group_dst=x.peer)
+        except RuntimeError as e:
+            raise self._failed(x, "send", e) from e
+
+    def irecv(self, tensor: torch.Tensor, x: Xfer) -> dist.Work:
+        try:
+            return dist.irecv(tensor, group=self._group, group_src=x.peer)
+        except RuntimeError as e:
+            raise self._failed(x, "receive", e) from e
+
+    def wait(self, work: dist.Work, x: Xfer, stage: str) -> None:
+        remaining = max(x.deadline - time.monotonic(), _MIN_WAIT_S)
+        try:
+            finished = work.wait(timeout=timedelta(seconds=remaining))
+        except RuntimeError as e:
+            if time.monotonic() >= x.deadline or "timed out" in str(e).lower():
+                self.mark_broken(x.peer, f"timed out waiting for the {stage}")
+                raise TransferTimeout(x.request_id, x.peer, stage, x.timeout) from e
+            raise self._failed(x, stage, e) from e
+        if finished is False:  # backends that report a timeout instead of raising
+            self.mark_broken(x.peer, f"timed out waiting for the {stage}")
+            raise TransferTimeout(x.request_id, x.peer, stage, x.timeout)
+
+    def _failed(self, x: Xfer, stage: str, error: RuntimeError) -> TransferChannelError:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        self.mark_broken(x.peer, f"{stage} failed: {first_line}")
+        return TransferChannelError(x.peer, self._broken[x.peer])
