@@ -102,6 +102,8 @@ class Row:
     handshake_ms: float  # receiver: until the header (and its extension) was in
     gather_gbps: float = float("nan")
     scatter_gbps: float = float("nan")
+    paged_cpu_ms: float = float("nan")  # CPU time of both processes (all threads), median
+    raw_cpu_ms: float = float("nan")
 
     @classmethod
     def of(cls, case: Case, paged: list[float], raw: list[float], handshake: list[float]) -> Row:
@@ -159,10 +161,11 @@ def _gloo_case(rank: int, case: Case, repeats: int, depth: int) -> Row | None:
     backend = make_backend("gloo", pipeline_depth=depth)
     paged: list[float] = []
     raw: list[float] = []
+    cpu = torch.zeros(2, repeats, dtype=torch.float64)  # (paged, raw) CPU s of this process
     handshake: list[float] = []
     for rep in range(repeats + 1):  # the first round warms up buffers and connections
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if rank == 0:
             backend.send(rep, cache.layers, ids, 1, num_tokens=case.tokens, timeout=TIMEOUT_S)
         else:
@@ -170,22 +173,28 @@ def _gloo_case(rank: int, case: Case, repeats: int, depth: int) -> Row | None:
                 rep, cache.layers, ids, 0, num_tokens=case.tokens, timeout=TIMEOUT_S
             )
             handshake.append(stats.handshake_seconds)
-        t_paged = time.perf_counter() - start
+        t_paged, cpu_paged = time.perf_counter() - start, time.process_time() - cpu_start
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if rank == 0:
             dist.send(flat, 1)
         else:
             dist.recv(flat, 0)
-        t_raw = time.perf_counter() - start
+        t_raw, cpu_raw = time.perf_counter() - start, time.process_time() - cpu_start
         if rep:
             paged.append(t_paged)
             raw.append(t_raw)
+            cpu[:, rep - 1] = torch.tensor([cpu_paged, cpu_raw])
     backend.close()
     if rank == 0:
+        dist.send(cpu, 1)
         return None
+    sender_cpu = torch.empty_like(cpu)
+    dist.recv(sender_cpu, 0)
+    both = (cpu + sender_cpu).median(dim=1).values * 1e3
     row = Row.of(case, paged, raw, handshake[1:])
     row.gather_gbps, row.scatter_gbps = _copy_rates(case, cache, ids, repeats)
+    row.paged_cpu_ms, row.raw_cpu_ms = both.tolist()
     return row
 
 
@@ -298,15 +307,20 @@ def print_table(title: str, rows: list[Row], profile: bool) -> None:
         f"{'ratio':>5} | {'paged':>6} {'raw':>6} {'ratio':>5} | {'header':>6}"
     )
     print(f"  {'':43} | {'median GB/s':^19} | {'best GB/s':^19} | {'ms':>6}", end="")
-    print(f" | {'local copy GB/s':^15}" if profile else "")
-    print(cols + (f" | {'gather':>7} {'scatter':>7}" if profile else ""))
+    print(f" | {'local copy GB/s':^15} | {'CPU ms, both':^13}" if profile else "")
+    print(cols + (f" | {'gather':>7} {'scatter':>7} | {'paged':>6} {'raw':>6}" if profile else ""))
     for r in rows:
         line = (
             f"  {r.case:11} {r.layout:17} {r.tokens:>6} {r.mib:>6.1f} | {r.paged_gbps:>6.2f} "
             f"{r.raw_gbps:>6.2f} {r.ratio:>5.0%} | {r.paged_best_gbps:>6.2f} "
             f"{r.raw_best_gbps:>6.2f} {r.best_ratio:>5.0%} | {r.handshake_ms:>6.2f}"
         )
-        print(line + (f" | {r.gather_gbps:>7.2f} {r.scatter_gbps:>7.2f}" if profile else ""))
+        if profile:
+            line += (
+                f" | {r.gather_gbps:>7.2f} {r.scatter_gbps:>7.2f} | {r.paged_cpu_ms:>6.1f} "
+                f"{r.raw_cpu_ms:>6.1f}"
+            )
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,10 +132,7 @@ class P2PBackend(DistChannelBackend):
             if self._on_layer_staged is not None:
                 for j in range(len(buf)):
                     self._on_layer_staged(first + j, buf[j])
-            # gloo writes a message in the calling thread when the receive is already
-            # posted, so the next gather runs in a helper thread meanwhile (torch releases
-            # the GIL inside the copy).
-            pending = gather(m + 1)
+            pending = gather(m + 1)  # on the gather thread while this message is written
             in_flight.append((self._links.isend(buf, x), len(buf)))
         while in_flight:
             finish_oldest()
