@@ -4,9 +4,10 @@ The prefill (sending) process exports its whole KV pool once (``export_pool``: a
 ``KVPoolHandle``, plain data with an explicit byte encoding, sent over the control plane);
 the decode (receiving) process opens it once (``attach_peer_pool``). A transfer then runs
 the usual header/verdict protocol over a CPU (gloo) group, the header extension carrying
-the sender's block ids, and the receiver copies device to device: per layer, one gather
-of K and V from the peer's pool into a staging buffer, then a scatter into its own
-blocks. Nothing goes through the host.
+the sender's block ids, and the receiver copies device to device: per chunk of layers
+(``chunk_bytes``, 16 MiB by default), one gather of their K and V blocks from the peer's
+pool into a staging buffer, then one scatter into its own blocks. Nothing goes through
+the host.
 
 Ordering: the sender synchronises its stream before the header leaves, so every write of
 the prefill is visible; the receiver synchronises before its final OK, so when ``send``
