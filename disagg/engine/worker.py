@@ -1,0 +1,234 @@
+"""One model on one device with its paged KV pool: what every process that runs the
+model holds (the colocated engine, a prefill node, a decode node).
+
+``ModelWorker`` loads the checkpoint and tokenizer, sizes and allocates the KV pool,
+builds the runner, validates prompts against the model, and knows when a sequence is
+done (eos, stop ids, stop strings, length). Scheduling is not its business.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import torch
+
+from disagg.engine.attention_metadata import AttentionMetadata
+from disagg.engine.block_allocator import BlockAllocator
+from disagg.engine.checkpoint import load_model
+from disagg.engine.config import DEFAULT_CPU_KV_MEMORY, EngineConfig
+from disagg.engine.kv_cache import KVCache, KVCacheSpec
+from disagg.engine.model_config import DTYPES, ModelConfig
+from disagg.engine.runner import ModelRunner
+from disagg.engine.sequence import Sequence
+from disagg.engine.tokenizer import Tokenizer, eos_token_ids
+from disagg.errors import CheckpointError, ConfigError, InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+def resolve_model_dir(model: str) -> Path:
+    """'tiny' is the embedded model (written once into the cache); anything else must be
+    a local Hugging Face model directory. Nothing is ever downloaded."""
+    if model == "tiny":
+        from disagg.engine.tiny_model import tiny_model_path
+
+        return tiny_model_path()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(
+            str(path), "not a directory: pass a local Hugging Face model directory or 'tiny'"
+        )
+    return path
+
+
+class ModelWorker:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_dir = resolve_model_dir(config.model)
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device", "CUDA was asked for but torch sees no CUDA device")
+        self.dtype = self._resolve_dtype()
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        if self.tokenizer is None:
+            log.warning(
+                "%s has no tokenizer.json: only token-id prompts can be served", self.model_dir
+            )
+        self.eos_token_ids = eos_token_ids(self.model_dir, self.model_config.eos_token_ids)
+
+        context = self.model_config.max_context
+        max_len = config.max_model_len or context
+        if max_len > context:
+            raise ConfigError(
+                "max_model_len", f"{max_len} exceeds the model's context of {context}"
+            )
+        self.model = load_model(
+            self.model_dir,
+            self.model_config,
+            device=self.device,
+            dtype=self.dtype,
+            max_positions=max_len,
+        )
+        spec = KVCacheSpec.for_model(self.model_config, config.block_size, self.dtype)
+        num_blocks = config.num_blocks or spec.blocks_for_budget(self._kv_budget(spec, max_len))
+        # One sequence must always fit alone, or preemption could never make room for it.
+        self.max_model_len = min(max_len, num_blocks * config.block_size)
+        if self.max_model_len < max_len:
+            log.info("max_model_len capped to the KV pool: %d tokens", self.max_model_len)
+        self.block_size = config.block_size
+        self.kv_cache = KVCache(spec, num_blocks, self.device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.runner = ModelRunner(
+            self.model,
+            self.kv_cache,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            use_cuda_graphs=not config.enforce_eager,
+        )
+
+    # -- prompts -------------------------------------------------------------------
+
+    def prompt_token_ids(self, prompt: Prompt) -> list[int]:
+        """The prompt as token ids, checked against the vocabulary and the context;
+        raises :class:`InvalidRequestError` naming the bad field."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "is empty")
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    "prompt", "this model has no tokenizer.json: pass token ids"
+                )
+            ids = self.tokenizer.encode(prompt)
+            field = "prompt"
+        elif isinstance(prompt, list | tuple):
+            if not prompt:
+                raise InvalidRequestError("prompt_token_ids", "is empty")
+            vocab = self.model_config.vocab_size
+            for i, t in enumerate(prompt):
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                    raise InvalidRequestError(
+                        "prompt_token_ids", f"entry {i} ({t!r}) is not a token id in [0, {vocab})"
+                    )
+            ids = list(prompt)
+            field = "prompt_token_ids"
+        else:
+            raise InvalidRequestError(
+                "prompt", f"must be a string or a list of token ids, got {type(prompt).__name__}"
+            )
+        if len(ids) >= self.max_model_len:
+            pool = self.kv_cache.num_blocks * self.config.block_size
+            raise InvalidRequestError(
+                field,
+                f"{len(ids)} tokens leave no room to generate: max_model_len is {self.max_model_len} "
+                f"(model context {self.model_config.max_context}, KV pool {pool} tokens)",
+            )
+        return ids
+
+    def check_stop_token_ids(self, stop_token_ids: tuple[int, ...]) -> None:
+        vocab = self.model_config.vocab_size
+        for t in stop_token_ids:
+            if t >= vocab:
+                raise InvalidRequestError(
+                    "stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab})"
+                )
+
+    # -- stopping ------------------------------------------------------------------
+
+    def finish_reason(self, seq: Sequence, token: int) -> str | None:
+        """Why ``seq`` is done now that ``token`` (already appended) was produced, or
+        None. A stop string sets ``seq.text_end``."""
+        params = seq.params
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if token in params.stop_token_ids:
+            return "stop"
+        if params.stop and self.tokenizer is not None and self._hit_stop_string(seq):
+            return "stop"
+        if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        # A stop string of c characters spans at most 4c byte-level tokens; decoding that
+        # tail each step keeps the check O(1) in the output length.
+        assert self.tokenizer is not None
+        window = 4 * max(len(s) for s in seq.params.stop) + 2
+        tail = self.tokenizer.decode(seq.output_token_ids[-window:])
+        if not any(s in tail for s in seq.params.stop):
+            return False
+        text = self.tokenizer.decode(seq.output_token_ids)
+        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+        if not hits:
+            return False
+        seq.text_end = min(hits)
+        return True
+
+    def output_text(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(seq.output_token_ids)
+        return text if seq.text_end is None else text[: seq.text_end]
+
+    # -- set-up helpers ------------------------------------------------------------
+
+    def _resolve_dtype(self) -> torch.dtype:
+        if self.config.dtype != "auto":
+            return DTYPES[self.config.dtype]
+        return self.model_config.dtype if self.device.type == "cuda" else torch.float32
+
+    def _kv_budget(self, spec: KVCacheSpec, max_len: int) -> int:
+        if self.config.kv_cache_memory is not None:
+            return self.config.kv_cache_memory
+        if self.device.type == "cpu":
+            return DEFAULT_CPU_KV_MEMORY
+        # What the GPU may hold, less what is in use, less the activations of the
+        # largest prefill batch (measured by running one).
+        activations = self._peak_prefill_bytes(spec, max_len)
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activations
+        if budget <= 0:
+            raise ConfigError(
+                "gpu_memory_utilization",
+                f"{self.config.gpu_memory_utilization} of the GPU leaves no room for the KV cache "
+                f"after weights, other processes and {activations / 2**20:.0f} MiB of activations",
+            )
+        return budget
+
+    @torch.inference_mode()
+    def _peak_prefill_bytes(self, spec: KVCacheSpec, max_len: int) -> int:
+        """Runs a dummy prefill of ``max_num_batched_tokens`` tokens (in sequences no
+        longer than ``max_len``) against a one-block cache that stores nothing, and
+        returns the memory it needed beyond the weights."""
+        tokens = max(self.config.max_num_batched_tokens, max_len)
+        lens = [max_len] * (tokens // max_len) + ([tokens % max_len] if tokens % max_len else [])
+        cu_seqlens = torch.tensor(
+            [0, *itertools.accumulate(lens)], dtype=torch.int32, device=self.device
+        )
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])  # (T,)
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=torch.full((tokens,), -1, dtype=torch.long, device=self.device),
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max(lens),
+        )
+        scratch = KVCache(spec, 1, self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        hidden = self.model(
+            torch.zeros(tokens, dtype=torch.long, device=self.device),
+            positions,
+            scratch.layers,
+            meta,
+        )
+        self.model.compute_logits(hidden[: self.config.max_num_seqs])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del hidden, scratch
+        torch.cuda.empty_cache()
+        return peak
