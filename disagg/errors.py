@@ -120,3 +120,14 @@ class RequestFailed(DisaggError):
         super().__init__(message)
         self.message = message
         self.request_id = request_id
+
+
+class AuthenticationError(RequestRejectedError):
+    """The coordinator checks API keys and this request's key is missing or unknown.
+
+    ``reason`` is ``unauthorized`` (the reason docs/protocol.md lists for a ``rejected``
+    error); the message never repeats the key."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("unauthorized", message)
+        self.message = message

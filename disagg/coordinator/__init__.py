@@ -1,0 +1,1 @@
+"""The coordinator: the single owner of every request from arrival to finish."""
