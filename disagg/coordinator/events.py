@@ -1,0 +1,155 @@
+"""Per-request lifetime events, for latency breakdowns (as DistServe keeps them).
+
+``RequestEvents`` keeps the events of the last ``capacity`` requests: recording is an
+append (and, past the capacity, dropping the oldest request). ``breakdown`` turns one
+request's events into phase durations; ``dump_jsonl`` writes them all for offline study.
+
+Times are ``clock()`` seconds (monotonic by default): comparable within one process
+only. Each dumped request also carries the wall-clock time of its first event.
+Not thread-safe: call from the coordinator's event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Every event name, in the order a request normally meets them. A request that is
+#: re-dispatched after a node failure meets the middle ones again.
+EVENTS = (
+    "arrived",
+    "dispatched",
+    "prefill_start",
+    "prefill_end",
+    "transfer_start",
+    "transfer_end",
+    "decode_start",
+    "decode_end",
+    "finished",
+    "failed",
+)
+_EVENT_SET = frozenset(EVENTS)
+_TERMINAL = ("finished", "failed")
+_PHASES = ("prefill", "transfer", "decode")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One request's events as ``(name, time, node_id)`` in the order recorded."""
+
+    request_id: str
+    client_id: str | None
+    events: list[tuple[str, float, str | None]] = field(default_factory=list)
+
+    def first(self, name: str) -> float | None:
+        for event, t, _ in self.events:
+            if event == name:
+                return t
+        return None
+
+
+class RequestEvents:
+    """A bounded log of request lifetime events."""
+
+    def __init__(self, capacity: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._clock = clock
+        # Offset from ``clock`` to the Unix epoch, taken once, for the dump.
+        self._wall_offset = time.time() - clock()
+        self._records: OrderedDict[str, RequestRecord] = OrderedDict()
+
+    def record(
+        self,
+        request_id: str,
+        event: str,
+        *,
+        client_id: str | None = None,
+        node_id: str | None = None,
+        t: float | None = None,
+    ) -> None:
+        """Append ``event`` for ``request_id`` at time ``t`` (now by default). The first
+        event of a request (normally ``arrived``, with its ``client_id``) opens its record,
+        evicting the oldest request when full."""
+        if event not in _EVENT_SET:
+            raise ValueError(f"unknown request event {event!r}; known: {', '.join(EVENTS)}")
+        rec = self._records.get(request_id)
+        if rec is None:
+            rec = self._records[request_id] = RequestRecord(request_id, client_id)
+            if len(self._records) > self.capacity:
+                self._records.popitem(last=False)
+        elif client_id is not None and rec.client_id is None:
+            rec.client_id = client_id
+        rec.events.append((event, self._clock() if t is None else t, node_id))
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        return self._records.get(request_id)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._records
+
+    def breakdown(self, request_id: str) -> dict[str, float]:
+        """Seconds spent in each part of the request's life. Keys appear only when their
+        events were recorded:
+
+        - ``queue``: arrival to the first ``prefill_start``;
+        - ``prefill``, ``transfer``, ``decode``: summed over each start/end pair of that
+          phase, so attempts cut short by a node failure and then redone all count, and
+          a start with no end (the node died) counts nothing;
+        - ``decode_queue``: the first ``prefill_end`` to the first ``transfer_start`` (the
+          KV waiting on the prefill node for a decode node to pull it);
+        - ``total``: arrival to ``finished`` or ``failed``.
+
+        Raises ``KeyError`` for a request not (or no longer) in the log."""
+        rec = self._records[request_id]
+        out: dict[str, float] = {}
+        arrived = rec.first("arrived")
+        first_prefill = rec.first("prefill_start")
+        if arrived is not None and first_prefill is not None:
+            out["queue"] = first_prefill - arrived
+        for phase in _PHASES:
+            spent = _paired_time(rec.events, f"{phase}_start", f"{phase}_end")
+            if spent is not None:
+                out[phase] = spent
+        prefill_end, pull = rec.first("prefill_end"), rec.first("transfer_start")
+        if prefill_end is not None and pull is not None and pull >= prefill_end:
+            out["decode_queue"] = pull - prefill_end
+        end = next((t for name, t, _ in reversed(rec.events) if name in _TERMINAL), None)
+        if arrived is not None and end is not None:
+            out["total"] = end - arrived
+        return out
+
+    def dump_jsonl(self, path: str | Path) -> int:
+        """Write one JSON object per request, oldest first: ``request_id``, ``client_id``,
+        ``unix_time`` (of its first event), ``events`` (``[{"event", "t", "node_id"}]``)
+        and ``breakdown``. Returns the number of requests written."""
+        with Path(path).open("w", encoding="utf-8") as f:
+            for rec in self._records.values():
+                line = {
+                    "request_id": rec.request_id,
+                    "client_id": rec.client_id,
+                    "unix_time": rec.events[0][1] + self._wall_offset,
+                    "events": [{"event": e, "t": t, "node_id": n} for e, t, n in rec.events],
+                    "breakdown": self.breakdown(rec.request_id),
+                }
+                f.write(json.dumps(line) + "\n")
+        return len(self._records)
+
+
+def _paired_time(events: list[tuple[str, float, str | None]], start: str, end: str) -> float | None:
+    total, opened, seen = 0.0, None, False
+    for name, t, _ in events:
+        if name == start:
+            opened = t  # a second start without an end: the earlier attempt was cut short
+        elif name == end and opened is not None:
+            total += t - opened
+            opened, seen = None, True
+    return total if seen else None
