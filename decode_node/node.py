@@ -1,0 +1,294 @@
+"""The decode node: admits prefilled requests in merged-counter order when it has blocks
+for them, pulls their KV from the prefill node that holds it, runs continuous batching,
+streams every step's tokens in one message, and preempts (for recomputation) the
+running request of the most-served client when blocks run out.
+
+A request arrives with a source (the prefill node's rank: pull its KV) or without one
+(resume: recompute the KV from the prompt and the tokens already streamed, which is
+also how a preempted request or a failed pull comes back). Either way the client's
+stream goes on from the next token index.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from disagg.engine.sampler import sample
+from disagg.engine.sequence import Sequence, blocks_for_tokens
+from disagg.node.local_queue import CounterQueue
+from disagg.node.runtime import NodeRuntime
+from disagg.node.transfers import TransferDone
+from disagg.protocol.cluster import (
+    CoordinatorToNode,
+    DecodeTask,
+    Pulled,
+    PullGo,
+    PullRequest,
+    Release,
+    SourceLost,
+    StepTokens,
+    TaskFailed,
+    TokenItem,
+)
+from disagg.scheduling.admission import watermark
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class Decoding:
+    rid: int
+    client_id: str
+    counter: float
+    arrival: float
+    seq: Sequence
+    source_rank: int | None
+    receiving: bool = False  # the KV receive is under way
+    released: bool = False  # released while receiving: free when the receive ends
+
+
+class DecodeNode(NodeRuntime):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.waiting: CounterQueue[Decoding] = CounterQueue()
+        self.pulling: dict[int, Decoding] = {}
+        self.recompute: dict[int, Decoding] = {}
+        self.running: dict[int, Decoding] = {}
+        self.broken_peers: set[int] = set()
+        self.watermark = watermark(self.worker.kv_cache.num_blocks)
+
+    # -- messages --------------------------------------------------------------------
+
+    def handle(self, msg: CoordinatorToNode) -> None:
+        if isinstance(msg, DecodeTask):
+            self.tasks_seen = max(self.tasks_seen, msg.task)
+            self.waiting.push(self._decoding(msg))
+        elif isinstance(msg, PullGo):
+            d = self.pulling.get(msg.rid)
+            if d is not None and not d.receiving:
+                d.receiving = True
+                n = d.seq.num_prompt_tokens
+                blocks = d.seq.block_table[: blocks_for_tokens(n, self.block_size)]
+                self.transfers.recv(d.rid, blocks, n, msg.source_rank)
+        elif isinstance(msg, SourceLost):
+            self._source_lost(msg.rid)
+        elif isinstance(msg, Release):
+            self._release(msg.rid)
+        else:
+            log.warning("decode node ignores %s", msg.type)
+
+    def publish(self, counters: dict[str, float]) -> None:
+        self.waiting.publish(counters)
+
+    def _decoding(self, t: DecodeTask) -> Decoding:
+        params = t.sampling.to_params()
+        seq = Sequence(
+            seq_id=t.rid,
+            prompt_token_ids=t.prompt_token_ids,
+            params=params,
+            arrival_time=t.arrival,
+            client_id=t.client_id,
+            output_token_ids=list(t.output_token_ids),
+        )
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.worker.device).manual_seed(params.seed)
+            if not params.greedy:  # the draws the earlier tokens took, so the stream goes on
+                vocab = self.worker.model_config.vocab_size
+                for _ in t.output_token_ids:
+                    torch.empty(vocab, device=self.worker.device).exponential_(
+                        1, generator=seq.generator
+                    )
+        source = t.source_rank if t.source_rank not in self.broken_peers else None
+        return Decoding(t.rid, t.client_id, t.counter, t.arrival, seq, source)
+
+    def _source_lost(self, rid: int) -> None:
+        waiting = self.waiting.get(rid)
+        if waiting is not None:
+            waiting.source_rank = None
+        d = self.pulling.get(rid)
+        if d is not None and not d.receiving:
+            del self.pulling[rid]
+            d.source_rank = None
+            self.recompute[rid] = d
+
+    def _release(self, rid: int) -> None:
+        if self.waiting.remove(rid) is not None:
+            return
+        d = self.pulling.get(rid)
+        if d is not None and d.receiving:
+            d.released = True
+            return
+        d = (
+            self.pulling.pop(rid, None)
+            or self.recompute.pop(rid, None)
+            or self.running.pop(rid, None)
+        )
+        if d is not None:
+            self.worker.allocator.free(d.seq.block_table)
+
+    def on_transfer(self, done: TransferDone) -> None:
+        d = self.pulling.pop(done.rid, None)
+        stats = done.stats
+        self.link.send(
+            Pulled(
+                rid=done.rid,
+                bytes=stats.bytes if stats else 0,
+                seconds=stats.seconds if stats else 0.0,
+                error=done.error,
+                broken_peer=done.broken_channel,
+            )
+        )
+        if done.broken_channel:
+            self.broken_peers.add(done.peer)
+        if d is None:
+            return
+        if d.released:
+            self.worker.allocator.free(d.seq.block_table)
+        elif done.error is None:
+            self.running[d.rid] = d
+        else:  # the KV did not arrive whole: recompute it here
+            d.source_rank = None
+            self.recompute[d.rid] = d
+
+    # -- admission and steps ---------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.recompute or self._admissible())
+
+    def room(self) -> dict[str, int]:
+        queued = sum(blocks_for_tokens(d.seq.num_tokens, self.block_size) for d in self.waiting)
+        free = self.worker.allocator.num_free - queued - self.watermark
+        return {
+            "free_tokens": max(0, free) * self.block_size,
+            "queued": len(self.waiting),
+            "running": len(self.running) + len(self.recompute) + len(self.pulling),
+            "held": 0,
+        }
+
+    def _in_flight(self) -> int:
+        return len(self.running) + len(self.recompute) + len(self.pulling)
+
+    def _admissible(self) -> bool:
+        for d in self.waiting.ordered():
+            need = blocks_for_tokens(d.seq.num_tokens, self.block_size)
+            return (
+                self._in_flight() < self.settings.max_num_seqs
+                and self.worker.allocator.num_free - need >= self.watermark
+            )
+        return False
+
+    def _admit(self) -> None:
+        allocator = self.worker.allocator
+        for d in list(self.waiting.ordered()):
+            need = blocks_for_tokens(d.seq.num_tokens, self.block_size)
+            if self._in_flight() >= self.settings.max_num_seqs:
+                break
+            if allocator.num_free - need < self.watermark and self._in_flight():
+                break  # the head that does not fit is not overtaken
+            if not allocator.can_allocate(need):
+                break
+            self.waiting.remove(d.rid)
+            d.seq.block_table = allocator.allocate(need)
+            if d.source_rank is not None and d.source_rank not in self.broken_peers:
+                self.pulling[d.rid] = d
+                self.link.send(PullRequest(rid=d.rid))
+            else:
+                d.source_rank = None
+                self.recompute[d.rid] = d
+
+    def step(self) -> bool:
+        self._admit()
+        if self.recompute:
+            return self._recompute_step()
+        if self.running:
+            return self._decode_step()
+        return False
+
+    def _recompute_step(self) -> bool:
+        budget = self.settings.max_batch_tokens
+        batch: list[Decoding] = []
+        tokens = 0
+        for d in list(self.recompute.values()):
+            n = d.seq.num_tokens
+            if batch and tokens + n > budget:
+                break
+            batch.append(d)
+            tokens += n
+        for d in batch:
+            del self.recompute[d.rid]
+        return self._run(batch, prefill=True)
+
+    def _decode_step(self) -> bool:
+        preempted = self._make_room()
+        batch = list(self.running.values())
+        if not batch:
+            if preempted:
+                self.link.send(StepTokens(items=[], preempted=preempted))
+            return bool(preempted)
+        return self._run(batch, prefill=False, preempted=preempted)
+
+    def _make_room(self) -> list[int]:
+        """Gives every running sequence the block its next token needs, preempting the
+        running request of the most-served client while blocks are short."""
+        allocator = self.worker.allocator
+        preempted: list[int] = []
+        counters = self.waiting.counters
+        for d in sorted(self.running.values(), key=lambda d: (d.arrival, d.rid)):
+            if d.rid not in self.running:
+                continue
+            need = blocks_for_tokens(d.seq.num_tokens, self.block_size) - len(d.seq.block_table)
+            while need > 0 and not allocator.can_allocate(need):
+                victim = max(
+                    self.running.values(),
+                    key=lambda v: (max(v.counter, counters.get(v.client_id, 0.0)), v.arrival),
+                )
+                del self.running[victim.rid]
+                allocator.free(victim.seq.block_table)
+                victim.seq.block_table = []
+                victim.seq.num_preemptions += 1
+                victim.source_rank = None
+                self.waiting.push(victim)
+                preempted.append(victim.rid)
+                if victim is d:
+                    break
+            if d.rid in self.running and need > 0:
+                d.seq.block_table += allocator.allocate(need)
+        return preempted
+
+    def _run(self, batch: list[Decoding], *, prefill: bool, preempted: list[int] = ()) -> bool:
+        seqs = [d.seq for d in batch]
+        try:
+            runner = self.worker.runner
+            logits = runner.prefill(seqs) if prefill else runner.decode(seqs)
+            tokens = sample(logits, seqs, self.generator)
+        except Exception as e:
+            log.exception("decode batch of %d failed", len(batch))
+            for d in batch:
+                self.running.pop(d.rid, None)
+                self.worker.allocator.free(d.seq.block_table)
+                self.link.send(TaskFailed(rid=d.rid, message=f"decode failed: {e!r}"))
+            return True
+        items = []
+        for d, token in zip(batch, tokens, strict=True):
+            seq = d.seq
+            seq.output_token_ids.append(token)
+            reason = self.worker.finish_reason(seq, token)
+            items.append(
+                TokenItem(
+                    rid=d.rid,
+                    index=seq.num_output_tokens - 1,
+                    token_ids=[token],
+                    finish_reason=reason,
+                    text_end=seq.text_end if reason else None,
+                )
+            )
+            if reason is None:
+                self.running[d.rid] = d
+            else:
+                self.running.pop(d.rid, None)
+                self.worker.allocator.free(seq.block_table)
+        self.link.send(StepTokens(items=items, preempted=list(preempted)))
+        return True

@@ -1,0 +1,28 @@
+"""Streaming text: the text a chunk of new tokens adds, without decoding the whole
+output each time and without ever sending half a UTF-8 character (byte-level BPE
+splits characters across tokens; the decoder then ends in U+FFFD until the rest comes)."""
+
+from __future__ import annotations
+
+from disagg.engine.tokenizer import Tokenizer
+
+_CONTEXT = 6  # tokens decoded before the unsent ones, so merges at the seam come out right
+
+
+class IncrementalText:
+    def __init__(self, tokenizer: Tokenizer | None):
+        self.tokenizer = tokenizer
+        self._sent_upto = 0  # tokens whose text has been sent
+        self._prefix = 0  # where the decoding window starts
+
+    def delta(self, token_ids: list[int]) -> str:
+        """The text added by ``token_ids[self._sent_upto:]`` (may be empty: held back)."""
+        if self.tokenizer is None or len(token_ids) <= self._sent_upto:
+            return ""
+        before = self.tokenizer.decode(token_ids[self._prefix : self._sent_upto])
+        after = self.tokenizer.decode(token_ids[self._prefix :])
+        if after.endswith("\ufffd") or len(after) < len(before):
+            return ""
+        self._sent_upto = len(token_ids)
+        self._prefix = max(0, self._sent_upto - _CONTEXT)
+        return after[len(before) :]

@@ -1,0 +1,70 @@
+"""The coordinator's picture of its nodes: who is alive, their ranks, and how much work
+each can still take (credit)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from disagg.protocol.cluster import Credit, Register, Role
+
+
+@dataclass(eq=False)
+class NodeState:
+    node_id: str
+    identity: bytes  # the node's ZeroMQ routing id
+    role: Role
+    rank: int
+    block_size: int
+    capacity_tokens: int
+    max_model_len: int
+    max_batch_tokens: int
+    pid: int
+    alive: bool = True
+    last_seen: float = field(default_factory=time.monotonic)
+    free_tokens: int = 0
+    tasks_seen: int = 0
+    queued: int = 0
+    running: int = 0
+    held: int = 0
+    next_task: int = 0
+    # Tasks sent that the node had not seen at its last credit: (task number, tokens).
+    unacked: deque[tuple[int, int]] = field(default_factory=deque)
+    requests: set[int] = field(default_factory=set)  # rids it has work or KV for
+
+    @classmethod
+    def from_register(cls, identity: bytes, msg: Register) -> NodeState:
+        return cls(
+            node_id=msg.node_id,
+            identity=identity,
+            role=msg.role,
+            rank=msg.rank,
+            block_size=msg.block_size,
+            capacity_tokens=msg.capacity_tokens,
+            max_model_len=msg.max_model_len,
+            max_batch_tokens=msg.max_batch_tokens,
+            pid=msg.pid,
+            free_tokens=msg.capacity_tokens,
+        )
+
+    def update(self, credit: Credit) -> None:
+        self.last_seen = time.monotonic()
+        self.free_tokens = credit.free_tokens
+        self.tasks_seen = credit.tasks_seen
+        self.queued, self.running, self.held = credit.queued, credit.running, credit.held
+        while self.unacked and self.unacked[0][0] <= credit.tasks_seen:
+            self.unacked.popleft()
+
+    def available(self) -> int:
+        """Tokens of KV this node can still take, counting tasks in flight to it."""
+        return self.free_tokens - sum(tokens for _, tokens in self.unacked)
+
+    def reserve(self, tokens: int) -> int:
+        """A new task of ``tokens`` (block-rounded) is sent: its number."""
+        self.next_task += 1
+        self.unacked.append((self.next_task, tokens))
+        return self.next_task
+
+    def blocks_tokens(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size) * self.block_size

@@ -1,0 +1,87 @@
+"""A node's one connection to the coordinator's node endpoint (a ZeroMQ DEALER)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import zmq
+
+from disagg.errors import DisaggError, ProtocolError
+from disagg.protocol.cluster import (
+    CoordinatorToNode,
+    Credit,
+    Refused,
+    Register,
+    Welcome,
+    _NodeMessage,
+    decode_from_coordinator,
+    encode_node,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RegistrationError(DisaggError):
+    """The coordinator refused this node, or never answered."""
+
+
+class CoordinatorLink:
+    def __init__(self, address: str, node_id: str):
+        self.address = address
+        self.node_id = node_id
+        self._ctx = zmq.Context.instance()
+        self.socket = self._ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, node_id.encode())
+        self.socket.setsockopt(zmq.LINGER, 1000)
+        self.socket.connect(address)
+        self._poller = zmq.Poller()
+        self._poller.register(self.socket, zmq.POLLIN)
+        self.last_sent = 0.0
+
+    def register(self, hello: Register, timeout: float = 60.0) -> Welcome:
+        """Sends ``hello`` until the coordinator answers (it may start after us)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.send(hello)
+            for msg in self.receive(timeout=1.0):
+                if isinstance(msg, Welcome):
+                    return msg
+                if isinstance(msg, Refused):
+                    raise RegistrationError(f"the coordinator refused {self.node_id}: {msg.reason}")
+        raise RegistrationError(
+            f"no answer from the coordinator at {self.address} within {timeout:.0f} s"
+        )
+
+    def send(self, msg: _NodeMessage) -> None:
+        self.socket.send_multipart(encode_node(msg), copy=False)
+        self.last_sent = time.monotonic()
+
+    def receive(self, timeout: float) -> list[CoordinatorToNode]:
+        """Every message waiting, after waiting up to ``timeout`` s for the first."""
+        out: list[CoordinatorToNode] = []
+        if not self._poller.poll(max(0, int(timeout * 1000))):
+            return out
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            try:
+                out.append(decode_from_coordinator(frames))
+            except ProtocolError as e:  # a coordinator bug or a stray peer: log, go on
+                log.error("%s: dropped a malformed coordinator message: %s", self.node_id, e)
+
+    def heartbeat_due(self, interval: float) -> bool:
+        return time.monotonic() - self.last_sent >= interval
+
+    def credit(self, **fields: int) -> None:
+        self.send(Credit(**fields))
+
+    def close(self) -> None:
+        self.socket.close(linger=500)
+
+
+def pid() -> int:
+    return os.getpid()

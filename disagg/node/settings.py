@@ -1,0 +1,115 @@
+"""Command-line settings and process set-up common to prefill and decode nodes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+
+from disagg.engine.config import EngineConfig
+from disagg.engine.worker import ModelWorker
+from disagg.protocol.cluster import Register, Role
+
+log = logging.getLogger(__name__)
+
+CLUSTER_SECRET_ENV = "DISAGG_CLUSTER_SECRET"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    role: Role
+    node_id: str
+    coordinator: str  # the coordinator's node endpoint, tcp://host:port
+    rank: int
+    world_size: int
+    store: str  # the TCPStore of the KV transfer group, host:port
+    model: str = "tiny"
+    device: str = "cpu"
+    dtype: str = "auto"
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory: int | None = None
+    max_num_seqs: int = 256
+    max_batch_tokens: int = 8192
+    threads: int | None = None
+    transfer_timeout: float = 30.0
+    heartbeat_interval: float = 0.5
+    checksums: bool = False
+    seed: int = 0
+
+    @classmethod
+    def add_arguments(cls, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--node-id", required=True)
+        p.add_argument("--coordinator", required=True, help="node endpoint, tcp://host:port")
+        p.add_argument("--rank", type=int, required=True, help="rank in the KV transfer group")
+        p.add_argument("--world-size", type=int, required=True)
+        p.add_argument("--store", required=True, help="KV transfer rendezvous, host:port")
+        p.add_argument("--model", default="tiny")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", default="auto")
+        p.add_argument("--block-size", type=int, default=16)
+        p.add_argument("--num-blocks", type=int, default=None)
+        p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
+        p.add_argument("--max-num-seqs", type=int, default=256)
+        p.add_argument("--max-batch-tokens", type=int, default=8192)
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.add_argument("--transfer-timeout", type=float, default=30.0)
+        p.add_argument("--heartbeat-interval", type=float, default=0.5)
+        p.add_argument("--checksums", action="store_true", help="debug: KV checksums")
+        p.add_argument("--seed", type=int, default=0)
+
+    @classmethod
+    def from_args(cls, role: Role, args: argparse.Namespace) -> NodeSettings:
+        fields = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
+        return cls(role=role, **fields)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+            kv_cache_memory=self.kv_cache_memory,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_batch_tokens,
+            seed=self.seed,
+        )
+
+
+def prepare_process(settings: NodeSettings) -> None:
+    """Threads, logging, and SIGTERM as a clean stop (KeyboardInterrupt)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    logging.basicConfig(
+        level=os.environ.get("DISAGG_LOG_LEVEL", "WARNING"),
+        format=f"%(asctime)s {settings.node_id} %(levelname)s %(message)s",
+    )
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+
+def model_fingerprint(worker: ModelWorker) -> str:
+    c = worker.model_config
+    return (
+        f"{worker.model_dir.name}:L{c.num_layers}:H{c.num_heads}/{c.num_kv_heads}:"
+        f"D{c.head_dim}:V{c.vocab_size}:{str(worker.dtype).removeprefix('torch.')}"
+    )
+
+
+def registration(settings: NodeSettings, worker: ModelWorker) -> Register:
+    return Register(
+        node_id=settings.node_id,
+        role=settings.role,
+        rank=settings.rank,
+        secret=os.environ.get(CLUSTER_SECRET_ENV),
+        model=model_fingerprint(worker),
+        block_size=worker.block_size,
+        capacity_tokens=worker.kv_cache.num_blocks * worker.block_size,
+        max_model_len=worker.max_model_len,
+        max_batch_tokens=settings.max_batch_tokens,
+        pid=os.getpid(),
+    )

@@ -1,0 +1,83 @@
+"""KV transfers off the node's main thread: one thread per peer, because a backend's
+calls for one peer must not overlap (and run in the same order on both sides), while
+calls for different peers may run in parallel. Results come back through ``completed``."""
+
+from __future__ import annotations
+
+import logging
+import queue
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+from kv_transfer import KVTransferBackend, KVTransferError, TransferStats
+from kv_transfer.errors import TransferChannelError, TransferTimeout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferDone:
+    rid: int
+    role: Literal["send", "recv"]
+    peer: int
+    stats: TransferStats | None
+    error: str | None = None
+    broken_channel: bool = False  # the channel to ``peer`` cannot carry another transfer
+
+
+class TransferThreads:
+    def __init__(self, backend: KVTransferBackend, kv_layers: list, timeout: float):
+        self.backend = backend
+        self.kv_layers = kv_layers
+        self.timeout = timeout
+        self._peers: dict[int, ThreadPoolExecutor] = {}
+        self._done: queue.SimpleQueue[TransferDone] = queue.SimpleQueue()
+        self.in_flight = 0
+
+    def send(self, rid: int, block_ids: list[int], num_tokens: int, peer: int) -> None:
+        self._submit("send", rid, block_ids, num_tokens, peer)
+
+    def recv(self, rid: int, block_ids: list[int], num_tokens: int, peer: int) -> None:
+        self._submit("recv", rid, block_ids, num_tokens, peer)
+
+    def completed(self) -> list[TransferDone]:
+        out = []
+        while True:
+            try:
+                out.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        self.in_flight -= len(out)
+        return out
+
+    def _submit(self, role, rid, block_ids, num_tokens, peer) -> None:
+        pool = self._peers.get(peer)
+        if pool is None:
+            pool = self._peers[peer] = ThreadPoolExecutor(1, thread_name_prefix=f"kv-peer{peer}")
+        self.in_flight += 1
+        pool.submit(self._run, role, rid, list(block_ids), num_tokens, peer)
+
+    def _run(self, role, rid, block_ids, num_tokens, peer) -> None:
+        call = self.backend.send if role == "send" else self.backend.recv
+        try:
+            stats = call(
+                str(rid),
+                self.kv_layers,
+                block_ids,
+                peer,
+                num_tokens=num_tokens,
+                timeout=self.timeout,
+            )
+            self._done.put(TransferDone(rid, role, peer, stats))
+        except KVTransferError as e:
+            broken = isinstance(e, TransferTimeout | TransferChannelError)
+            log.warning("KV %s of request %d with rank %d failed: %s", role, rid, peer, e)
+            self._done.put(TransferDone(rid, role, peer, None, str(e), broken))
+        except Exception as e:
+            log.warning("KV %s of request %d with rank %d failed: %r", role, rid, peer, e)
+            self._done.put(TransferDone(rid, role, peer, None, repr(e), True))
+
+    def close(self) -> None:
+        for pool in self._peers.values():
+            pool.shutdown(wait=False, cancel_futures=True)

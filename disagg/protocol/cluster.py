@@ -1,0 +1,294 @@
+"""The typed messages between the coordinator's node endpoint and prefill/decode nodes.
+
+Same framing as the client protocol, under its own magic: ``[b"disagg-node", b"1", JSON]``
+(a client that dials the node port by mistake is refused, not misread). Nodes use a
+DEALER, the coordinator a ROUTER. Tensors never travel here: KV moves over
+``kv_transfer``; these messages say which request moves where.
+
+Request ids on this channel are the coordinator's integer ids (``rid``), unique for the
+coordinator's lifetime; a node never sees a client's own request id.
+
+The life of a request, as the messages tell it::
+
+    coordinator -> prefill   PrefillTask      (credit allowing)
+    prefill -> coordinator   Prefilled        (first token; KV now held)
+    coordinator -> decode    DecodeTask       (source = the prefill node; credit allowing)
+    decode -> coordinator    PullRequest      (decode has blocks for it)
+    coordinator -> prefill   Push             (send KV to that rank)
+    coordinator -> decode    PullGo           (receive KV from that rank)
+    prefill -> coordinator   Pushed           (blocks freed)
+    decode -> coordinator    StepTokens       (every step: new tokens of every request)
+
+A ``DecodeTask`` without a source (KV lost: prefill node died, transfer failed, lease
+expired, decode node died mid-stream) is *resumed* by recomputation on the decode node
+from the prompt and the tokens already streamed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from disagg.errors import ProtocolError
+from disagg.protocol.messages import Sampling
+
+NODE_MAGIC = b"disagg-node"
+NODE_PROTOCOL_VERSION = b"1"
+MAX_NODE_MESSAGE_BYTES = 64 << 20
+
+Role = Literal["prefill", "decode"]
+FinishReason = Literal["stop", "length"]
+
+
+class _NodeMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# -- node -> coordinator ---------------------------------------------------------------
+
+
+class Register(_NodeMessage):
+    """A node joins. ``rank`` is its rank in the KV transfer group; ``capacity_tokens``
+    its KV pool; ``model`` the model's fingerprint, which must match the coordinator's."""
+
+    type: Literal["register"] = "register"
+    node_id: str
+    role: Role
+    rank: int
+    secret: str | None = None
+    model: str
+    block_size: int
+    capacity_tokens: int
+    max_model_len: int
+    max_batch_tokens: int
+    pid: int
+
+
+class Credit(_NodeMessage):
+    """Heartbeat and room: ``free_tokens`` the node can still take, counting everything
+    it was sent up to task number ``tasks_seen``."""
+
+    type: Literal["credit"] = "credit"
+    free_tokens: int
+    tasks_seen: int
+    queued: int = 0
+    running: int = 0
+    held: int = 0
+
+
+class PrefillResult(_NodeMessage):
+    rid: int
+    first_token: int
+    finish_reason: FinishReason | None = None  # done at prefill: no KV held
+    text_end: int | None = None
+    prefill_start: float  # node's monotonic clock, for latency breakdowns
+    prefill_s: float
+
+
+class Prefilled(_NodeMessage):
+    """One prefill batch ran; the KV of each unfinished request is held until pushed."""
+
+    type: Literal["prefilled"] = "prefilled"
+    results: list[PrefillResult]
+
+
+class PullRequest(_NodeMessage):
+    """The decode node has allocated blocks for ``rid`` and asks for its KV."""
+
+    type: Literal["pull_request"] = "pull_request"
+    rid: int
+
+
+class Pushed(_NodeMessage):
+    """The prefill node sent ``rid``'s KV (or failed to: ``error``) and freed its blocks."""
+
+    type: Literal["pushed"] = "pushed"
+    rid: int
+    bytes: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+class Pulled(_NodeMessage):
+    """The decode node has ``rid``'s KV (``error``: it did not, and resumes by recompute)."""
+
+    type: Literal["pulled"] = "pulled"
+    rid: int
+    bytes: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    broken_peer: bool = False  # the channel to the prefill node is unusable from now on
+
+
+class TokenItem(_NodeMessage):
+    rid: int
+    index: int  # position in the output of token_ids[0]
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    text_end: int | None = None
+
+
+class StepTokens(_NodeMessage):
+    """One decode step's (or resume prefill's) new tokens, for every request in it."""
+
+    type: Literal["step_tokens"] = "step_tokens"
+    items: list[TokenItem]
+    preempted: list[int] = Field(default_factory=list)
+
+
+class TaskFailed(_NodeMessage):
+    """The node could not run ``rid`` (e.g. the model raised); it holds nothing of it."""
+
+    type: Literal["task_failed"] = "task_failed"
+    rid: int
+    message: str
+
+
+class Goodbye(_NodeMessage):
+    type: Literal["goodbye"] = "goodbye"
+
+
+# -- coordinator -> node ---------------------------------------------------------------
+
+
+class Welcome(_NodeMessage):
+    type: Literal["welcome"] = "welcome"
+    node_id: str
+    counters: dict[str, float] = Field(default_factory=dict)
+
+
+class Refused(_NodeMessage):
+    """Registration refused (wrong secret, model mismatch, duplicate id): the node exits."""
+
+    type: Literal["refused"] = "refused"
+    reason: str
+
+
+class PrefillTask(_NodeMessage):
+    type: Literal["prefill_task"] = "prefill_task"
+    task: int  # per-node task number (credit accounting)
+    rid: int
+    client_id: str
+    prompt_token_ids: list[int]
+    sampling: Sampling
+    counter: float
+    arrival: float
+
+
+class DecodeTask(_NodeMessage):
+    """Decode ``rid``. ``source_rank`` is the prefill node holding its KV (covering the
+    prompt), or None: resume by recomputing from prompt + ``output_token_ids``."""
+
+    type: Literal["decode_task"] = "decode_task"
+    task: int
+    rid: int
+    client_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling: Sampling
+    counter: float
+    arrival: float
+    source_rank: int | None = None
+
+
+class Push(_NodeMessage):
+    type: Literal["push"] = "push"
+    rid: int
+    dest_rank: int
+
+
+class PullGo(_NodeMessage):
+    type: Literal["pull_go"] = "pull_go"
+    rid: int
+    source_rank: int
+
+
+class SourceLost(_NodeMessage):
+    """``rid``'s KV is gone (its prefill node died or released it): recompute instead."""
+
+    type: Literal["source_lost"] = "source_lost"
+    rid: int
+
+
+class Release(_NodeMessage):
+    """Drop ``rid`` and free whatever the node holds of it (abort, lease expiry)."""
+
+    type: Literal["release"] = "release"
+    rid: int
+
+
+class Counters(_NodeMessage):
+    """The merged counters as the coordinator knows them (a publication)."""
+
+    type: Literal["counters"] = "counters"
+    values: dict[str, float]
+
+
+class Shutdown(_NodeMessage):
+    type: Literal["shutdown"] = "shutdown"
+
+
+NodeToCoordinator = (
+    Register
+    | Credit
+    | Prefilled
+    | PullRequest
+    | Pushed
+    | Pulled
+    | StepTokens
+    | TaskFailed
+    | Goodbye
+)
+CoordinatorToNode = (
+    Welcome
+    | Refused
+    | PrefillTask
+    | DecodeTask
+    | Push
+    | PullGo
+    | SourceLost
+    | Release
+    | Counters
+    | Shutdown
+)
+
+_UP: TypeAdapter[Any] = TypeAdapter(Annotated[NodeToCoordinator, Field(discriminator="type")])
+_DOWN: TypeAdapter[Any] = TypeAdapter(Annotated[CoordinatorToNode, Field(discriminator="type")])
+
+
+def encode_node(msg: _NodeMessage) -> list[bytes]:
+    return [NODE_MAGIC, NODE_PROTOCOL_VERSION, msg.__pydantic_serializer__.to_json(msg)]
+
+
+def _decode(frames: Sequence[bytes], adapter: TypeAdapter[Any]) -> Any:
+    if len(frames) != 3:
+        raise ProtocolError("bad_frames", f"expected 3 frames, got {len(frames)}")
+    magic, version, payload = frames
+    if magic != NODE_MAGIC:
+        raise ProtocolError("wrong_magic", f"first frame must be {NODE_MAGIC!r}")
+    if version != NODE_PROTOCOL_VERSION:
+        raise ProtocolError(
+            "unsupported_version",
+            f"node protocol version {bytes(version)!r:.20}; supported: "
+            f"{NODE_PROTOCOL_VERSION.decode()}",
+        )
+    if len(payload) > MAX_NODE_MESSAGE_BYTES:
+        raise ProtocolError("oversized", f"payload of {len(payload)} bytes")
+    try:
+        return adapter.validate_json(payload)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ProtocolError("invalid_fields", f"{where}: {first['msg']}") from None
+
+
+def decode_from_node(frames: Sequence[bytes]) -> NodeToCoordinator:
+    """A node's message, on the coordinator; raises :class:`ProtocolError` only."""
+    return _decode(frames, _UP)
+
+
+def decode_from_coordinator(frames: Sequence[bytes]) -> CoordinatorToNode:
+    """The coordinator's message, on a node; raises :class:`ProtocolError` only."""
+    return _decode(frames, _DOWN)

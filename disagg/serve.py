@@ -1,0 +1,292 @@
+"""``disagg serve``: a coordinator and its prefill and decode node processes on this
+machine, started together and stopped together.
+
+``ServedCluster`` is the same thing as a library object (tests, benchmarks and the demo
+use it): it runs the coordinator's event loop on a background thread and the nodes as
+child processes, and ``stop()`` drains, shuts the nodes down and frees everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from disagg.coordinator.auth import make_access
+from disagg.coordinator.metrics import CoordinatorMetrics
+from disagg.coordinator.server import Coordinator, CoordinatorSettings
+from disagg.engine.worker import resolve_model_dir
+from disagg.errors import ConfigError
+from disagg.node.settings import CLUSTER_SECRET_ENV
+from disagg.scheduling import DISAGGREGATED_POLICIES, FairnessConfig
+
+log = logging.getLogger(__name__)
+
+POLICIES = (*DISAGGREGATED_POLICIES, "vtc")  # "vtc" on a cluster means two-stage VTC
+
+
+@dataclass
+class ServeOptions:
+    model: str = "tiny"
+    device: str = "cpu"
+    dtype: str = "auto"
+    prefill: int = 1
+    decode: int = 1
+    policy: str = "two-stage-vtc"
+    host: str = "127.0.0.1"
+    port: int = 5555  # clients; nodes use port + 1, the KV rendezvous port + 2 (0: any free)
+    metrics_port: int | None = None
+    api_keys: str | None = None
+    cluster_secret: str | None = None
+    weights: dict[str, float] = field(default_factory=dict)
+    num_blocks: int | None = None  # per node
+    block_size: int = 16
+    max_batch_tokens: int = 8192
+    max_num_seqs: int = 256
+    threads_per_node: int | None = None
+    drain_timeout: float = 30.0
+    dead_after_s: float = 3.0
+    no_node_timeout_s: float = 30.0
+    transfer_timeout: float = 30.0
+    startup_timeout: float = 180.0
+    log_dir: str | None = None  # node logs go here (default: this process's stderr)
+
+    def __post_init__(self) -> None:
+        if self.policy == "vtc":
+            self.policy = "two-stage-vtc"
+        if self.policy not in DISAGGREGATED_POLICIES:
+            raise ConfigError(
+                "policy", f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}"
+            )
+        for name in ("prefill", "decode"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"needs at least one {name} node")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError("device", f"must be cpu or cuda, got {self.device!r}")
+        if not 0 <= self.port < 65535 - 2:
+            raise ConfigError("port", f"must be in [0, 65532], got {self.port}")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServedCluster:
+    """A coordinator plus ``prefill`` + ``decode`` node processes on this machine."""
+
+    def __init__(self, options: ServeOptions):
+        self.options = o = options
+        self.model_dir = str(resolve_model_dir(o.model))  # writes the tiny model once, here
+        if o.port:
+            ports = (o.port, o.port + 1, o.port + 2)
+        else:
+            ports = (free_port(o.host), free_port(o.host), free_port(o.host))
+        self.client_address = f"tcp://{o.host}:{ports[0]}"
+        self.node_address = f"tcp://{o.host}:{ports[1]}"
+        self.store_address = f"{o.host}:{ports[2]}"
+        self.access = make_access(o.api_keys, o.weights)
+        weights = dict(o.weights)
+        weights.update(getattr(self.access, "weights", {}) or {})
+        self.metrics = CoordinatorMetrics()
+        self.metrics_port: int | None = None
+        self.coordinator = Coordinator(
+            self.model_dir,
+            CoordinatorSettings(
+                client_address=self.client_address,
+                node_address=self.node_address,
+                policy=o.policy,
+                fairness=FairnessConfig(weights=weights),
+                cluster_secret=o.cluster_secret,
+                dead_after_s=o.dead_after_s,
+                no_node_timeout_s=o.no_node_timeout_s,
+            ),
+            access=self.access,
+            metrics=self.metrics,
+        )
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._store = None
+        self._logs: list = []
+
+    # -- nodes -----------------------------------------------------------------------
+
+    def node_ids(self) -> list[tuple[str, str, int]]:
+        o = self.options
+        roles = [("prefill", f"prefill-{i}") for i in range(o.prefill)]
+        roles += [("decode", f"decode-{i}") for i in range(o.decode)]
+        return [(role, node_id, rank) for rank, (role, node_id) in enumerate(roles)]
+
+    def _spawn_nodes(self) -> None:
+        o = self.options
+        world = o.prefill + o.decode
+        threads = o.threads_per_node or max(1, (os.cpu_count() or 1) // world)
+        env = dict(os.environ)
+        env["OMP_NUM_THREADS"] = str(threads)
+        if o.cluster_secret:
+            env[CLUSTER_SECRET_ENV] = o.cluster_secret
+        for role, node_id, rank in self.node_ids():
+            cmd = [
+                sys.executable,
+                "-m",
+                f"{role}_node",
+                "--node-id", node_id,
+                "--coordinator", self.node_address,
+                "--rank", str(rank),
+                "--world-size", str(world),
+                "--store", self.store_address,
+                "--model", self.model_dir,
+                "--device", o.device,
+                "--dtype", o.dtype,
+                "--block-size", str(o.block_size),
+                "--max-batch-tokens", str(o.max_batch_tokens),
+                "--max-num-seqs", str(o.max_num_seqs),
+                "--threads", str(threads),
+                "--transfer-timeout", str(o.transfer_timeout),
+            ]  # fmt: skip
+            if o.num_blocks:
+                cmd += ["--num-blocks", str(o.num_blocks)]
+            out = None
+            if o.log_dir:
+                Path(o.log_dir).mkdir(parents=True, exist_ok=True)
+                out = open(Path(o.log_dir) / f"{node_id}.log", "wb")  # noqa: SIM115
+                self._logs.append(out)
+            self.processes[node_id] = subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None
+            )
+
+    def kill_node(self, node_id: str, sig: int = signal.SIGKILL) -> None:
+        """Tests: kill one node process (SIGKILL by default: no goodbye)."""
+        self.processes[node_id].send_signal(sig)
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def start(self) -> ServedCluster:
+        import torch.distributed as dist
+
+        host, port = self.store_address.rsplit(":", 1)
+        self._store = dist.TCPStore(
+            host, int(port), is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
+        )
+        self.coordinator.bind()
+        if self.options.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.options.metrics_port)
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.call_soon(ready.set)
+            self._loop.run_until_complete(self.coordinator.run())
+
+        self._thread = threading.Thread(target=run, name="coordinator", daemon=True)
+        self._thread.start()
+        ready.wait()
+        self._spawn_nodes()
+        try:
+            self._call(
+                self.coordinator.wait_for_nodes(
+                    self.options.prefill, self.options.decode, self.options.startup_timeout
+                ),
+                timeout=self.options.startup_timeout + 5,
+                watch_processes=True,
+            )
+        except BaseException:
+            self.stop(drain_timeout=0)
+            raise
+        return self
+
+    def _call(self, coro, timeout: float, watch_processes: bool = False):
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return future.result(timeout=0.2)
+            except TimeoutError:
+                if watch_processes:
+                    dead = [n for n, p in self.processes.items() if p.poll() not in (None, 0)]
+                    if dead:
+                        future.cancel()
+                        raise ConfigError(
+                            "nodes", f"node {dead[0]} exited during start-up (see its log)"
+                        ) from None
+                if time.monotonic() > deadline:
+                    future.cancel()
+                    raise
+
+    def stop(self, drain_timeout: float | None = None) -> int:
+        """Drains (up to ``drain_timeout`` s), stops the nodes and the coordinator.
+        Returns how many in-flight requests had to be failed."""
+        timeout = self.options.drain_timeout if drain_timeout is None else drain_timeout
+        failed = 0
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                failed = self._call(self.coordinator.drain(timeout), timeout=timeout + 5)
+            with contextlib.suppress(Exception):
+                self._call(self.coordinator.close(), timeout=10)
+            self._thread.join(timeout=10)
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for f in self._logs:
+            f.close()
+        self.metrics.close()
+        self._store = None
+        return failed
+
+    def __enter__(self) -> ServedCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_serve(options: ServeOptions) -> int:
+    """The ``disagg serve`` command: start, print the client address, serve until
+    SIGINT/SIGTERM, drain, exit 0."""
+    logging.basicConfig(level=os.environ.get("DISAGG_LOG_LEVEL", "WARNING"))
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = ServedCluster(options)
+    print(f"disagg serve: {cluster.access.describe()}", flush=True)
+    cluster.start()
+    o = options
+    print(
+        f"disagg serve: {o.prefill} prefill + {o.decode} decode node(s), model {o.model}, "
+        f"policy {o.policy}, device {o.device}",
+        flush=True,
+    )
+    if cluster.metrics_port is not None:
+        print(f"disagg serve: metrics on http://{o.host}:{cluster.metrics_port}/metrics")
+    print(f"disagg serve: listening for clients on {cluster.client_address}", flush=True)
+    while not stop.is_set():
+        stop.wait(0.5)
+        dead = [n for n, p in cluster.processes.items() if p.poll() is not None]
+        for node_id in dead:
+            log.warning("node %s exited with %s", node_id, cluster.processes[node_id].returncode)
+            cluster.processes.pop(node_id)
+    print("disagg serve: draining ...", flush=True)
+    failed = cluster.stop()
+    print(f"disagg serve: stopped ({failed} in-flight requests failed by the drain timeout)")
+    return 0

@@ -1,0 +1,200 @@
+"""The prefill node: batches prompts under a token budget in merged-counter order, runs
+prefill, samples the first token (reported at once: that is TTFT), and holds each
+request's KV blocks until a decode node pulls them. Its credit counts held blocks as
+used, so a pool full of unpulled KV stops new work arriving (back-pressure)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from disagg.engine.sampler import sample
+from disagg.engine.sequence import Sequence, blocks_for_tokens
+from disagg.node.local_queue import CounterQueue
+from disagg.node.runtime import NodeRuntime
+from disagg.node.transfers import TransferDone
+from disagg.protocol.cluster import (
+    CoordinatorToNode,
+    Prefilled,
+    PrefillResult,
+    PrefillTask,
+    Push,
+    Pushed,
+    Release,
+    TaskFailed,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Waiting:
+    rid: int
+    client_id: str
+    counter: float
+    arrival: float
+    task: PrefillTask
+
+
+@dataclass(slots=True)
+class Held:
+    """KV of a prefilled request, kept until pushed (or released)."""
+
+    rid: int
+    blocks: list[int]
+    num_tokens: int
+    pushing: bool = False
+    released: bool = False  # released while a push was in flight: free when it ends
+    since: float = field(default_factory=time.monotonic)
+
+
+class PrefillNode(NodeRuntime):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.waiting: CounterQueue[Waiting] = CounterQueue()
+        self.held: dict[int, Held] = {}
+
+    # -- messages --------------------------------------------------------------------
+
+    def handle(self, msg: CoordinatorToNode) -> None:
+        if isinstance(msg, PrefillTask):
+            self.tasks_seen = max(self.tasks_seen, msg.task)
+            self.waiting.push(Waiting(msg.rid, msg.client_id, msg.counter, msg.arrival, msg))
+        elif isinstance(msg, Push):
+            self._push(msg)
+        elif isinstance(msg, Release):
+            self._release(msg.rid)
+        else:
+            log.warning("prefill node ignores %s", msg.type)
+
+    def publish(self, counters: dict[str, float]) -> None:
+        self.waiting.publish(counters)
+
+    def _push(self, msg: Push) -> None:
+        held = self.held.get(msg.rid)
+        if held is None or held.pushing:
+            self.link.send(Pushed(rid=msg.rid, error="not held here"))
+            return
+        held.pushing = True
+        blocks = held.blocks[: blocks_for_tokens(held.num_tokens, self.block_size)]
+        self.transfers.send(msg.rid, blocks, held.num_tokens, msg.dest_rank)
+
+    def _release(self, rid: int) -> None:
+        if self.waiting.remove(rid) is not None:
+            return
+        held = self.held.get(rid)
+        if held is None:
+            return
+        if held.pushing:
+            held.released = True
+        else:
+            self._free(held)
+
+    def _free(self, held: Held) -> None:
+        del self.held[held.rid]
+        self.worker.allocator.free(held.blocks)
+
+    def on_transfer(self, done: TransferDone) -> None:
+        held = self.held.get(done.rid)
+        if held is not None:
+            self._free(held)
+        stats = done.stats
+        self.link.send(
+            Pushed(
+                rid=done.rid,
+                bytes=stats.bytes if stats else 0,
+                seconds=stats.seconds if stats else 0.0,
+                error=done.error,
+            )
+        )
+
+    # -- prefill ---------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) and self._next_batch(peek=True)
+
+    def room(self) -> dict[str, int]:
+        queued_blocks = sum(
+            blocks_for_tokens(len(w.task.prompt_token_ids), self.block_size) for w in self.waiting
+        )
+        free = self.worker.allocator.num_free - queued_blocks
+        return {
+            "free_tokens": max(0, free) * self.block_size,
+            "queued": len(self.waiting),
+            "running": 0,
+            "held": len(self.held),
+        }
+
+    def _next_batch(self, peek: bool = False) -> list[Waiting] | bool:
+        budget = self.settings.max_batch_tokens
+        free = self.worker.allocator.num_free
+        batch: list[Waiting] = []
+        tokens = 0
+        for w in self.waiting.ordered():
+            n = len(w.task.prompt_token_ids)
+            need = blocks_for_tokens(n, self.block_size)
+            if need > free or (batch and tokens + n > budget):
+                break  # the head that does not fit is not overtaken
+            if peek:
+                return True
+            batch.append(w)
+            tokens += n
+            free -= need
+        return batch if not peek else False
+
+    def step(self) -> bool:
+        batch = self._next_batch()
+        if not batch:
+            return False
+        seqs = []
+        for w in batch:
+            self.waiting.remove(w.rid)
+            t = w.task
+            params = t.sampling.to_params()
+            seq = Sequence(
+                seq_id=t.rid,
+                prompt_token_ids=t.prompt_token_ids,
+                params=params,
+                arrival_time=t.arrival,
+                client_id=t.client_id,
+            )
+            if params.seed is not None:
+                seq.generator = torch.Generator(self.worker.device).manual_seed(params.seed)
+            seq.block_table = self.worker.allocator.allocate(
+                blocks_for_tokens(seq.num_tokens, self.block_size)
+            )
+            seqs.append(seq)
+        start = time.monotonic()
+        try:
+            logits = self.worker.runner.prefill(seqs)
+            tokens = sample(logits, seqs, self.generator)
+        except Exception as e:
+            log.exception("prefill of %d requests failed", len(seqs))
+            for seq in seqs:
+                self.worker.allocator.free(seq.block_table)
+                self.link.send(TaskFailed(rid=seq.seq_id, message=f"prefill failed: {e!r}"))
+            return True
+        elapsed = time.monotonic() - start
+        results = []
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.output_token_ids.append(token)
+            reason = self.worker.finish_reason(seq, token)
+            if reason is None:
+                self.held[seq.seq_id] = Held(seq.seq_id, seq.block_table, seq.num_prompt_tokens)
+            else:
+                self.worker.allocator.free(seq.block_table)
+            results.append(
+                PrefillResult(
+                    rid=seq.seq_id,
+                    first_token=token,
+                    finish_reason=reason,
+                    text_end=seq.text_end,
+                    prefill_start=start,
+                    prefill_s=elapsed,
+                )
+            )
+        self.link.send(Prefilled(results=results))
+        return True
