@@ -36,6 +36,18 @@ def _simulate(args: argparse.Namespace) -> int:
     return run_simulate(args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from disagg.serve_cli import run_serve_command
+
+    return run_serve_command(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from disagg.serve_cli import run_generate
+
+    return run_generate(args)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="disagg", description="Prefill/decode-disaggregated LLM serving, fair between clients."
@@ -63,6 +75,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="simulate a serving cluster under a workload and a policy")
     add_simulate_arguments(p)
     p.set_defaults(func=_simulate)
+    from disagg.serve_cli import add_generate_arguments, add_serve_arguments
+
+    p = sub.add_parser(
+        "serve", help="start a coordinator with prefill and decode nodes on this machine"
+    )
+    add_serve_arguments(p)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("generate", help="send one prompt to a served system and stream the output")
+    add_generate_arguments(p)
+    p.set_defaults(func=_generate)
     return parser
 
 

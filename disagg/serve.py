@@ -45,6 +45,7 @@ class ServeOptions:
     policy: str = "two-stage-vtc"
     host: str = "127.0.0.1"
     port: int = 5555  # clients; nodes use port + 1, the KV rendezvous port + 2 (0: any free)
+    node_port: int | None = None  # overrides port + 1
     metrics_port: int | None = None
     api_keys: str | None = None
     cluster_secret: str | None = None
@@ -90,7 +91,7 @@ class ServedCluster:
         self.options = o = options
         self.model_dir = str(resolve_model_dir(o.model))  # writes the tiny model once, here
         if o.port:
-            ports = (o.port, o.port + 1, o.port + 2)
+            ports = (o.port, o.node_port or o.port + 1, o.port + 2)
         else:
             ports = (free_port(o.host), free_port(o.host), free_port(o.host))
         self.client_address = f"tcp://{o.host}:{ports[0]}"
@@ -163,8 +164,14 @@ class ServedCluster:
                 Path(o.log_dir).mkdir(parents=True, exist_ok=True)
                 out = open(Path(o.log_dir) / f"{node_id}.log", "wb")  # noqa: SIM115
                 self._logs.append(out)
+            # A session of their own: Ctrl-C reaches `disagg serve`, which drains and then
+            # tells the nodes to stop; a node left alone stops when the coordinator is silent.
             self.processes[node_id] = subprocess.Popen(
-                cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None
+                cmd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                start_new_session=True,
             )
 
     def kill_node(self, node_id: str, sig: int = signal.SIGKILL) -> None:

@@ -130,6 +130,7 @@ class Coordinator:
         self.in_flight_per_client: dict[str, int] = {}
         self._rids = itertools.count(1)
         self._published_versions: tuple[int, ...] = ()
+        self._published_at = 0.0
         self.accepting = True
         self.ctx = zmq.asyncio.Context()
         self.clients = self.ctx.socket(zmq.ROUTER)
@@ -840,9 +841,11 @@ class Coordinator:
 
     def _publish(self) -> None:
         versions = tuple(ledger.version for ledger in self.pools.ledgers)
-        if versions == self._published_versions:
+        now = time.monotonic()
+        # Unchanged counters are sent again each second: the coordinator's heartbeat.
+        if versions == self._published_versions and now - self._published_at < 1.0:
             return
-        self._published_versions = versions
+        self._published_versions, self._published_at = versions, now
         self.pools.publish()
         by_role = {role: self._counters(role) for role in ("prefill", "decode")}
         for node in self.live_nodes():

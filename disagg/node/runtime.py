@@ -63,11 +63,21 @@ class NodeRuntime(ABC):
 
     def run(self) -> None:
         last_room: dict[str, int] | None = None
+        heard = time.monotonic()
         try:
             while not self.stopping:
                 busy = self.has_work()
                 wait = 0.0 if busy else (BUSY_POLL_S if self.transfers.in_flight else IDLE_POLL_S)
-                for msg in self.link.receive(wait):
+                messages = self.link.receive(wait)
+                if messages:
+                    heard = time.monotonic()
+                elif time.monotonic() - heard > self.settings.coordinator_timeout:
+                    log.error(
+                        "no word from the coordinator for %.0f s: stopping",
+                        time.monotonic() - heard,
+                    )
+                    break
+                for msg in messages:
                     if isinstance(msg, Counters):
                         self.publish(msg.values)
                     elif isinstance(msg, Shutdown):

@@ -38,6 +38,7 @@ class NodeSettings:
     threads: int | None = None
     transfer_timeout: float = 30.0
     heartbeat_interval: float = 0.5
+    coordinator_timeout: float = 15.0  # no message from the coordinator this long: exit
     checksums: bool = False
     seed: int = 0
 
@@ -59,6 +60,7 @@ class NodeSettings:
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
         p.add_argument("--transfer-timeout", type=float, default=30.0)
         p.add_argument("--heartbeat-interval", type=float, default=0.5)
+        p.add_argument("--coordinator-timeout", type=float, default=15.0)
         p.add_argument("--checksums", action="store_true", help="debug: KV checksums")
         p.add_argument("--seed", type=int, default=0)
 

@@ -1,0 +1,118 @@
+"""Arguments and entry points of ``disagg serve`` and ``disagg generate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from disagg.errors import DisaggError
+from disagg.serve import POLICIES, ServeOptions, run_serve
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="Hugging Face model directory, or 'tiny'")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill nodes")
+    p.add_argument("--decode", type=int, default=1, metavar="M", help="decode nodes")
+    p.add_argument("--policy", default="two-stage-vtc", choices=POLICIES)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5555, help="client port (nodes: +1, KV: +2)")
+    p.add_argument("--deployment", help="deployment file written by `disagg plan -o`")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus exporter port")
+    p.add_argument("--api-keys", help="API-key file (key -> client id, weight, limits)")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per node")
+    p.add_argument("--threads-per-node", type=int, default=None)
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on shutdown")
+    p.add_argument("--log-dir", default=None, help="write node logs here")
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    fields = dict(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        prefill=args.prefill,
+        decode=args.decode,
+        policy=args.policy,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        api_keys=args.api_keys,
+        num_blocks=args.num_blocks,
+        threads_per_node=args.threads_per_node,
+        drain_timeout=args.drain_timeout,
+        log_dir=args.log_dir,
+    )
+    if args.deployment:
+        from disagg.deployment import load_deployment
+
+        dep = load_deployment(args.deployment)
+        fields.update(
+            model=dep.model,
+            device=dep.device,
+            policy=dep.policy,
+            prefill=dep.prefill.instances,
+            decode=dep.decode.instances,
+            cluster_secret=dep.cluster_secret,
+        )
+        if dep.coordinator is not None:
+            fields.update(
+                host=dep.coordinator.host,
+                port=dep.coordinator.client_port,
+                node_port=dep.coordinator.node_port,
+            )
+    return ServeOptions(**fields)
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    return run_serve(serve_options(args))
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--client-id", default="default")
+    p.add_argument("--address", default="tcp://127.0.0.1:5555")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from disagg.client import Client
+
+    sampling = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
+    if args.stop:
+        sampling["stop"] = args.stop
+    with Client(args.address, timeout=args.timeout, api_key=args.api_key) as client:
+        stream = client.stream(args.prompt, client_id=args.client_id, **sampling)
+        try:
+            for chunk in stream:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            done = stream.completion
+        except DisaggError:
+            sys.stdout.write("\n")
+            raise
+    t = done.timings
+    ttft = f"{t.ttft * 1000:.1f} ms" if t.ttft is not None else "-"
+    tpot = f"{t.tpot * 1000:.1f} ms" if t.tpot is not None else "-"
+    print(
+        f"\n[{len(done.token_ids)} tokens, finish {done.finish_reason}; TTFT {ttft}, "
+        f"TPOT {tpot}; prefill {done.nodes.prefill}, decode {done.nodes.decode}]",
+        file=sys.stderr,
+    )
+    return 0
