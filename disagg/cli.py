@@ -48,6 +48,12 @@ def _generate(args: argparse.Namespace) -> int:
     return run_generate(args)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from disagg.planner.cli import run_plan
+
+    return run_plan(args)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="disagg", description="Prefill/decode-disaggregated LLM serving, fair between clients."
@@ -86,6 +92,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="send one prompt to a served system and stream the output")
     add_generate_arguments(p)
     p.set_defaults(func=_generate)
+
+    from disagg.planner.cli import add_arguments as add_plan_arguments
+
+    p = sub.add_parser(
+        "plan", help="choose per-phase parallelism and instance counts that maximise goodput"
+    )
+    add_plan_arguments(p)
+    p.set_defaults(func=_plan)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""The placement planner: `disagg plan` (docs/planner.md)."""
