@@ -78,25 +78,17 @@ class ServeOptions:
             raise ConfigError("port", f"must be in [0, 65532], got {self.port}")
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class ServedCluster:
     """A coordinator plus ``prefill`` + ``decode`` node processes on this machine."""
 
     def __init__(self, options: ServeOptions):
         self.options = o = options
         self.model_dir = str(resolve_model_dir(o.model))  # writes the tiny model once, here
-        if o.port:
-            ports = (o.port, o.node_port or o.port + 1, o.port + 2)
-        else:
-            ports = (free_port(o.host), free_port(o.host), free_port(o.host))
-        self.client_address = f"tcp://{o.host}:{ports[0]}"
-        self.node_address = f"tcp://{o.host}:{ports[1]}"
-        self.store_address = f"{o.host}:{ports[2]}"
+        # Port 0: every endpoint on a free port, learnt after binding (in start()).
+        any_port = "*"
+        self.client_address = f"tcp://{o.host}:{o.port or any_port}"
+        self.node_address = f"tcp://{o.host}:{(o.node_port or o.port + 1) if o.port else any_port}"
+        self.store_address = f"{o.host}:{o.port + 2 if o.port else 0}"
         self.access = make_access(o.api_keys, o.weights)
         weights = dict(o.weights)
         weights.update(getattr(self.access, "weights", {}) or {})
@@ -184,10 +176,21 @@ class ServedCluster:
         import torch.distributed as dist
 
         host, port = self.store_address.rsplit(":", 1)
-        self._store = dist.TCPStore(
-            host, int(port), is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
-        )
-        self.coordinator.bind()
+        for attempt in range(5):  # port 0: a free port, tried again should it be taken
+            try:
+                self._store = dist.TCPStore(
+                    host,
+                    int(port) or _free_port(host),
+                    is_master=True,
+                    wait_for_workers=False,
+                    timeout=timedelta(seconds=60),
+                )
+                break
+            except dist.DistNetworkError:
+                if int(port) != 0 or attempt == 4:
+                    raise
+        self.store_address = f"{host}:{self._store.port}"
+        self.client_address, self.node_address = self.coordinator.bind()
         if self.options.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.options.metrics_port)
         self._loop = asyncio.new_event_loop()
@@ -258,10 +261,16 @@ class ServedCluster:
         return failed
 
     def __enter__(self) -> ServedCluster:
-        return self.start()
+        return self if self._thread is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def run_serve(options: ServeOptions) -> int:

@@ -1,0 +1,35 @@
+"""Served clusters for end-to-end tests: real node processes on this machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from disagg import LLM
+from disagg.serve import ServedCluster, ServeOptions
+
+NUM_BLOCKS = 192
+
+
+def start_cluster(tmp_path, **options) -> ServedCluster:
+    options = {
+        "port": 0,
+        "num_blocks": NUM_BLOCKS,
+        "threads_per_node": 1,
+        "log_dir": str(tmp_path / "logs"),
+        "dead_after_s": 2.0,
+        "no_node_timeout_s": 10.0,
+        **options,
+    }
+    return ServedCluster(ServeOptions(**options)).start()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    served = start_cluster(tmp_path_factory.mktemp("cluster"))
+    yield served
+    served.stop(drain_timeout=5)
+
+
+@pytest.fixture(scope="session")
+def offline() -> LLM:
+    return LLM("tiny", num_blocks=NUM_BLOCKS)

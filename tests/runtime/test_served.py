@@ -1,0 +1,161 @@
+"""The served system end to end: coordinator + prefill + decode node processes + client,
+checked against the offline engine (itself checked against transformers)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from disagg import SamplingParams
+from disagg.client import AsyncClient, Client, InvalidRequest
+from tests.runtime.conftest import start_cluster
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "a",
+    "In the beginning there was the word, and the word was with the machine " * 3,
+    [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],  # one token short of a block
+    list(range(3, 36)),  # crosses two block boundaries
+]
+
+
+def workload(seed: int = 0, n: int = 12):
+    rng = random.Random(seed)
+    return [
+        (PROMPTS[i % len(PROMPTS)], rng.choice(["alice", "bob", "carol"]), rng.randint(1, 24))
+        for i in range(n)
+    ]
+
+
+async def serve_all(address: str, jobs):
+    async with AsyncClient(address, timeout=120) as client:
+        return await asyncio.gather(
+            *(
+                client.generate(p, client_id=c, max_tokens=m, temperature=0, ignore_eos=True)
+                for p, c, m in jobs
+            )
+        )
+
+
+def expected(offline, jobs):
+    outs = offline.generate(
+        [p for p, _, _ in jobs],
+        [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for _, _, m in jobs],
+    )
+    return [o.token_ids for o in outs]
+
+
+def test_greedy_equals_offline_1p1d(cluster, offline):
+    jobs = workload()
+    done = asyncio.run(serve_all(cluster.client_address, jobs))
+    assert [c.token_ids for c in done] == expected(offline, jobs)
+    for c, (_, _, m) in zip(done, jobs, strict=True):
+        assert c.finish_reason == "length" and len(c.token_ids) == m
+        assert c.nodes.prefill == "prefill-0"
+        assert c.timings.ttft is not None and c.timings.ttft > 0
+        if m > 1:
+            assert c.nodes.decode == "decode-0" and c.timings.tpot is not None
+
+
+def test_greedy_equals_offline_2p2d(tmp_path, offline):
+    jobs = workload(seed=1, n=16)
+    with start_cluster(tmp_path, prefill=2, decode=2) as served:
+        done = asyncio.run(serve_all(served.client_address, jobs))
+    assert [c.token_ids for c in done] == expected(offline, jobs)
+    used = {c.nodes.decode for c in done if c.nodes.decode}
+    assert used <= {"decode-0", "decode-1"}
+
+
+def test_stream_has_no_gap_or_repeat_and_matches_completion(cluster, offline):
+    with Client(cluster.client_address, timeout=60) as client:
+        stream = client.stream("Hello there", client_id="dave", max_tokens=17, temperature=0)
+        chunks = list(stream)
+        done = stream.completion
+    assert [c.index for c in chunks] == list(range(len(done.token_ids)))
+    assert [t for c in chunks for t in c.token_ids] == done.token_ids
+    assert (
+        done.token_ids
+        == offline.generate(["Hello there"], SamplingParams(max_tokens=17, temperature=0))[
+            0
+        ].token_ids
+    )
+    assert (
+        done.text
+        == offline.generate(["Hello there"], SamplingParams(max_tokens=17, temperature=0))[0].text
+    )
+
+
+def test_seeded_sampling_is_reproducible_through_two_nodes(cluster, offline):
+    params = dict(max_tokens=12, temperature=0.9, top_p=0.9, seed=1234, ignore_eos=True)
+    with Client(cluster.client_address, timeout=60) as client:
+        a = client.generate("Once upon a time", client_id="x", **params)
+        b = client.generate("Once upon a time", client_id="y", **params)
+    assert a.token_ids == b.token_ids
+    ref = offline.generate(["Once upon a time"], SamplingParams(**params))[0]
+    assert a.token_ids == ref.token_ids
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"stop_token_ids": [10**6]}, "stop_token_ids"),
+    ],
+)
+def test_bad_request_names_the_field_and_server_goes_on(cluster, sampling, field):
+    with Client(cluster.client_address, timeout=30) as client:
+        with pytest.raises(InvalidRequest) as err:
+            client.generate("hi", client_id="eve", **sampling)
+        assert field in (err.value.field or "")
+        ok = client.generate("hi", client_id="eve", max_tokens=3, temperature=0)
+        assert len(ok.token_ids) >= 1
+
+
+def test_prompt_too_long_and_bad_token_ids_are_refused(cluster):
+    with Client(cluster.client_address, timeout=30) as client:
+        with pytest.raises(InvalidRequest, match="prompt"):
+            client.generate(list(range(5000)), client_id="eve", max_tokens=2)
+        with pytest.raises(InvalidRequest, match="prompt"):
+            client.generate([1, 2, 10**7], client_id="eve", max_tokens=2)
+
+
+def test_abort_frees_kv_on_both_nodes(cluster):
+    async def run():
+        async with AsyncClient(cluster.client_address, timeout=60) as client:
+            stream = client.stream(
+                "Once upon a time", client_id="frank", max_tokens=400, ignore_eos=True
+            )
+            seen = 0
+            async for _ in stream:
+                seen += 1
+                if seen == 3:
+                    break
+            await stream.aclose()
+        return seen
+
+    assert asyncio.run(run()) == 3
+    coordinator = cluster.coordinator
+    wait_until(lambda: not coordinator.requests, "the aborted request is forgotten")
+    wait_until(
+        lambda: (
+            all(not (n.held or n.running or n.queued) for n in coordinator.live_nodes())
+            and all(n.free_tokens == n.capacity_tokens for n in coordinator.live_nodes("prefill"))
+        ),
+        "both nodes report their blocks free",
+    )
+
+
+def wait_until(cond, what: str, timeout: float = 15.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting until {what}")
