@@ -1,0 +1,139 @@
+"""Nodes killed mid-run (SIGKILL: no goodbye). Every accepted request either completes
+with the right tokens or fails with a typed error; streams never repeat or skip."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from disagg import SamplingParams
+from disagg.client import AsyncClient, ServerUnavailable
+from disagg.coordinator.tracked import Phase
+from tests.runtime.conftest import start_cluster
+
+PROMPTS = ["Once upon a time", "The capital of France is", "a b c d e f g", "Hello there"]
+
+
+async def stream_all(cluster, jobs, kill, when):
+    """Streams every job; calls ``kill()`` once ``when(coordinator)`` holds."""
+
+    async def one(client, prompt, max_tokens):
+        chunks = []
+        stream = client.stream(
+            prompt, client_id=f"c{len(prompt) % 3}", max_tokens=max_tokens, temperature=0,
+            ignore_eos=True,
+        )  # fmt: skip
+        async for chunk in stream:
+            chunks.append(chunk)
+        return chunks, stream.completion
+
+    async def killer():
+        deadline = time.monotonic() + 30
+        while not when(cluster.coordinator) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        kill()
+
+    async with AsyncClient(cluster.client_address, timeout=120) as client:
+        results = await asyncio.gather(
+            *(one(client, p, m) for p, m in jobs), killer(), return_exceptions=True
+        )
+    return results[:-1]
+
+
+def check_streams(results, jobs, offline):
+    refs = offline.generate(
+        [p for p, _ in jobs],
+        [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for _, m in jobs],
+    )
+    for (chunks, done), ref in zip(results, refs, strict=True):
+        assert [c.index for c in chunks] == list(range(len(done.token_ids)))  # no gap, no repeat
+        assert [t for c in chunks for t in c.token_ids] == done.token_ids
+        assert done.token_ids == ref.token_ids
+
+
+def decoding_on(node_id: str, at_least: int):
+    def cond(coordinator) -> bool:
+        busy = [
+            t
+            for t in coordinator.requests.values()
+            if t.phase is Phase.DECODING and t.decode_node == node_id and t.num_output_tokens > 3
+        ]
+        return len(busy) >= at_least
+
+    return cond
+
+
+def test_decode_node_killed_mid_stream_requests_resume_elsewhere(tmp_path, offline):
+    cluster = start_cluster(tmp_path, prefill=1, decode=2)
+    try:
+        jobs = [(PROMPTS[i % 4], 80) for i in range(8)]
+        results = asyncio.run(
+            stream_all(
+                cluster, jobs, lambda: cluster.kill_node("decode-0"), decoding_on("decode-0", 2)
+            )
+        )
+        assert all(not isinstance(r, BaseException) for r in results), results
+        check_streams(results, jobs, offline)
+        assert {done.nodes.decode for _, done in results} == {"decode-1"}  # all moved over
+        assert not cluster.coordinator.nodes["decode-0"].alive
+    finally:
+        cluster.stop(drain_timeout=5)
+
+
+def test_prefill_node_killed_requests_are_prefilled_again(tmp_path, offline):
+    cluster = start_cluster(tmp_path, prefill=2, decode=1)
+    try:
+        jobs = [(PROMPTS[i % 4] * (1 + i % 5), 30) for i in range(16)]
+
+        def some_at_prefill_1(coordinator) -> bool:
+            return any(
+                t.prefill_node == "prefill-1" and t.phase is not Phase.QUEUED
+                for t in coordinator.requests.values()
+            )
+
+        results = asyncio.run(
+            stream_all(cluster, jobs, lambda: cluster.kill_node("prefill-1"), some_at_prefill_1)
+        )
+        assert all(not isinstance(r, BaseException) for r in results), results
+        check_streams(results, jobs, offline)
+        assert not cluster.coordinator.nodes["prefill-1"].alive
+    finally:
+        cluster.stop(drain_timeout=5)
+
+
+def test_no_decode_node_left_fails_with_server_unavailable(tmp_path):
+    cluster = start_cluster(tmp_path, prefill=1, decode=1, no_node_timeout_s=2.0)
+    try:
+        jobs = [(PROMPTS[i % 4], 200) for i in range(4)]
+        started = time.monotonic()
+        results = asyncio.run(
+            stream_all(
+                cluster, jobs, lambda: cluster.kill_node("decode-0"), decoding_on("decode-0", 1)
+            )
+        )
+        assert time.monotonic() - started < 30  # bounded: never hangs
+        assert results and all(isinstance(r, ServerUnavailable) for r in results), results
+        assert not cluster.coordinator.requests
+    finally:
+        cluster.stop(drain_timeout=2)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM"])
+def test_stop_drains_in_flight_requests(tmp_path, sig):
+    cluster = start_cluster(tmp_path)
+
+    async def run():
+        async with AsyncClient(cluster.client_address, timeout=60) as client:
+            task = asyncio.create_task(
+                client.generate("Once upon a time", client_id="a", max_tokens=40, ignore_eos=True)
+            )
+            await asyncio.sleep(0.3)
+            loop = asyncio.get_running_loop()
+            failed = await loop.run_in_executor(None, cluster.stop, 20.0)
+            return failed, await task
+
+    failed, done = asyncio.run(run())
+    assert failed == 0 and len(done.token_ids) == 40
+    assert all(p.poll() == 0 for p in cluster.processes.values())
