@@ -55,7 +55,7 @@ class WorkloadPreset:
 WORKLOADS: dict[str, WorkloadPreset] = {
     "chatbot-like": WorkloadPreset(
         "chatbot-like",
-        prompt=LengthSpec(median=200, sigma=1.0, low=4, high=2048),
+        prompt=LengthSpec(median=200, sigma=1.0, low=4, high=2046),
         output=LengthSpec(median=250, sigma=0.8, low=4, high=2048),
         max_total=2047,
         source=(
