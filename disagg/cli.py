@@ -19,6 +19,10 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if not args.offline:
+        from disagg.showcase import run_showcase
+
+        return run_showcase(model=args.model, duration=args.duration)
     from disagg.demo import run_demo
 
     return run_demo(
@@ -68,7 +72,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     p.set_defaults(func=_make_tiny_model)
 
-    p = sub.add_parser("demo", help="generate with a model offline and print outputs and tokens/s")
+    p = sub.add_parser(
+        "demo",
+        help="serve a model to a heavy and two light clients under FCFS and two-stage VTC "
+        "(--offline: generate offline and print outputs and tokens/s)",
+    )
+    p.add_argument("--offline", action="store_true", help="the offline engine demo instead")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds per policy (served)")
     p.add_argument("--model", default="tiny", help="Hugging Face model directory, or 'tiny'")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: generate with the embedded tiny model and print outputs and tokens/s.
+# The main job: serve the embedded tiny model to a heavy and two light clients under FCFS
+# and two-stage VTC, and print what each client got.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup-env.sh"
 exec disagg demo "$@"

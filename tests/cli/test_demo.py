@@ -8,7 +8,7 @@ from disagg.cli import main
 
 
 def test_demo_prints_outputs_and_throughput(capsys):
-    assert main(["demo", "--num-prompts", "3", "--max-tokens", "5"]) == 0
+    assert main(["demo", "--offline", "--num-prompts", "3", "--max-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n  -> ") == 3
     match = re.search(
@@ -17,3 +17,13 @@ def test_demo_prints_outputs_and_throughput(capsys):
     assert match is not None, out
     assert int(match.group(2)) == 15
     assert float(match.group(3)) > 0
+
+
+def test_served_demo_prints_a_table_per_policy(capsys):
+    assert main(["demo", "--duration", "3"]) == 0
+    out = capsys.readouterr().out
+    for policy in ("fcfs", "two-stage-vtc"):
+        assert f"\n{policy}\n" in out
+    rows = re.findall(r"^  (heavy|light-1|light-2) +(\d+) +(\d+) +(\d+)", out, re.M)
+    assert len(rows) == 6, out
+    assert all(int(requests) > 0 for _, _, requests, _ in rows), out
