@@ -12,6 +12,7 @@ stream goes on from the next token index.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -67,12 +68,7 @@ class DecodeNode(NodeRuntime):
             self.tasks_seen = max(self.tasks_seen, msg.task)
             self.waiting.push(self._decoding(msg))
         elif isinstance(msg, PullGo):
-            d = self.pulling.get(msg.rid)
-            if d is not None and not d.receiving:
-                d.receiving = True
-                n = d.seq.num_prompt_tokens
-                blocks = d.seq.block_table[: blocks_for_tokens(n, self.block_size)]
-                self.transfers.recv(d.rid, blocks, n, msg.source_rank)
+            self._pull(msg)
         elif isinstance(msg, SourceLost):
             self._source_lost(msg.rid)
         elif isinstance(msg, Release):
@@ -104,6 +100,20 @@ class DecodeNode(NodeRuntime):
         source = t.source_rank if t.source_rank not in self.broken_peers else None
         return Decoding(t.rid, t.client_id, t.counter, t.arrival, seq, source)
 
+    def _pull(self, msg: PullGo) -> None:
+        """One transfer for every request in ``msg.rids``, blocks back to back. A request
+        no longer pulling here is left out; the transfer is then refused by the header
+        check and the others recompute."""
+        blocks: list[int] = []
+        for rid in msg.rids:
+            d = self.pulling.get(rid)
+            if d is None or d.receiving:
+                continue
+            d.receiving = True
+            n = d.seq.num_prompt_tokens
+            blocks += d.seq.block_table[: blocks_for_tokens(n, self.block_size)]
+        self.transfers.recv(tuple(msg.rids), blocks, msg.source_rank)
+
     def _source_lost(self, rid: int) -> None:
         waiting = self.waiting.get(rid)
         if waiting is not None:
@@ -130,11 +140,10 @@ class DecodeNode(NodeRuntime):
             self.worker.allocator.free(d.seq.block_table)
 
     def on_transfer(self, done: TransferDone) -> None:
-        d = self.pulling.pop(done.rid, None)
         stats = done.stats
         self.link.send(
             Pulled(
-                rid=done.rid,
+                rids=list(done.rids),
                 bytes=stats.bytes if stats else 0,
                 seconds=stats.seconds if stats else 0.0,
                 error=done.error,
@@ -143,15 +152,18 @@ class DecodeNode(NodeRuntime):
         )
         if done.broken_channel:
             self.broken_peers.add(done.peer)
-        if d is None:
-            return
-        if d.released:
-            self.worker.allocator.free(d.seq.block_table)
-        elif done.error is None:
-            self.running[d.rid] = d
-        else:  # the KV did not arrive whole: recompute it here
-            d.source_rank = None
-            self.recompute[d.rid] = d
+        for rid in done.rids:
+            d = self.pulling.get(rid)
+            if d is None or not d.receiving:
+                continue
+            del self.pulling[rid]
+            if d.released:
+                self.worker.allocator.free(d.seq.block_table)
+            elif done.error is None:
+                self.running[d.rid] = d
+            else:  # the KV did not arrive whole: recompute it here
+                d.source_rank = None
+                self.recompute[d.rid] = d
 
     # -- admission and steps ---------------------------------------------------------
 
@@ -182,6 +194,7 @@ class DecodeNode(NodeRuntime):
 
     def _admit(self) -> None:
         allocator = self.worker.allocator
+        pulls: list[int] = []
         for d in list(self.waiting.ordered()):
             need = blocks_for_tokens(d.seq.num_tokens, self.block_size)
             if self._in_flight() >= self.settings.max_num_seqs:
@@ -194,10 +207,12 @@ class DecodeNode(NodeRuntime):
             d.seq.block_table = allocator.allocate(need)
             if d.source_rank is not None and d.source_rank not in self.broken_peers:
                 self.pulling[d.rid] = d
-                self.link.send(PullRequest(rid=d.rid))
+                pulls.append(d.rid)
             else:
                 d.source_rank = None
                 self.recompute[d.rid] = d
+        if pulls:  # one message; the coordinator batches them per prefill node
+            self.link.send(PullRequest(rids=pulls))
 
     def step(self) -> bool:
         self._admit()
@@ -260,6 +275,7 @@ class DecodeNode(NodeRuntime):
 
     def _run(self, batch: list[Decoding], *, prefill: bool, preempted: list[int] = ()) -> bool:
         seqs = [d.seq for d in batch]
+        start = time.perf_counter()
         try:
             runner = self.worker.runner
             logits = runner.prefill(seqs) if prefill else runner.decode(seqs)
@@ -271,6 +287,7 @@ class DecodeNode(NodeRuntime):
                 self.worker.allocator.free(d.seq.block_table)
                 self.link.send(TaskFailed(rid=d.rid, message=f"decode failed: {e!r}"))
             return True
+        step_s = time.perf_counter() - start
         items = []
         for d, token in zip(batch, tokens, strict=True):
             seq = d.seq
@@ -290,5 +307,5 @@ class DecodeNode(NodeRuntime):
             else:
                 self.running.pop(d.rid, None)
                 self.worker.allocator.free(seq.block_table)
-        self.link.send(StepTokens(items=items, preempted=list(preempted)))
+        self.link.send(StepTokens(items=items, preempted=list(preempted), step_s=step_s))
         return True

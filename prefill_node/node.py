@@ -74,13 +74,17 @@ class PrefillNode(NodeRuntime):
         self.waiting.publish(counters)
 
     def _push(self, msg: Push) -> None:
-        held = self.held.get(msg.rid)
-        if held is None or held.pushing:
-            self.link.send(Pushed(rid=msg.rid, error="not held here"))
-            return
-        held.pushing = True
-        blocks = held.blocks[: blocks_for_tokens(held.num_tokens, self.block_size)]
-        self.transfers.send(msg.rid, blocks, held.num_tokens, msg.dest_rank)
+        """One transfer for every request in ``msg.rids``: each one's blocks, in order.
+        A request not held here is left out, so the receiver's header check (which
+        expects all of them) refuses the transfer and nothing is written."""
+        blocks: list[int] = []
+        for rid in msg.rids:
+            held = self.held.get(rid)
+            if held is None or held.pushing:
+                continue
+            held.pushing = True
+            blocks += held.blocks[: blocks_for_tokens(held.num_tokens, self.block_size)]
+        self.transfers.send(tuple(msg.rids), blocks, msg.dest_rank)
 
     def _release(self, rid: int) -> None:
         if self.waiting.remove(rid) is not None:
@@ -98,13 +102,14 @@ class PrefillNode(NodeRuntime):
         self.worker.allocator.free(held.blocks)
 
     def on_transfer(self, done: TransferDone) -> None:
-        held = self.held.get(done.rid)
-        if held is not None:
-            self._free(held)
+        for rid in done.rids:  # sent or not, the KV is released: a failed pull recomputes
+            held = self.held.get(rid)
+            if held is not None and held.pushing:
+                self._free(held)
         stats = done.stats
         self.link.send(
             Pushed(
-                rid=done.rid,
+                rids=list(done.rids),
                 bytes=stats.bytes if stats else 0,
                 seconds=stats.seconds if stats else 0.0,
                 error=done.error,

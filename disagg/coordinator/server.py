@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +122,8 @@ class Coordinator:
         self.access: ClientAccess = access or OpenAccess(s.fairness.weights)
         self.metrics = metrics
         self.events = RequestEvents()
+        # (client, total seconds, seconds in model steps) of the last finished requests
+        self.finished_log: deque[tuple[str, float, float]] = deque(maxlen=100_000)
         self.pools = make_pool_policies(s.policy, s.fairness)
         self.nodes: dict[str, NodeState] = {}
         self.by_identity: dict[bytes, NodeState] = {}
@@ -450,12 +453,15 @@ class Coordinator:
                 self._on_prefilled(node, result)
         elif isinstance(msg, StepTokens):
             for item in msg.items:
+                t = self.requests.get(item.rid)
+                if t is not None:
+                    t.model_s += msg.step_s
                 self._on_tokens(node, item)
             if msg.preempted and self.metrics:
                 for _ in msg.preempted:
                     self.metrics.preemption(node.node_id)
         elif isinstance(msg, PullRequest):
-            self._on_pull_request(node, msg.rid)
+            self._on_pull_request(node, msg.rids)
         elif isinstance(msg, Pushed):
             self._on_pushed(node, msg)
         elif isinstance(msg, Pulled):
@@ -475,6 +481,7 @@ class Coordinator:
         self.events.record(
             str(t.rid), "prefill_end", node_id=node.node_id, t=r.prefill_start + r.prefill_s
         )
+        t.model_s += r.prefill_s
         if r.finish_reason is not None:
             node.requests.discard(t.rid)
         else:
@@ -525,39 +532,51 @@ class Coordinator:
                 ),
             )
 
-    def _on_pull_request(self, node: NodeState, rid: int) -> None:
-        t = self.requests.get(rid)
-        if t is None or t.decode_node != node.node_id:
-            self._send_node(node, Release(rid=rid))
-            return
-        source = self.nodes.get(t.kv_node) if t.kv_node else None
-        if source is None or not source.alive or t.pull_started:
-            self._send_node(node, SourceLost(rid=rid))
-            return
-        t.pull_started = True
-        self.events.record(str(rid), "transfer_start", node_id=node.node_id)
-        self._send_node(source, Push(rid=rid, dest_rank=node.rank))
-        self._send_node(node, PullGo(rid=rid, source_rank=source.rank))
+    def _on_pull_request(self, node: NodeState, rids: list[int]) -> None:
+        """Pairs each request's decode node with the prefill node holding its KV: one
+        Push/PullGo pair per prefill node, carrying all of its requests."""
+        by_source: dict[str, list[int]] = {}
+        for rid in rids:
+            t = self.requests.get(rid)
+            if t is None or t.decode_node != node.node_id:
+                self._send_node(node, Release(rid=rid))
+                continue
+            source = self.nodes.get(t.kv_node) if t.kv_node else None
+            if source is None or not source.alive or t.pull_started:
+                self._send_node(node, SourceLost(rid=rid))
+                continue
+            t.pull_started = True
+            self.events.record(str(rid), "transfer_start", node_id=node.node_id)
+            by_source.setdefault(source.node_id, []).append(rid)
+        for source_id, group in by_source.items():
+            source = self.nodes[source_id]
+            self._send_node(source, Push(rids=group, dest_rank=node.rank))
+            self._send_node(node, PullGo(rids=group, source_rank=source.rank))
 
     def _on_pushed(self, node: NodeState, msg: Pushed) -> None:
-        node.requests.discard(msg.rid)
-        t = self.requests.get(msg.rid)
-        if t is not None and t.kv_node == node.node_id:
-            t.kv_node = None
+        for rid in msg.rids:
+            node.requests.discard(rid)
+            t = self.requests.get(rid)
+            if t is not None and t.kv_node == node.node_id:
+                t.kv_node = None
         if msg.error is None and self.metrics:
             self.metrics.kv_transfer(msg.bytes, msg.seconds)
 
     def _on_pulled(self, node: NodeState, msg: Pulled) -> None:
-        t = self.requests.get(msg.rid)
-        if t is None or t.decode_node != node.node_id:
-            return
-        self.events.record(str(t.rid), "transfer_end", node_id=node.node_id)
-        if msg.error is None:
-            t.transfer_s = msg.seconds
-        else:
-            log.warning(
-                "request %d: KV pull failed (%s); recomputed on %s", t.rid, msg.error, node.node_id
-            )
+        for rid in msg.rids:
+            t = self.requests.get(rid)
+            if t is None or t.decode_node != node.node_id:
+                continue
+            self.events.record(str(t.rid), "transfer_end", node_id=node.node_id)
+            if msg.error is None:
+                t.transfer_s = msg.seconds
+            else:
+                log.warning(
+                    "request %d: KV pull failed (%s); recomputed on %s",
+                    t.rid,
+                    msg.error,
+                    node.node_id,
+                )
 
     def _on_task_failed(self, node: NodeState, msg: TaskFailed) -> None:
         node.requests.discard(msg.rid)
@@ -718,6 +737,7 @@ class Coordinator:
         if text_end is not None:
             text = text[:text_end]
         timings = self._timings(t)
+        self.finished_log.append((t.client_id, timings.total_s or 0.0, t.model_s))
         self._reply(
             t.identity,
             Finished(

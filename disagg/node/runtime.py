@@ -121,7 +121,9 @@ def start_node(settings: NodeSettings, node_class: type[NodeRuntime]) -> None:
         host_store=False,
     )
     backend = make_backend(backend_name, device=worker.device, checksums=settings.checksums)
-    transfers = TransferThreads(backend, worker.kv_cache.layers, settings.transfer_timeout)
+    transfers = TransferThreads(
+        backend, worker.kv_cache.layers, worker.block_size, settings.transfer_timeout
+    )
     link = CoordinatorLink(settings.coordinator, settings.node_id)
     link.register(registration(settings, worker))
     log.info("%s registered (rank %d)", settings.node_id, settings.rank)

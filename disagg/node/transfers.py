@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class TransferDone:
-    rid: int
+    rids: tuple[int, ...]
     role: Literal["send", "recv"]
     peer: int
     stats: TransferStats | None
@@ -27,19 +27,23 @@ class TransferDone:
 
 
 class TransferThreads:
-    def __init__(self, backend: KVTransferBackend, kv_layers: list, timeout: float):
+    def __init__(
+        self, backend: KVTransferBackend, kv_layers: list, block_size: int, timeout: float
+    ):
         self.backend = backend
+        self.block_size = block_size
         self.kv_layers = kv_layers
         self.timeout = timeout
         self._peers: dict[int, ThreadPoolExecutor] = {}
         self._done: queue.SimpleQueue[TransferDone] = queue.SimpleQueue()
         self.in_flight = 0
 
-    def send(self, rid: int, block_ids: list[int], num_tokens: int, peer: int) -> None:
-        self._submit("send", rid, block_ids, num_tokens, peer)
+    def send(self, rids: tuple[int, ...], block_ids: list[int], peer: int) -> None:
+        """One transfer of several requests' blocks, back to back (whole blocks)."""
+        self._submit("send", rids, block_ids, peer)
 
-    def recv(self, rid: int, block_ids: list[int], num_tokens: int, peer: int) -> None:
-        self._submit("recv", rid, block_ids, num_tokens, peer)
+    def recv(self, rids: tuple[int, ...], block_ids: list[int], peer: int) -> None:
+        self._submit("recv", rids, block_ids, peer)
 
     def completed(self) -> list[TransferDone]:
         out = []
@@ -51,32 +55,36 @@ class TransferThreads:
         self.in_flight -= len(out)
         return out
 
-    def _submit(self, role, rid, block_ids, num_tokens, peer) -> None:
+    def _submit(self, role, rids, block_ids, peer) -> None:
         pool = self._peers.get(peer)
         if pool is None:
             pool = self._peers[peer] = ThreadPoolExecutor(1, thread_name_prefix=f"kv-peer{peer}")
         self.in_flight += 1
-        pool.submit(self._run, role, rid, list(block_ids), num_tokens, peer)
+        pool.submit(self._run, role, tuple(rids), list(block_ids), peer)
 
-    def _run(self, role, rid, block_ids, num_tokens, peer) -> None:
+    def _run(self, role, rids, block_ids, peer) -> None:
         call = self.backend.send if role == "send" else self.backend.recv
+        # Both sides derive the same id from the same rids; the header carries its digest.
+        transfer_id = "+".join(map(str, rids))
         try:
+            if not block_ids:
+                raise KVTransferError("none of the requests of this transfer is here")
             stats = call(
-                str(rid),
+                transfer_id,
                 self.kv_layers,
                 block_ids,
                 peer,
-                num_tokens=num_tokens,
+                num_tokens=len(block_ids) * self.block_size,
                 timeout=self.timeout,
             )
-            self._done.put(TransferDone(rid, role, peer, stats))
+            self._done.put(TransferDone(rids, role, peer, stats))
         except KVTransferError as e:
             broken = isinstance(e, TransferTimeout | TransferChannelError)
-            log.warning("KV %s of request %d with rank %d failed: %s", role, rid, peer, e)
-            self._done.put(TransferDone(rid, role, peer, None, str(e), broken))
+            log.warning("KV %s of requests %s with rank %d failed: %s", role, rids, peer, e)
+            self._done.put(TransferDone(rids, role, peer, None, str(e), broken))
         except Exception as e:
-            log.warning("KV %s of request %d with rank %d failed: %r", role, rid, peer, e)
-            self._done.put(TransferDone(rid, role, peer, None, repr(e), True))
+            log.warning("KV %s of requests %s with rank %d failed: %r", role, rids, peer, e)
+            self._done.put(TransferDone(rids, role, peer, None, repr(e), True))
 
     def close(self) -> None:
         for pool in self._peers.values():

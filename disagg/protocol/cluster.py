@@ -13,9 +13,14 @@ The life of a request, as the messages tell it::
     coordinator -> prefill   PrefillTask      (credit allowing)
     prefill -> coordinator   Prefilled        (first token; KV now held)
     coordinator -> decode    DecodeTask       (source = the prefill node; credit allowing)
-    decode -> coordinator    PullRequest      (decode has blocks for it)
+    decode -> coordinator    PullRequest      (decode has blocks for them)
     coordinator -> prefill   Push             (send KV to that rank)
     coordinator -> decode    PullGo           (receive KV from that rank)
+
+Pulls are batched: one transfer carries every request a decode node admitted in one
+step from the same prefill node, their blocks back to back in the order of ``rids``
+(both sides build the same list, and the transfer header checks it), so a burst of
+short requests costs one handshake, not one each.
     prefill -> coordinator   Pushed           (blocks freed)
     decode -> coordinator    StepTokens       (every step: new tokens of every request)
 
@@ -95,27 +100,27 @@ class Prefilled(_NodeMessage):
 
 
 class PullRequest(_NodeMessage):
-    """The decode node has allocated blocks for ``rid`` and asks for its KV."""
+    """The decode node has allocated blocks for ``rids`` and asks for their KV."""
 
     type: Literal["pull_request"] = "pull_request"
-    rid: int
+    rids: list[int]
 
 
 class Pushed(_NodeMessage):
-    """The prefill node sent ``rid``'s KV (or failed to: ``error``) and freed its blocks."""
+    """The prefill node sent the KV of ``rids`` (or failed to: ``error``) and freed it."""
 
     type: Literal["pushed"] = "pushed"
-    rid: int
+    rids: list[int]
     bytes: int = 0
     seconds: float = 0.0
     error: str | None = None
 
 
 class Pulled(_NodeMessage):
-    """The decode node has ``rid``'s KV (``error``: it did not, and resumes by recompute)."""
+    """The decode node has the KV of ``rids`` (``error``: it did not, and recomputes)."""
 
     type: Literal["pulled"] = "pulled"
-    rid: int
+    rids: list[int]
     bytes: int = 0
     seconds: float = 0.0
     error: str | None = None
@@ -136,6 +141,7 @@ class StepTokens(_NodeMessage):
     type: Literal["step_tokens"] = "step_tokens"
     items: list[TokenItem]
     preempted: list[int] = Field(default_factory=list)
+    step_s: float = 0.0  # model time of the step (forward + sampling)
 
 
 class TaskFailed(_NodeMessage):
@@ -194,14 +200,18 @@ class DecodeTask(_NodeMessage):
 
 
 class Push(_NodeMessage):
+    """Send the KV of ``rids`` (in this order, as one transfer) to ``dest_rank``."""
+
     type: Literal["push"] = "push"
-    rid: int
+    rids: list[int]
     dest_rank: int
 
 
 class PullGo(_NodeMessage):
+    """Receive the KV of ``rids`` (in this order, as one transfer) from ``source_rank``."""
+
     type: Literal["pull_go"] = "pull_go"
-    rid: int
+    rids: list[int]
     source_rank: int
 
 
