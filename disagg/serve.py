@@ -61,6 +61,8 @@ class ServeOptions:
     transfer_timeout: float = 30.0
     startup_timeout: float = 180.0
     log_dir: str | None = None  # node logs go here (default: this process's stderr)
+    node_devices: dict[str, list[int]] = field(default_factory=dict)  # node id -> GPUs
+    slo: tuple[float, float] | None = None  # (TTFT s, TPOT s): attainment is tracked live
 
     def __post_init__(self) -> None:
         if self.policy == "vtc":
@@ -104,6 +106,7 @@ class ServedCluster:
                 cluster_secret=o.cluster_secret,
                 dead_after_s=o.dead_after_s,
                 no_node_timeout_s=o.no_node_timeout_s,
+                slo=o.slo,
             ),
             access=self.access,
             metrics=self.metrics,
@@ -151,6 +154,10 @@ class ServedCluster:
             ]  # fmt: skip
             if o.num_blocks:
                 cmd += ["--num-blocks", str(o.num_blocks)]
+            node_env = env
+            if node_id in o.node_devices:  # the deployment's GPUs for this node
+                devices = ",".join(map(str, o.node_devices[node_id]))
+                node_env = {**env, "CUDA_VISIBLE_DEVICES": devices}
             out = None
             if o.log_dir:
                 Path(o.log_dir).mkdir(parents=True, exist_ok=True)
@@ -160,7 +167,7 @@ class ServedCluster:
             # tells the nodes to stop; a node left alone stops when the coordinator is silent.
             self.processes[node_id] = subprocess.Popen(
                 cmd,
-                env=env,
+                env=node_env,
                 stdout=out,
                 stderr=subprocess.STDOUT if out else None,
                 start_new_session=True,

@@ -55,6 +55,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
             prefill=dep.prefill.instances,
             decode=dep.decode.instances,
             cluster_secret=dep.cluster_secret,
+            node_devices={f"{n.role}-{n.index}": n.devices for n in dep.nodes if n.devices},
+            slo=(dep.slo.ttft_s, dep.slo.tpot_s) if dep.slo else None,
         )
         if dep.coordinator is not None:
             fields.update(

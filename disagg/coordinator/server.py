@@ -105,6 +105,7 @@ class CoordinatorSettings:
     max_attempts: int = 3  # runs a request may fail before it fails for the client
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_in_flight_per_client: int = 10_000
+    slo: tuple[float, float] | None = None  # (TTFT s, TPOT s) tracked per client, live
 
 
 class Coordinator:
@@ -131,6 +132,7 @@ class Coordinator:
         self.requests: dict[int, Tracked] = {}
         self.by_client_key: dict[tuple[bytes, str], Tracked] = {}
         self.in_flight_per_client: dict[str, int] = {}
+        self._recent: dict[str, deque[float]] = {}  # per-key rate limits: arrival times
         self._rids = itertools.count(1)
         self._published_versions: tuple[int, ...] = ()
         self._published_at = 0.0
@@ -387,6 +389,18 @@ class Coordinator:
                 "max_tokens_limit",
                 f"max_tokens {max_tokens} is over this client's limit of {limits.max_tokens}",
             )
+        rpm = limits.requests_per_minute
+        if rpm is not None:
+            now = time.monotonic()
+            window = self._recent.setdefault(client, deque())
+            while window and now - window[0] >= 60.0:
+                window.popleft()
+            if len(window) >= rpm:
+                raise RequestRejectedError(
+                    "rate_limit",
+                    f"client {client!r} sent {len(window)} requests in the last minute "
+                    f"(limit {rpm} per minute)",
+                )
         queued = self.in_flight_per_client.get(client, 0)
         cap = limits.max_queued_requests or self.settings.max_in_flight_per_client
         if queued >= cap:
@@ -394,6 +408,8 @@ class Coordinator:
                 "queue_full",
                 f"client {client!r} already has {queued} requests in flight (limit {cap})",
             )
+        if rpm is not None:
+            window.append(now)
 
     # -- nodes -----------------------------------------------------------------------
 

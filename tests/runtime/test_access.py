@@ -1,0 +1,72 @@
+"""Who may claim a client, limits, and the metrics endpoint, through a served system."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+from disagg.client import Client, RequestRejected
+from tests.runtime.conftest import start_cluster
+
+KEYS = """
+keys:
+  - key: sk-alice-0123456789abcdef
+    client_id: alice
+    weight: 2
+  - key: sk-limited-0123456789abcd
+    client_id: limited
+    limits:
+      requests_per_minute: 2
+      max_tokens: 8
+"""
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("keys")
+    (tmp / "keys.yaml").write_text(KEYS)
+    cluster = start_cluster(tmp, api_keys=str(tmp / "keys.yaml"), metrics_port=0)
+    yield cluster
+    cluster.stop(drain_timeout=5)
+
+
+def test_key_decides_the_client_whatever_is_claimed(keyed):
+    with Client(keyed.client_address, api_key="sk-alice-0123456789abcdef") as client:
+        client.generate("hi", client_id="mallory", max_tokens=2, temperature=0)
+    ledger = keyed.coordinator.pools.ledgers[0]
+    assert ledger.counter("alice") > 0
+    assert ledger.counter("mallory") == 0
+
+
+@pytest.mark.parametrize("key", [None, "sk-unknown-0123456789abcd"])
+def test_missing_or_unknown_key_is_rejected(keyed, key):
+    with Client(keyed.client_address, api_key=key) as client:
+        with pytest.raises(RequestRejected) as err:
+            client.generate("hi", client_id="alice", max_tokens=2)
+        assert err.value.reason == "unauthorized"
+
+
+def test_per_key_limits(keyed):
+    with Client(keyed.client_address, api_key="sk-limited-0123456789abcd") as client:
+        with pytest.raises(RequestRejected, match="max_tokens"):
+            client.generate("hi", client_id="limited", max_tokens=9)
+        client.generate("hi", client_id="limited", max_tokens=2, temperature=0)
+        client.generate("hi", client_id="limited", max_tokens=2, temperature=0)
+        with pytest.raises(RequestRejected) as err:
+            client.generate("hi", client_id="limited", max_tokens=2, temperature=0)
+        assert err.value.reason == "rate_limit"
+
+
+def test_metrics_endpoint_reports_requests(keyed):
+    with Client(keyed.client_address, api_key="sk-alice-0123456789abcdef") as client:
+        client.generate("hello", client_id="alice", max_tokens=3, temperature=0)
+    url = f"http://127.0.0.1:{keyed.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    count = [
+        line
+        for line in text.splitlines()
+        if line.startswith("disagg_ttft_seconds_count") and 'client_id="alice"' in line
+    ]
+    assert count and float(count[0].rsplit(" ", 1)[1]) >= 1, text[:2000]
+    assert 'disagg_node_up{node_id="decode-0",role="decode"} 1.0' in text
