@@ -63,6 +63,7 @@ class ServeOptions:
     log_dir: str | None = None  # node logs go here (default: this process's stderr)
     node_devices: dict[str, list[int]] = field(default_factory=dict)  # node id -> GPUs
     slo: tuple[float, float] | None = None  # (TTFT s, TPOT s): attainment is tracked live
+    reject_over_slo: float | None = None  # early rejection: predicted TTFT > factor x SLO
 
     def __post_init__(self) -> None:
         if self.policy == "vtc":
@@ -76,6 +77,10 @@ class ServeOptions:
                 raise ConfigError(name, f"needs at least one {name} node")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError("device", f"must be cpu or cuda, got {self.device!r}")
+        if self.reject_over_slo is not None and (self.slo is None or not self.reject_over_slo > 0):
+            raise ConfigError(
+                "reject_over_slo", "needs SLOs (a deployment with slo:) and a factor > 0"
+            )
         if not 0 <= self.port < 65535 - 2:
             raise ConfigError("port", f"must be in [0, 65532], got {self.port}")
 
@@ -107,6 +112,7 @@ class ServedCluster:
                 dead_after_s=o.dead_after_s,
                 no_node_timeout_s=o.no_node_timeout_s,
                 slo=o.slo,
+                reject_over_slo=o.reject_over_slo,
             ),
             access=self.access,
             metrics=self.metrics,

@@ -25,6 +25,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads-per-node", type=int, default=None)
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on shutdown")
     p.add_argument("--log-dir", default=None, help="write node logs here")
+    p.add_argument(
+        "--ttft-slo", type=float, default=None, help="seconds (overrides the deployment's)"
+    )
+    p.add_argument(
+        "--tpot-slo", type=float, default=None, help="seconds (overrides the deployment's)"
+    )
+    p.add_argument(
+        "--reject-over-slo",
+        type=float,
+        default=None,
+        metavar="FACTOR",
+        help="reject at once a request whose predicted TTFT exceeds FACTOR x the TTFT SLO",
+    )
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
@@ -64,6 +77,13 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
                 port=dep.coordinator.client_port,
                 node_port=dep.coordinator.node_port,
             )
+    if args.ttft_slo is not None or args.tpot_slo is not None:
+        base = fields.get("slo") or (float("inf"), float("inf"))
+        fields["slo"] = (
+            args.ttft_slo if args.ttft_slo is not None else base[0],
+            args.tpot_slo if args.tpot_slo is not None else base[1],
+        )
+    fields["reject_over_slo"] = args.reject_over_slo
     return ServeOptions(**fields)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from disagg.coordinator.admission import TTFTPredictor
 from disagg.coordinator.auth import ClientAccess, OpenAccess, check_cluster_secret
 from disagg.coordinator.detokenize import IncrementalText
 from disagg.coordinator.events import RequestEvents
@@ -106,6 +107,8 @@ class CoordinatorSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_in_flight_per_client: int = 10_000
     slo: tuple[float, float] | None = None  # (TTFT s, TPOT s) tracked per client, live
+    # With an SLO: refuse a request whose predicted TTFT is over this factor x the TTFT SLO.
+    reject_over_slo: float | None = None
 
 
 class Coordinator:
@@ -133,6 +136,7 @@ class Coordinator:
         self.by_client_key: dict[tuple[bytes, str], Tracked] = {}
         self.in_flight_per_client: dict[str, int] = {}
         self._recent: dict[str, deque[float]] = {}  # per-key rate limits: arrival times
+        self.ttft_predictor = TTFTPredictor()
         self._rids = itertools.count(1)
         self._published_versions: tuple[int, ...] = ()
         self._published_at = 0.0
@@ -331,6 +335,7 @@ class Coordinator:
             text=IncrementalText(self.tokenizer),
         )
         try:
+            self._check_predicted_ttft(t)
             self.pools.prefill.add(t)
         except RequestRejectedError as e:  # e.g. the RPM limit
             if self.metrics:
@@ -339,6 +344,8 @@ class Coordinator:
             return
         self.requests[t.rid] = t
         self.by_client_key[key] = t
+        self.ttft_predictor.add(t.num_prompt_tokens)
+        t.in_prefill_backlog = True
         self.in_flight_per_client[client] = self.in_flight_per_client.get(client, 0) + 1
         self.events.record(str(t.rid), "arrived", client_id=client, t=t.arrival_time)
         if self.metrics:
@@ -346,6 +353,26 @@ class Coordinator:
         self._reply(
             identity, Accepted(request_id=msg.request_id, prompt_token_ids=t.prompt_token_ids)
         )
+
+    def _check_predicted_ttft(self, t: Tracked) -> None:
+        s = self.settings
+        if s.slo is None or s.reject_over_slo is None:
+            return
+        predicted = self.ttft_predictor.predict(
+            t.num_prompt_tokens, len(self.live_nodes("prefill"))
+        )
+        limit = s.reject_over_slo * s.slo[0]
+        if predicted is not None and predicted > limit:
+            raise RequestRejectedError(
+                "slo",
+                f"predicted TTFT {predicted:.3f} s is over {s.reject_over_slo:g} x the TTFT SLO "
+                f"of {s.slo[0]:g} s ({self.ttft_predictor.backlog_tokens} prompt tokens ahead)",
+            )
+
+    def _leave_prefill_backlog(self, t: Tracked) -> None:
+        if t.in_prefill_backlog:
+            t.in_prefill_backlog = False
+            self.ttft_predictor.remove(t.num_prompt_tokens)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -465,6 +492,13 @@ class Coordinator:
         if isinstance(msg, Credit):
             node.update(msg)
         elif isinstance(msg, Prefilled):
+            if msg.results:
+                tokens = sum(
+                    self.requests[r.rid].num_prompt_tokens
+                    for r in msg.results
+                    if r.rid in self.requests
+                )
+                self.ttft_predictor.observe_batch(tokens, msg.results[0].prefill_s)
             for result in msg.results:
                 self._on_prefilled(node, result)
         elif isinstance(msg, StepTokens):
@@ -498,6 +532,7 @@ class Coordinator:
             str(t.rid), "prefill_end", node_id=node.node_id, t=r.prefill_start + r.prefill_s
         )
         t.model_s += r.prefill_s
+        self._leave_prefill_backlog(t)
         if r.finish_reason is not None:
             node.requests.discard(t.rid)
         else:
@@ -784,6 +819,7 @@ class Coordinator:
         """Forgets ``t`` and frees whatever any node holds of it."""
         if t.phase is Phase.DONE:
             return
+        self._leave_prefill_backlog(t)
         if t.phase is Phase.QUEUED:
             self.pools.prefill.remove(t)
         elif t.phase is Phase.WAITING_DECODE:

@@ -46,6 +46,7 @@ class Tracked:
     first_token_at: float | None = None
     transfer_s: float | None = None
     finished_at: float | None = None
+    in_prefill_backlog: bool = False  # counted by the TTFT predictor
     model_s: float = 0.0  # time in model steps that served it (prefill + decode steps)
 
     # -- what the scheduling policies read -----------------------------------------
