@@ -58,6 +58,12 @@ def _plan(args: argparse.Namespace) -> int:
     return run_plan(args)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from disagg.status import run_status
+
+    return run_status(args.metrics)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="disagg", description="Prefill/decode-disaggregated LLM serving, fair between clients."
@@ -102,6 +108,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="send one prompt to a served system and stream the output")
     add_generate_arguments(p)
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("status", help="nodes, queues and per-client service and SLO attainment")
+    p.add_argument(
+        "--metrics",
+        default="http://127.0.0.1:9400/metrics",
+        help="the server's metrics endpoint (disagg serve --metrics-port)",
+    )
+    p.set_defaults(func=_status)
 
     from disagg.planner.cli import add_arguments as add_plan_arguments
 

@@ -70,3 +70,22 @@ def test_metrics_endpoint_reports_requests(keyed):
     ]
     assert count and float(count[0].rsplit(" ", 1)[1]) >= 1, text[:2000]
     assert 'disagg_node_up{node_id="decode-0",role="decode"} 1.0' in text
+
+
+def test_status_prints_nodes_and_clients(keyed, capsys):
+    from disagg.cli import main
+
+    with Client(keyed.client_address, api_key="sk-alice-0123456789abcdef") as client:
+        client.generate("hello", client_id="alice", max_tokens=3, temperature=0)
+    assert main(["status", "--metrics", f"http://127.0.0.1:{keyed.metrics_port}/metrics"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill-0" in out and "decode-0" in out and " up" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("alice"))
+    assert int(row.split()[1]) >= 1  # finished requests
+
+
+def test_status_without_a_server_says_so(capsys):
+    from disagg.cli import main
+
+    assert main(["status", "--metrics", "http://127.0.0.1:9/metrics"]) == 2
+    assert "--metrics-port" in capsys.readouterr().err
