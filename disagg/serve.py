@@ -64,6 +64,7 @@ class ServeOptions:
     node_devices: dict[str, list[int]] = field(default_factory=dict)  # node id -> GPUs
     slo: tuple[float, float] | None = None  # (TTFT s, TPOT s): attainment is tracked live
     reject_over_slo: float | None = None  # early rejection: predicted TTFT > factor x SLO
+    curve_secret_key: str | None = None  # CurveZMQ keypair file: both endpoints encrypted
 
     def __post_init__(self) -> None:
         if self.policy == "vtc":
@@ -113,6 +114,7 @@ class ServedCluster:
                 no_node_timeout_s=o.no_node_timeout_s,
                 slo=o.slo,
                 reject_over_slo=o.reject_over_slo,
+                curve_secret_key=o.curve_secret_key,
             ),
             access=self.access,
             metrics=self.metrics,
@@ -160,6 +162,8 @@ class ServedCluster:
             ]  # fmt: skip
             if o.num_blocks:
                 cmd += ["--num-blocks", str(o.num_blocks)]
+            if o.curve_secret_key:  # the keypair file also holds the public key nodes need
+                cmd += ["--curve-server-key", o.curve_secret_key]
             node_env = env
             if node_id in o.node_devices:  # the deployment's GPUs for this node
                 devices = ",".join(map(str, o.node_devices[node_id]))

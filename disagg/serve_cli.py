@@ -32,6 +32,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--tpot-slo", type=float, default=None, help="seconds (overrides the deployment's)"
     )
     p.add_argument(
+        "--curve-secret-key",
+        default=None,
+        metavar="FILE",
+        help="CurveZMQ keypair (NAME.key_secret): encrypt both endpoints; clients need NAME.key",
+    )
+    p.add_argument(
         "--reject-over-slo",
         type=float,
         default=None,
@@ -84,6 +90,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
             args.tpot_slo if args.tpot_slo is not None else base[1],
         )
     fields["reject_over_slo"] = args.reject_over_slo
+    fields["curve_secret_key"] = args.curve_secret_key
     return ServeOptions(**fields)
 
 
@@ -96,6 +103,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-id", default="default")
     p.add_argument("--address", default="tcp://127.0.0.1:5555")
     p.add_argument("--api-key", default=None)
+    p.add_argument("--server-key", default=None, help="the server's CurveZMQ public key file")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -119,7 +127,9 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     if args.stop:
         sampling["stop"] = args.stop
-    with Client(args.address, timeout=args.timeout, api_key=args.api_key) as client:
+    with Client(
+        args.address, timeout=args.timeout, api_key=args.api_key, server_key=args.server_key
+    ) as client:
         stream = client.stream(args.prompt, client_id=args.client_id, **sampling)
         try:
             for chunk in stream:

@@ -71,6 +71,7 @@ class AsyncClient:
         api_key: str | None = None,
         max_message_bytes: int = DEFAULT_CLIENT_MAX_MESSAGE_BYTES,
         context: zmq.asyncio.Context | None = None,
+        server_key: str | None = None,
     ) -> None:
         if (
             isinstance(max_message_bytes, bool)
@@ -98,6 +99,14 @@ class AsyncClient:
         # ROUTER_HANDOVER). A leading zero byte is reserved by ZeroMQ, hence the prefix.
         self.routing_id = b"c" + uuid.uuid4().bytes
         sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
+        if server_key is not None:  # CurveZMQ: encrypt, and talk only to that server
+            from disagg.coordinator.auth import configure_curve_client
+
+            try:
+                configure_curve_client(sock, server_key)
+            except BaseException:
+                sock.close()
+                raise
         try:
             sock.connect(address)
         except zmq.ZMQError as e:

@@ -37,6 +37,7 @@ class Client:
         timeout: float = 60.0,
         api_key: str | None = None,
         max_message_bytes: int = DEFAULT_CLIENT_MAX_MESSAGE_BYTES,
+        server_key: str | None = None,
     ) -> None:
         self.address = address
         self._lock = threading.Lock()
@@ -49,7 +50,7 @@ class Client:
         try:
             # Made on the loop's thread, so the socket is created where it is used.
             self._async: AsyncClient = self._run(
-                _make_client(address, timeout, api_key, max_message_bytes)
+                _make_client(address, timeout, api_key, max_message_bytes, server_key)
             )
         except BaseException:
             self._stop_loop()
@@ -143,10 +144,18 @@ class Client:
 
 
 async def _make_client(
-    address: str, timeout: float, api_key: str | None, max_message_bytes: int
+    address: str,
+    timeout: float,
+    api_key: str | None,
+    max_message_bytes: int,
+    server_key: str | None,
 ) -> AsyncClient:
     client = AsyncClient(
-        address, timeout=timeout, api_key=api_key, max_message_bytes=max_message_bytes
+        address,
+        timeout=timeout,
+        api_key=api_key,
+        max_message_bytes=max_message_bytes,
+        server_key=server_key,
     )
     client._ensure_started()
     return client

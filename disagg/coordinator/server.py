@@ -29,7 +29,12 @@ import zmq
 import zmq.asyncio
 
 from disagg.coordinator.admission import TTFTPredictor
-from disagg.coordinator.auth import ClientAccess, OpenAccess, check_cluster_secret
+from disagg.coordinator.auth import (
+    ClientAccess,
+    OpenAccess,
+    check_cluster_secret,
+    configure_curve_server,
+)
 from disagg.coordinator.detokenize import IncrementalText
 from disagg.coordinator.events import RequestEvents
 from disagg.coordinator.metrics import CoordinatorMetrics
@@ -109,6 +114,7 @@ class CoordinatorSettings:
     slo: tuple[float, float] | None = None  # (TTFT s, TPOT s) tracked per client, live
     # With an SLO: refuse a request whose predicted TTFT is over this factor x the TTFT SLO.
     reject_over_slo: float | None = None
+    curve_secret_key: str | None = None  # CurveZMQ keypair file: both endpoints encrypted
 
 
 class Coordinator:
@@ -148,6 +154,9 @@ class Coordinator:
         self.node_socket = self.ctx.socket(zmq.ROUTER)
         self.node_socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.node_socket.setsockopt(zmq.LINGER, 0)
+        if s.curve_secret_key is not None:
+            configure_curve_server(self.clients, s.curve_secret_key)
+            configure_curve_server(self.node_socket, s.curve_secret_key)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
 

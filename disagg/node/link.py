@@ -28,13 +28,17 @@ class RegistrationError(DisaggError):
 
 
 class CoordinatorLink:
-    def __init__(self, address: str, node_id: str):
+    def __init__(self, address: str, node_id: str, server_key: str | None = None):
         self.address = address
         self.node_id = node_id
         self._ctx = zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, node_id.encode())
         self.socket.setsockopt(zmq.LINGER, 1000)
+        if server_key is not None:
+            from disagg.coordinator.auth import configure_curve_client
+
+            configure_curve_client(self.socket, server_key)
         self.socket.connect(address)
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)

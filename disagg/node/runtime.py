@@ -124,7 +124,7 @@ def start_node(settings: NodeSettings, node_class: type[NodeRuntime]) -> None:
     transfers = TransferThreads(
         backend, worker.kv_cache.layers, worker.block_size, settings.transfer_timeout
     )
-    link = CoordinatorLink(settings.coordinator, settings.node_id)
+    link = CoordinatorLink(settings.coordinator, settings.node_id, settings.curve_server_key)
     link.register(registration(settings, worker))
     log.info("%s registered (rank %d)", settings.node_id, settings.rank)
     node = node_class(settings, worker, link, transfers)

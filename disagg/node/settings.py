@@ -41,6 +41,7 @@ class NodeSettings:
     coordinator_timeout: float = 15.0  # no message from the coordinator this long: exit
     checksums: bool = False
     seed: int = 0
+    curve_server_key: str | None = None  # the coordinator's CurveZMQ public key file
 
     @classmethod
     def add_arguments(cls, p: argparse.ArgumentParser) -> None:
@@ -63,6 +64,7 @@ class NodeSettings:
         p.add_argument("--coordinator-timeout", type=float, default=15.0)
         p.add_argument("--checksums", action="store_true", help="debug: KV checksums")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--curve-server-key", default=None, help="coordinator's CurveZMQ key")
 
     @classmethod
     def from_args(cls, role: Role, args: argparse.Namespace) -> NodeSettings:

@@ -6,6 +6,7 @@ import urllib.request
 
 import pytest
 
+from disagg import SamplingParams
 from disagg.client import Client, RequestRejected
 from tests.runtime.conftest import start_cluster
 
@@ -89,3 +90,23 @@ def test_status_without_a_server_says_so(capsys):
 
     assert main(["status", "--metrics", "http://127.0.0.1:9/metrics"]) == 2
     assert "--metrics-port" in capsys.readouterr().err
+
+
+def test_curve_encrypted_endpoints(tmp_path, offline):
+    from disagg.client import ServerUnavailable
+    from disagg.coordinator.auth import generate_curve_keypair
+
+    keys = generate_curve_keypair(tmp_path / "curve")
+    cluster = start_cluster(tmp_path, curve_secret_key=str(keys.secret_key_file))
+    try:
+        with Client(cluster.client_address, server_key=str(keys.public_key_file)) as client:
+            done = client.generate("hi", client_id="a", max_tokens=4, temperature=0)
+        assert (
+            done.token_ids
+            == offline.generate(["hi"], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+        )
+        # no key: the handshake never completes, so nothing is heard
+        with Client(cluster.client_address, timeout=2) as plain, pytest.raises(ServerUnavailable):
+            plain.generate("hi", client_id="a", max_tokens=2)
+    finally:
+        cluster.stop(drain_timeout=5)
