@@ -159,3 +159,23 @@ def wait_until(cond, what: str, timeout: float = 15.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting until {what}")
+
+
+def test_small_pools_preempt_and_back_pressure_without_changing_outputs(tmp_path, offline):
+    """12 blocks (192 tokens) per node for 8 requests of ~90 tokens: the decode node must
+    preempt (recompute) and the prefill node fills with unpulled KV; outputs still equal
+    the offline engine's."""
+    jobs = [(PROMPTS[i % 3], f"c{i % 2}", 70) for i in range(8)]
+    cluster = start_cluster(tmp_path, num_blocks=12)
+    try:
+        done = asyncio.run(serve_all(cluster.client_address, jobs))
+        preemptions = cluster.metrics.render().decode()
+    finally:
+        cluster.stop(drain_timeout=5)
+    assert [c.token_ids for c in done] == expected(offline, jobs)
+    count = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in preemptions.splitlines()
+        if line.startswith("disagg_preemptions_total")
+    )
+    assert count >= 1, "the decode pool was large enough: nothing was preempted"
