@@ -120,6 +120,7 @@ class ServedCluster:
             metrics=self.metrics,
         )
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._gpus: dict[str, list[int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._store = None
@@ -133,9 +134,31 @@ class ServedCluster:
         roles += [("decode", f"decode-{i}") for i in range(o.decode)]
         return [(role, node_id, rank) for rank, (role, node_id) in enumerate(roles)]
 
+    def _gpu_assignment(self) -> dict[str, list[int]]:
+        """On CUDA each node gets its own GPU (NCCL cannot put two ranks on one device,
+        and CUDA IPC between nodes sharing a GPU is not wired into the nodes yet): the
+        deployment's device lists, else GPU i for the i-th node."""
+        o = self.options
+        if o.device != "cuda":
+            return {}
+        if o.node_devices:
+            return dict(o.node_devices)
+        import torch
+
+        count = torch.cuda.device_count()
+        nodes = self.node_ids()
+        if len(nodes) > count:
+            raise ConfigError(
+                "device",
+                f"{len(nodes)} nodes on CUDA need {len(nodes)} GPUs (one each), this machine "
+                f"has {count}",
+            )
+        return {node_id: [rank] for _, node_id, rank in nodes}
+
     def _spawn_nodes(self) -> None:
         o = self.options
         world = o.prefill + o.decode
+        gpus = self._gpus
         threads = o.threads_per_node or max(1, (os.cpu_count() or 1) // world)
         env = dict(os.environ)
         env["OMP_NUM_THREADS"] = str(threads)
@@ -165,9 +188,8 @@ class ServedCluster:
             if o.curve_secret_key:  # the keypair file also holds the public key nodes need
                 cmd += ["--curve-server-key", o.curve_secret_key]
             node_env = env
-            if node_id in o.node_devices:  # the deployment's GPUs for this node
-                devices = ",".join(map(str, o.node_devices[node_id]))
-                node_env = {**env, "CUDA_VISIBLE_DEVICES": devices}
+            if node_id in gpus:  # this node's GPUs
+                node_env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus[node_id]))}
             out = None
             if o.log_dir:
                 Path(o.log_dir).mkdir(parents=True, exist_ok=True)
@@ -192,6 +214,7 @@ class ServedCluster:
     def start(self) -> ServedCluster:
         import torch.distributed as dist
 
+        self._gpus = self._gpu_assignment()  # checked before anything starts
         host, port = self.store_address.rsplit(":", 1)
         for attempt in range(5):  # port 0: a free port, tried again should it be taken
             try:
