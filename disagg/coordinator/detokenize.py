@@ -14,6 +14,7 @@ class IncrementalText:
         self.tokenizer = tokenizer
         self._sent_upto = 0  # tokens whose text has been sent
         self._prefix = 0  # where the decoding window starts
+        self.sent_chars = 0  # characters sent so far
 
     def delta(self, token_ids: list[int]) -> str:
         """The text added by ``token_ids[self._sent_upto:]`` (may be empty: held back)."""
@@ -25,4 +26,13 @@ class IncrementalText:
             return ""
         self._sent_upto = len(token_ids)
         self._prefix = max(0, self._sent_upto - _CONTEXT)
-        return after[len(before) :]
+        delta = after[len(before) :]
+        self.sent_chars += len(delta)
+        return delta
+
+    def rest(self, full_text: str) -> str:
+        """At the end: what of ``full_text`` (the whole output decoded) was held back
+        (bytes that never completed a character decode to U+FFFD and are sent now)."""
+        rest = full_text[self.sent_chars :]
+        self.sent_chars = len(full_text)
+        return rest

@@ -796,6 +796,18 @@ class Coordinator:
         text = self.tokenizer.decode(t.output_token_ids) if self.tokenizer else ""
         if text_end is not None:
             text = text[:text_end]
+        elif t.stream and (held_back := t.text.rest(text)):
+            # The streamed texts add up to the final text (a stop string aside: then
+            # Finished.text, cut before it, is authoritative).
+            self._reply(
+                t.identity,
+                Tokens(
+                    request_id=t.request_id,
+                    index=t.num_output_tokens,
+                    token_ids=[],
+                    text=held_back,
+                ),
+            )
         timings = self._timings(t)
         self.finished_log.append((t.client_id, timings.total_s or 0.0, t.model_s))
         self._reply(

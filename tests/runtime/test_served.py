@@ -74,7 +74,8 @@ def test_stream_has_no_gap_or_repeat_and_matches_completion(cluster, offline):
         stream = client.stream("Hello there", client_id="dave", max_tokens=17, temperature=0)
         chunks = list(stream)
         done = stream.completion
-    assert [c.index for c in chunks] == list(range(len(done.token_ids)))
+    assert [c.index for c in chunks if c.token_ids] == list(range(len(done.token_ids)))
+    assert all(c.index == len(done.token_ids) for c in chunks if not c.token_ids)
     assert [t for c in chunks for t in c.token_ids] == done.token_ids
     assert (
         done.token_ids
@@ -193,3 +194,24 @@ def test_cuda_without_enough_gpus_is_refused_before_anything_starts():
     with pytest.raises(ConfigError, match="need 2 GPUs"):
         cluster.start()
     assert not cluster.processes
+
+
+def test_streamed_text_adds_up_and_stop_strings_cut_like_offline(cluster, offline):
+    ref = offline.generate(["Once upon a time"], SamplingParams(max_tokens=40, temperature=0))[0]
+    stop = ref.text[len(ref.text) // 2 :][:3]  # a string the output is known to contain
+    with Client(cluster.client_address, timeout=60) as client:
+        stream = client.stream("Once upon a time", client_id="g", max_tokens=40, temperature=0)
+        chunks = list(stream)
+        assert "".join(c.text for c in chunks) == stream.completion.text == ref.text
+        cut = client.generate(
+            "Once upon a time", client_id="g", max_tokens=40, temperature=0, stop=[stop]
+        )
+    want = offline.generate(
+        ["Once upon a time"], SamplingParams(max_tokens=40, temperature=0, stop=[stop])
+    )[0]
+    assert (cut.text, cut.token_ids, cut.finish_reason) == (
+        want.text,
+        want.token_ids,
+        want.finish_reason,
+    )
+    assert cut.finish_reason == "stop" and stop not in cut.text
