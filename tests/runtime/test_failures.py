@@ -12,6 +12,7 @@ from disagg import SamplingParams
 from disagg.client import AsyncClient, ServerUnavailable
 from disagg.coordinator.tracked import Phase
 from tests.runtime.conftest import start_cluster
+from tests.runtime.test_served import wait_until
 
 PROMPTS = ["Once upon a time", "The capital of France is", "a b c d e f g", "Hello there"]
 
@@ -71,14 +72,22 @@ def test_decode_node_killed_mid_stream_requests_resume_elsewhere(tmp_path, offli
     cluster = start_cluster(tmp_path, prefill=1, decode=2)
     try:
         jobs = [(PROMPTS[i % 4], 80) for i in range(8)]
-        results = asyncio.run(
-            stream_all(
-                cluster, jobs, lambda: cluster.kill_node("decode-0"), decoding_on("decode-0", 2)
+        moved: set[str] = set()
+
+        def kill() -> None:  # note who was mid-stream on decode-0, then kill it
+            moved.update(
+                t.request_id
+                for t in cluster.coordinator.requests.values()
+                if t.decode_node == "decode-0"
             )
-        )
+            cluster.kill_node("decode-0")
+
+        results = asyncio.run(stream_all(cluster, jobs, kill, decoding_on("decode-0", 2)))
         assert all(not isinstance(r, BaseException) for r in results), results
         check_streams(results, jobs, offline)
-        assert {done.nodes.decode for _, done in results} == {"decode-1"}  # all moved over
+        assert len(moved) >= 2
+        finished_on = {done.request_id: done.nodes.decode for _, done in results}
+        assert all(finished_on[rid] == "decode-1" for rid in moved)  # resumed elsewhere
         assert not cluster.coordinator.nodes["decode-0"].alive
     finally:
         cluster.stop(drain_timeout=5)
@@ -100,7 +109,7 @@ def test_prefill_node_killed_requests_are_prefilled_again(tmp_path, offline):
         )
         assert all(not isinstance(r, BaseException) for r in results), results
         check_streams(results, jobs, offline)
-        assert not cluster.coordinator.nodes["prefill-1"].alive
+        wait_until(lambda: not cluster.coordinator.nodes["prefill-1"].alive, "prefill-1 is dead")
     finally:
         cluster.stop(drain_timeout=5)
 
