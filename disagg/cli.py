@@ -64,6 +64,12 @@ def _status(args: argparse.Namespace) -> int:
     return run_status(args.metrics)
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from disagg.planner.profile import run_profile
+
+    return run_profile(args)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="disagg", description="Prefill/decode-disaggregated LLM serving, fair between clients."
@@ -124,6 +130,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     add_plan_arguments(p)
     p.set_defaults(func=_plan)
+
+    from disagg.planner.profile import add_arguments as add_profile_arguments
+
+    p = sub.add_parser(
+        "profile", help="time the engine over a batch grid and fit the latency profile"
+    )
+    add_profile_arguments(p)
+    p.set_defaults(func=_profile)
     return parser
 
 

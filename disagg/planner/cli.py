@@ -9,7 +9,8 @@ from disagg.deployment import POLICIES, save_deployment
 from disagg.planner.goodput import SLOTarget
 from disagg.planner.plan import PlanRequest, check_request, plan
 from disagg.planner.presets import (
-    GPUS,
+    CPU_NODE,
+    HARDWARE,
     MODELS,
     WORKLOADS,
     load_plan_workload,
@@ -27,7 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", required=True, help=f"preset ({', '.join(MODELS)}) or a config.json / model dir"
     )
-    p.add_argument("--gpu", required=True, help=f"GPU preset: {', '.join(GPUS)}")
+    p.add_argument(
+        "--gpu",
+        required=True,
+        help=f"GPU preset: {', '.join(HARDWARE)} (cpu: one CPU node process per 'GPU'; "
+        "needs --latency-profile from `disagg profile --device cpu`)",
+    )
     p.add_argument("--nodes", type=int, required=True, help="nodes in the cluster")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs in each node")
     p.add_argument("--ttft-slo", type=float, required=True, help="seconds")
@@ -76,7 +82,8 @@ def run_plan(args: argparse.Namespace) -> int:
     check_request(req)
     result = plan(req)
     if args.output:
-        deployment = to_deployment(result, args.serve_model or args.model)
+        device = "cpu" if req.gpu is CPU_NODE else "cuda"
+        deployment = to_deployment(result, args.serve_model or args.model, device)
         save_deployment(deployment, args.output)
     if args.json:
         print(json.dumps(to_json(result), indent=2))

@@ -272,5 +272,11 @@ def check_request(req: PlanRequest) -> None:
         raise ConfigError("attainment", f"must be in (0, 1], got {req.slo.attainment}")
     if req.rate is not None and not req.rate > 0:
         raise ConfigError("rate", f"must be > 0 req/s, got {req.rate}")
+    if req.gpu.name == "cpu" and req.profile is None:
+        raise ConfigError(
+            "latency_profile",
+            "planning CPU nodes needs a fitted profile: run `disagg profile --device cpu "
+            "-o profile.json` and pass --latency-profile profile.json (there is no CPU roofline)",
+        )
     if req.affinity not in ("high", "low", "auto"):
         raise ConfigError("affinity", f"must be high, low or auto, got {req.affinity!r}")

@@ -230,9 +230,14 @@ def load_plan_workload(name_or_path: str, num_requests: int, seed: int = 0) -> P
 
 
 def resolve_model(name_or_config: str) -> ModelShape:
-    """A preset name, a ``config.json`` or a model directory."""
+    """A preset name, ``tiny`` (the embedded model), a ``config.json`` or a model
+    directory."""
     if name_or_config in MODELS:
         return model_shape(name_or_config)
+    if name_or_config == "tiny":
+        from disagg.engine.worker import resolve_model_dir
+
+        return _from_config(resolve_model_dir("tiny"), name="tiny")
     path = Path(name_or_config)
     if name_or_config.endswith(".json") or path.is_dir():
         return _from_config(path, name=path.parent.name if path.is_file() else path.name)
@@ -243,12 +248,39 @@ def resolve_model(name_or_config: str) -> ModelShape:
     )
 
 
+# A CPU node as the planner sees it: one node process with one torch thread, on one core
+# of this kind of machine. Its batch times and KV capacity must come from a profile
+# (`disagg profile --device cpu`; check_request insists), so only the links matter:
+# KV moves between node processes over gloo on loopback. The compute and memory
+# figures are rough single-core measurements kept for completeness; no roofline is
+# built from them.
+CPU_NODE = GpuSpec(
+    name="cpu",
+    peak_flops=86e9,  # fp32 1024x1024 matmul, one torch thread, one AMD EPYC core
+    hbm_bandwidth=15e9,  # one-thread tensor copy, 30 GB/s read + write
+    memory_bytes=1 << 30,  # the engine's default CPU KV pool (DEFAULT_CPU_KV_MEMORY)
+    # docs/kv-transfer.md: paged gloo transfers of the tiny model's 512-token KV over
+    # loopback, median 0.66 GB/s; the same figure between "nodes", which share a host.
+    intra_node_bandwidth=0.66e9,
+    intra_node_latency=0.5e-3,  # the transfer header's ~0.5 ms round trip, same source
+    inter_node_bandwidth=0.66e9,
+)
+HARDWARE = (*GPUS, CPU_NODE.name)
+
+
 def resolve_gpu(name: str) -> GpuSpec:
-    return gpu(name)  # ConfigError lists GPUS
+    """A GPU preset, or ``cpu``: one CPU node process (needs a fitted profile)."""
+    if name == CPU_NODE.name:
+        return CPU_NODE
+    if name not in GPUS:
+        raise ConfigError("gpu", f"unknown GPU {name!r}; known: {', '.join(HARDWARE)}")
+    return gpu(name)
 
 
 __all__ = [
+    "CPU_NODE",
     "GPUS",
+    "HARDWARE",
     "MODELS",
     "WORKLOADS",
     "PlanWorkload",
