@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,6 +51,13 @@ class Decoding:
     released: bool = False  # released while receiving: free when the receive ends
 
 
+@dataclass(slots=True)
+class DecodeBatch:
+    items: list[Decoding]
+    prefill: bool  # recompute (prefill over all tokens) or one decode step
+    preempted: list[int] = field(default_factory=list)
+
+
 class DecodeNode(NodeRuntime):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -60,6 +67,7 @@ class DecodeNode(NodeRuntime):
         self.running: dict[int, Decoding] = {}
         self.broken_peers: set[int] = set()
         self.watermark = watermark(self.worker.kv_cache.num_blocks)
+        self.stepping: dict[int, Decoding] = {}  # the batch on the model thread
 
     # -- messages --------------------------------------------------------------------
 
@@ -127,6 +135,11 @@ class DecodeNode(NodeRuntime):
     def _release(self, rid: int) -> None:
         if self.waiting.remove(rid) is not None:
             return
+        stepping = self.stepping.get(rid)
+        if stepping is not None:  # its blocks are in use by the step: free them after
+            stepping.released = True
+            self.running.pop(rid, None)
+            return
         d = self.pulling.get(rid)
         if d is not None and d.receiving:
             d.released = True
@@ -168,7 +181,10 @@ class DecodeNode(NodeRuntime):
     # -- admission and steps ---------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self.running or self.recompute or self._admissible())
+        return bool(self.running or self.recompute)
+
+    def between_steps(self) -> None:
+        self._admit()  # pulls start while a step runs
 
     def room(self) -> dict[str, int]:
         queued = sum(blocks_for_tokens(d.seq.num_tokens, self.block_size) for d in self.waiting)
@@ -182,15 +198,6 @@ class DecodeNode(NodeRuntime):
 
     def _in_flight(self) -> int:
         return len(self.running) + len(self.recompute) + len(self.pulling)
-
-    def _admissible(self) -> bool:
-        for d in self.waiting.ordered():
-            need = blocks_for_tokens(d.seq.num_tokens, self.block_size)
-            return (
-                self._in_flight() < self.settings.max_num_seqs
-                and self.worker.allocator.num_free - need >= self.watermark
-            )
-        return False
 
     def _admit(self) -> None:
         allocator = self.worker.allocator
@@ -214,36 +221,73 @@ class DecodeNode(NodeRuntime):
         if pulls:  # one message; the coordinator batches them per prefill node
             self.link.send(PullRequest(rids=pulls))
 
-    def step(self) -> bool:
-        self._admit()
-        if self.recompute:
-            return self._recompute_step()
-        if self.running:
-            return self._decode_step()
-        return False
-
-    def _recompute_step(self) -> bool:
-        budget = self.settings.max_batch_tokens
-        batch: list[Decoding] = []
-        tokens = 0
-        for d in list(self.recompute.values()):
-            n = d.seq.num_tokens
-            if batch and tokens + n > budget:
-                break
-            batch.append(d)
-            tokens += n
-        for d in batch:
-            del self.recompute[d.rid]
-        return self._run(batch, prefill=True)
-
-    def _decode_step(self) -> bool:
-        preempted = self._make_room()
-        batch = list(self.running.values())
-        if not batch:
-            if preempted:
+    def prepare_step(self) -> DecodeBatch | None:
+        if self.recompute:  # resumed, preempted or failed pulls: prefill their KV here
+            budget = self.settings.max_batch_tokens
+            batch: list[Decoding] = []
+            tokens = 0
+            for d in list(self.recompute.values()):
+                n = d.seq.num_tokens
+                if batch and tokens + n > budget:
+                    break
+                batch.append(d)
+                tokens += n
+            for d in batch:
+                del self.recompute[d.rid]
+            step = DecodeBatch(batch, prefill=True)
+        elif self.running:
+            preempted = self._make_room()
+            step = DecodeBatch(list(self.running.values()), prefill=False, preempted=preempted)
+            if not step.items:
                 self.link.send(StepTokens(items=[], preempted=preempted))
-            return bool(preempted)
-        return self._run(batch, prefill=False, preempted=preempted)
+                return None
+        else:
+            return None
+        self.stepping = {d.rid: d for d in step.items}
+        return step
+
+    def execute(self, step: DecodeBatch) -> tuple[list[int], float]:
+        seqs = [d.seq for d in step.items]
+        start = time.perf_counter()
+        runner = self.worker.runner
+        logits = runner.prefill(seqs) if step.prefill else runner.decode(seqs)
+        tokens = sample(logits, seqs, self.generator)
+        return tokens, time.perf_counter() - start
+
+    def finish_step(self, step: DecodeBatch, result) -> None:
+        self.stepping = {}
+        allocator = self.worker.allocator
+        if isinstance(result, Exception):
+            for d in step.items:
+                self.running.pop(d.rid, None)
+                allocator.free(d.seq.block_table)
+                if not d.released:
+                    self.link.send(TaskFailed(rid=d.rid, message=f"decode failed: {result!r}"))
+            return
+        tokens, step_s = result
+        items = []
+        for d, token in zip(step.items, tokens, strict=True):
+            seq = d.seq
+            if d.released:  # released during the step: its blocks are free to go now
+                allocator.free(seq.block_table)
+                continue
+            seq.output_token_ids.append(token)
+            reason = self.worker.finish_reason(seq, token)
+            items.append(
+                TokenItem(
+                    rid=d.rid,
+                    index=seq.num_output_tokens - 1,
+                    token_ids=[token],
+                    finish_reason=reason,
+                    text_end=seq.text_end if reason else None,
+                )
+            )
+            if reason is None:
+                self.running[d.rid] = d
+            else:
+                self.running.pop(d.rid, None)
+                allocator.free(seq.block_table)
+        self.link.send(StepTokens(items=items, preempted=step.preempted, step_s=step_s))
 
     def _make_room(self) -> list[int]:
         """Gives every running sequence the block its next token needs, preempting the
@@ -272,40 +316,3 @@ class DecodeNode(NodeRuntime):
             if d.rid in self.running and need > 0:
                 d.seq.block_table += allocator.allocate(need)
         return preempted
-
-    def _run(self, batch: list[Decoding], *, prefill: bool, preempted: list[int] = ()) -> bool:
-        seqs = [d.seq for d in batch]
-        start = time.perf_counter()
-        try:
-            runner = self.worker.runner
-            logits = runner.prefill(seqs) if prefill else runner.decode(seqs)
-            tokens = sample(logits, seqs, self.generator)
-        except Exception as e:
-            log.exception("decode batch of %d failed", len(batch))
-            for d in batch:
-                self.running.pop(d.rid, None)
-                self.worker.allocator.free(d.seq.block_table)
-                self.link.send(TaskFailed(rid=d.rid, message=f"decode failed: {e!r}"))
-            return True
-        step_s = time.perf_counter() - start
-        items = []
-        for d, token in zip(batch, tokens, strict=True):
-            seq = d.seq
-            seq.output_token_ids.append(token)
-            reason = self.worker.finish_reason(seq, token)
-            items.append(
-                TokenItem(
-                    rid=d.rid,
-                    index=seq.num_output_tokens - 1,
-                    token_ids=[token],
-                    finish_reason=reason,
-                    text_end=seq.text_end if reason else None,
-                )
-            )
-            if reason is None:
-                self.running[d.rid] = d
-            else:
-                self.running.pop(d.rid, None)
-                self.worker.allocator.free(seq.block_table)
-        self.link.send(StepTokens(items=items, preempted=list(preempted), step_s=step_s))
-        return True

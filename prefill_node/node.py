@@ -150,10 +150,10 @@ class PrefillNode(NodeRuntime):
             free -= need
         return batch if not peek else False
 
-    def step(self) -> bool:
+    def prepare_step(self) -> list[Sequence] | None:
         batch = self._next_batch()
         if not batch:
-            return False
+            return None
         seqs = []
         for w in batch:
             self.waiting.remove(w.rid)
@@ -172,17 +172,21 @@ class PrefillNode(NodeRuntime):
                 blocks_for_tokens(seq.num_tokens, self.block_size)
             )
             seqs.append(seq)
+        return seqs
+
+    def execute(self, seqs: list[Sequence]) -> tuple[list[int], float, float]:
         start = time.monotonic()
-        try:
-            logits = self.worker.runner.prefill(seqs)
-            tokens = sample(logits, seqs, self.generator)
-        except Exception as e:
-            log.exception("prefill of %d requests failed", len(seqs))
+        logits = self.worker.runner.prefill(seqs)
+        tokens = sample(logits, seqs, self.generator)
+        return tokens, start, time.monotonic() - start
+
+    def finish_step(self, seqs: list[Sequence], result) -> None:
+        if isinstance(result, Exception):
             for seq in seqs:
                 self.worker.allocator.free(seq.block_table)
-                self.link.send(TaskFailed(rid=seq.seq_id, message=f"prefill failed: {e!r}"))
-            return True
-        elapsed = time.monotonic() - start
+                self.link.send(TaskFailed(rid=seq.seq_id, message=f"prefill failed: {result!r}"))
+            return
+        tokens, start, elapsed = result
         results = []
         for seq, token in zip(seqs, tokens, strict=True):
             seq.output_token_ids.append(token)
@@ -202,4 +206,3 @@ class PrefillNode(NodeRuntime):
                 )
             )
         self.link.send(Prefilled(results=results))
-        return True

@@ -58,6 +58,10 @@ class CoordinatorLink:
             f"no answer from the coordinator at {self.address} within {timeout:.0f} s"
         )
 
+    def watch(self, fd: int) -> None:
+        """``receive`` also returns (maybe with no message) when ``fd`` is readable."""
+        self._poller.register(fd, zmq.POLLIN)
+
     def send(self, msg: _NodeMessage) -> None:
         self.socket.send_multipart(encode_node(msg), copy=False)
         self.last_sent = time.monotonic()
@@ -67,6 +71,8 @@ class CoordinatorLink:
         out: list[CoordinatorToNode] = []
         if not self._poller.poll(max(0, int(timeout * 1000))):
             return out
+        if not self.socket.poll(0):
+            return out  # woken by another file descriptor
         while True:
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)

@@ -1,13 +1,24 @@
-"""The loop every node runs: take the coordinator's messages, collect finished KV
-transfers, run one model step, tell the coordinator its room (which doubles as the
-heartbeat). Subclasses say what a message, a transfer and a step mean for their role."""
+"""The loop every node runs. The main thread owns the node's state and its socket: it
+takes the coordinator's messages, collects finished KV transfers, prepares the next
+model step and, when it ends, reports it; the step itself (forward pass and sampling)
+runs on a model thread. So a message that arrives during a step — a KV push or pull, a
+new task, a release — is acted on at once, not after the step. A self-pipe wakes the
+loop when a step or a transfer ends. The credit message doubles as the heartbeat.
+Subclasses say what a message, a transfer and a step mean for their role.
+
+Rule for subclasses: only ``execute`` runs on the model thread, and it touches nothing
+but the batch it was given and the model; KV blocks of a batch in flight are never
+freed until ``finish_step`` (a release during the step is deferred)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -19,8 +30,25 @@ from disagg.protocol.cluster import CoordinatorToNode, Counters, Goodbye, Shutdo
 
 log = logging.getLogger(__name__)
 
-IDLE_POLL_S = 0.05  # nothing to do: wait this long for a message
-BUSY_POLL_S = 0.002  # transfers in flight: look at them this often
+IDLE_POLL_S = 0.05  # nothing ready: wait this long for a message (or a wake-up)
+
+
+class Waker:
+    """A self-pipe: any thread calls ``wake``; the loop's poll returns."""
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self._write_fd, False)
+
+    def wake(self, *_: object) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: the loop is awake anyway
+            os.write(self._write_fd, b"x")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.read_fd, 4096):
+                pass
 
 
 class NodeRuntime(ABC):
@@ -39,6 +67,9 @@ class NodeRuntime(ABC):
         self.generator = torch.Generator(worker.device).manual_seed(settings.seed)
         self.tasks_seen = 0
         self.stopping = False
+        self.waker = Waker()
+        link.watch(self.waker.read_fd)
+        transfers.on_done = self.waker.wake
 
     # -- role-specific ---------------------------------------------------------------
 
@@ -49,26 +80,43 @@ class NodeRuntime(ABC):
     def on_transfer(self, done: TransferDone) -> None: ...
 
     @abstractmethod
-    def step(self) -> bool:
-        """Runs at most one model batch; True if it did any work."""
-
-    @abstractmethod
     def publish(self, counters: dict[str, float]) -> None: ...
 
     @abstractmethod
     def room(self) -> dict[str, int]:
         """Credit fields: free_tokens, queued, running, held."""
 
+    @abstractmethod
+    def has_work(self) -> bool:
+        """Whether ``prepare_step`` would return a batch now."""
+
+    @abstractmethod
+    def prepare_step(self) -> Any | None:
+        """Main thread: choose the next batch and give it its blocks (None: nothing)."""
+
+    @abstractmethod
+    def execute(self, batch: Any) -> Any:
+        """Model thread: run ``batch``; return its result (or the exception it raised)."""
+
+    @abstractmethod
+    def finish_step(self, batch: Any, result: Any) -> None:
+        """Main thread: take the result in, report it."""
+
+    def between_steps(self) -> None:  # noqa: B027 - optional
+        """Main thread, every turn of the loop (a step may be running)."""
+
     # -- the loop --------------------------------------------------------------------
 
     def run(self) -> None:
         last_room: dict[str, int] | None = None
         heard = time.monotonic()
+        model = ThreadPoolExecutor(1, thread_name_prefix="model")
+        running: tuple[Any, Future[Any]] | None = None
         try:
             while not self.stopping:
-                busy = self.has_work()
-                wait = 0.0 if busy else (BUSY_POLL_S if self.transfers.in_flight else IDLE_POLL_S)
-                messages = self.link.receive(wait)
+                ready = running is None and self.has_work()
+                messages = self.link.receive(0.0 if ready else IDLE_POLL_S)
+                self.waker.drain()
                 if messages:
                     heard = time.monotonic()
                 elif time.monotonic() - heard > self.settings.coordinator_timeout:
@@ -86,7 +134,16 @@ class NodeRuntime(ABC):
                         self.handle(msg)
                 for done in self.transfers.completed():
                     self.on_transfer(done)
-                self.step()
+                self.between_steps()
+                if running is not None and running[1].done():
+                    self.finish_step(running[0], running[1].result())
+                    running = None
+                if running is None:
+                    batch = self.prepare_step()
+                    if batch is not None:
+                        future = model.submit(self._guarded, batch)
+                        future.add_done_callback(self.waker.wake)
+                        running = (batch, future)
                 room = {**self.room(), "tasks_seen": self.tasks_seen}
                 if room != last_room or self.link.heartbeat_due(self.settings.heartbeat_interval):
                     self.link.credit(**room)
@@ -98,9 +155,14 @@ class NodeRuntime(ABC):
                 self.link.send(Goodbye())
             finally:
                 self.link.close()
+                model.shutdown(wait=False)
 
-    @abstractmethod
-    def has_work(self) -> bool: ...
+    def _guarded(self, batch: Any) -> Any:
+        try:
+            return self.execute(batch)
+        except Exception as e:  # reported by finish_step; the node keeps serving
+            log.exception("model step failed")
+            return e
 
 
 def start_node(settings: NodeSettings, node_class: type[NodeRuntime]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -37,6 +38,7 @@ class TransferThreads:
         self._peers: dict[int, ThreadPoolExecutor] = {}
         self._done: queue.SimpleQueue[TransferDone] = queue.SimpleQueue()
         self.in_flight = 0
+        self.on_done: Callable[[], None] = lambda: None  # called from the transfer thread
 
     def send(self, rids: tuple[int, ...], block_ids: list[int], peer: int) -> None:
         """One transfer of several requests' blocks, back to back (whole blocks)."""
@@ -78,13 +80,16 @@ class TransferThreads:
                 timeout=self.timeout,
             )
             self._done.put(TransferDone(rids, role, peer, stats))
+            self.on_done()
         except KVTransferError as e:
             broken = isinstance(e, TransferTimeout | TransferChannelError)
             log.warning("KV %s of requests %s with rank %d failed: %s", role, rids, peer, e)
             self._done.put(TransferDone(rids, role, peer, None, str(e), broken))
+            self.on_done()
         except Exception as e:
             log.warning("KV %s of requests %s with rank %d failed: %r", role, rids, peer, e)
             self._done.put(TransferDone(rids, role, peer, None, repr(e), True))
+            self.on_done()
 
     def close(self) -> None:
         for pool in self._peers.values():
