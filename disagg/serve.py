@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -63,6 +65,8 @@ class ServeOptions:
     log_dir: str | None = None  # node logs go here (default: this process's stderr)
     node_devices: dict[str, list[int]] = field(default_factory=dict)  # node id -> GPUs
     slo: tuple[float, float] | None = None  # (TTFT s, TPOT s): attainment is tracked live
+    external_nodes: bool = False  # nodes are started by hand (other machines): print how
+    advertise_host: str = field(default_factory=socket.gethostname)
     reject_over_slo: float | None = None  # early rejection: predicted TTFT > factor x SLO
     curve_secret_key: str | None = None  # CurveZMQ keypair file: both endpoints encrypted
 
@@ -121,6 +125,7 @@ class ServedCluster:
         )
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._gpus: dict[str, list[int]] = {}
+        self.announce: Callable[[str], None] = lambda line: print(line, flush=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._store = None
@@ -139,7 +144,7 @@ class ServedCluster:
         and CUDA IPC between nodes sharing a GPU is not wired into the nodes yet): the
         deployment's device lists, else GPU i for the i-th node."""
         o = self.options
-        if o.device != "cuda":
+        if o.device != "cuda" or o.external_nodes:  # external nodes bring their own GPUs
             return {}
         if o.node_devices:
             return dict(o.node_devices)
@@ -155,6 +160,43 @@ class ServedCluster:
             )
         return {node_id: [rank] for _, node_id, rank in nodes}
 
+    def node_command(
+        self, role: str, node_id: str, rank: int, threads: int, *, python: str = sys.executable
+    ) -> list[str]:
+        """The command line of one node process (what `disagg serve` runs, or what an
+        operator runs on another machine with ``--external-nodes``)."""
+        o = self.options
+        model = self.model_dir if not o.external_nodes else o.model
+        cmd = [
+            python,
+            "-m",
+            f"{role}_node",
+            "--node-id", node_id,
+            "--coordinator", self._advertised(self.node_address),
+            "--rank", str(rank),
+            "--world-size", str(o.prefill + o.decode),
+            "--store", self._advertised(self.store_address),
+            "--model", model,
+            "--device", o.device,
+            "--dtype", o.dtype,
+            "--block-size", str(o.block_size),
+            "--max-batch-tokens", str(o.max_batch_tokens),
+            "--max-num-seqs", str(o.max_num_seqs),
+            "--threads", str(threads),
+            "--transfer-timeout", str(o.transfer_timeout),
+        ]  # fmt: skip
+        if o.num_blocks:
+            cmd += ["--num-blocks", str(o.num_blocks)]
+        if o.curve_secret_key:  # the keypair file also holds the public key nodes need
+            cmd += ["--curve-server-key", o.curve_secret_key]
+        return cmd
+
+    def _advertised(self, address: str) -> str:
+        """``address`` as other machines reach it (a wildcard host is replaced)."""
+        if self.options.host not in ("0.0.0.0", "*", "::"):
+            return address
+        return address.replace(self.options.host, self.options.advertise_host, 1)
+
     def _spawn_nodes(self) -> None:
         o = self.options
         world = o.prefill + o.decode
@@ -165,28 +207,7 @@ class ServedCluster:
         if o.cluster_secret:
             env[CLUSTER_SECRET_ENV] = o.cluster_secret
         for role, node_id, rank in self.node_ids():
-            cmd = [
-                sys.executable,
-                "-m",
-                f"{role}_node",
-                "--node-id", node_id,
-                "--coordinator", self.node_address,
-                "--rank", str(rank),
-                "--world-size", str(world),
-                "--store", self.store_address,
-                "--model", self.model_dir,
-                "--device", o.device,
-                "--dtype", o.dtype,
-                "--block-size", str(o.block_size),
-                "--max-batch-tokens", str(o.max_batch_tokens),
-                "--max-num-seqs", str(o.max_num_seqs),
-                "--threads", str(threads),
-                "--transfer-timeout", str(o.transfer_timeout),
-            ]  # fmt: skip
-            if o.num_blocks:
-                cmd += ["--num-blocks", str(o.num_blocks)]
-            if o.curve_secret_key:  # the keypair file also holds the public key nodes need
-                cmd += ["--curve-server-key", o.curve_secret_key]
+            cmd = self.node_command(role, node_id, rank, threads)
             node_env = env
             if node_id in gpus:  # this node's GPUs
                 node_env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus[node_id]))}
@@ -204,6 +225,18 @@ class ServedCluster:
                 stderr=subprocess.STDOUT if out else None,
                 start_new_session=True,
             )
+
+    def _announce_node_commands(self) -> None:
+        o = self.options
+        self.announce(
+            f"disagg serve: waiting for {o.prefill} prefill and {o.decode} decode node(s); "
+            "start each where it should run"
+            + (f" (with {CLUSTER_SECRET_ENV} set)" if o.cluster_secret else "")
+            + ":"
+        )
+        for role, node_id, rank in self.node_ids():
+            cmd = self.node_command(role, node_id, rank, o.threads_per_node or 1, python="python")
+            self.announce("  " + shlex.join(cmd))
 
     def kill_node(self, node_id: str, sig: int = signal.SIGKILL) -> None:
         """Tests: kill one node process (SIGKILL by default: no goodbye)."""
@@ -244,7 +277,10 @@ class ServedCluster:
         self._thread = threading.Thread(target=run, name="coordinator", daemon=True)
         self._thread.start()
         ready.wait()
-        self._spawn_nodes()
+        if self.options.external_nodes:
+            self._announce_node_commands()
+        else:
+            self._spawn_nodes()
         try:
             self._call(
                 self.coordinator.wait_for_nodes(

@@ -32,6 +32,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--tpot-slo", type=float, default=None, help="seconds (overrides the deployment's)"
     )
     p.add_argument(
+        "--external-nodes",
+        action="store_true",
+        help="start no nodes here: print each node's command line (to run on other machines) "
+        "and wait for them",
+    )
+    p.add_argument(
+        "--advertise-host",
+        default=None,
+        help="the host name nodes use to reach this server when --host is 0.0.0.0 "
+        "(default: this machine's name)",
+    )
+    p.add_argument(
         "--curve-secret-key",
         default=None,
         metavar="FILE",
@@ -91,6 +103,9 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         )
     fields["reject_over_slo"] = args.reject_over_slo
     fields["curve_secret_key"] = args.curve_secret_key
+    fields["external_nodes"] = args.external_nodes
+    if args.advertise_host:
+        fields["advertise_host"] = args.advertise_host
     return ServeOptions(**fields)
 
 

@@ -215,3 +215,51 @@ def test_streamed_text_adds_up_and_stop_strings_cut_like_offline(cluster, offlin
         want.finish_reason,
     )
     assert cut.finish_reason == "stop" and stop not in cut.text
+
+
+def test_external_nodes_join_with_the_printed_commands(tmp_path, offline):
+    """`--external-nodes`: the server prints each node's command line, an operator runs
+    them (here: as local processes), and they join through the printed addresses."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from disagg.serve import ServedCluster, ServeOptions
+
+    cluster = ServedCluster(
+        ServeOptions(port=0, external_nodes=True, num_blocks=64, startup_timeout=120)
+    )
+    printed: list[str] = []
+    cluster.announce = printed.append
+    procs: list[subprocess.Popen] = []
+
+    def operator() -> None:  # waits for the printed commands, then runs them
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            lines = [line.strip() for line in printed if line.strip().startswith("python -m ")]
+            if len(lines) == 2:
+                for line in lines:
+                    argv = shlex.split(line)
+                    argv[0] = sys.executable
+                    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                    procs.append(subprocess.Popen(argv, env=env, start_new_session=True))
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=operator, daemon=True).start()
+    cluster.start()
+    try:
+        with Client(cluster.client_address, timeout=60) as client:
+            done = client.generate("Hello there", client_id="a", max_tokens=6, temperature=0)
+        want = offline.generate(["Hello there"], SamplingParams(max_tokens=6, temperature=0))
+        assert done.token_ids == want[0].token_ids
+        assert not cluster.processes  # nothing was started by the server itself
+        assert all("--model tiny" in line for line in printed[1:])
+    finally:
+        cluster.stop(drain_timeout=5)
+        for p in procs:
+            p.wait(timeout=30)
+    assert all(p.returncode == 0 for p in procs)
