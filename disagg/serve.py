@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from disagg.coordinator.auth import make_access
+from disagg.coordinator.auth import ClientLimits, make_access
 from disagg.coordinator.metrics import CoordinatorMetrics
 from disagg.coordinator.server import Coordinator, CoordinatorSettings
 from disagg.engine.worker import resolve_model_dir
@@ -52,6 +52,7 @@ class ServeOptions:
     api_keys: str | None = None
     cluster_secret: str | None = None
     weights: dict[str, float] = field(default_factory=dict)
+    client_limits: ClientLimits | None = None  # every client's, without an API-key file
     num_blocks: int | None = None  # per node
     block_size: int = 16
     max_batch_tokens: int = 8192
@@ -101,7 +102,7 @@ class ServedCluster:
         self.client_address = f"tcp://{o.host}:{o.port or any_port}"
         self.node_address = f"tcp://{o.host}:{(o.node_port or o.port + 1) if o.port else any_port}"
         self.store_address = f"{o.host}:{o.port + 2 if o.port else 0}"
-        self.access = make_access(o.api_keys, o.weights)
+        self.access = make_access(o.api_keys, o.weights, o.client_limits)
         weights = dict(o.weights)
         weights.update(getattr(self.access, "weights", {}) or {})
         self.metrics = CoordinatorMetrics()

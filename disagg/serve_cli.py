@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from disagg.errors import DisaggError
+from disagg.coordinator.auth import ClientLimits
+from disagg.errors import ConfigError, DisaggError
 from disagg.serve import POLICIES, ServeOptions, run_serve
 
 
@@ -31,6 +32,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tpot-slo", type=float, default=None, help="seconds (overrides the deployment's)"
     )
+    limits = p.add_argument_group("per-client limits (without --api-keys; a key file sets its own)")
+    limits.add_argument("--max-queued-per-client", type=int, default=None, metavar="N")
+    limits.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N")
+    limits.add_argument("--max-tokens-limit", type=int, default=None, metavar="N")
+    limits.add_argument("--requests-per-minute", type=int, default=None, metavar="N")
     p.add_argument(
         "--external-nodes",
         action="store_true",
@@ -104,6 +110,17 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
     fields["reject_over_slo"] = args.reject_over_slo
     fields["curve_secret_key"] = args.curve_secret_key
     fields["external_nodes"] = args.external_nodes
+    limit_values = {
+        "max_queued_requests": args.max_queued_per_client,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "max_tokens": args.max_tokens_limit,
+        "requests_per_minute": args.requests_per_minute,
+    }
+    for name, value in limit_values.items():
+        if value is not None and value < 1:
+            raise ConfigError(name, f"must be an integer >= 1, got {value}")
+    if any(v is not None for v in limit_values.values()):
+        fields["client_limits"] = ClientLimits(**limit_values)
     if args.advertise_host:
         fields["advertise_host"] = args.advertise_host
     return ServeOptions(**fields)

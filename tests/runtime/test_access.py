@@ -110,3 +110,28 @@ def test_curve_encrypted_endpoints(tmp_path, offline):
             plain.generate("hi", client_id="a", max_tokens=2)
     finally:
         cluster.stop(drain_timeout=5)
+
+
+def test_limits_for_every_client_without_a_key_file(tmp_path):
+    import argparse
+
+    from disagg.serve_cli import add_serve_arguments, serve_options
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--max-tokens-limit", "4", "--max-prompt-tokens", "8"])
+    options = serve_options(args)
+    assert options.client_limits is not None and options.client_limits.max_tokens == 4
+    cluster = start_cluster(tmp_path, client_limits=options.client_limits)
+    try:
+        with Client(cluster.client_address, timeout=30) as client:
+            with pytest.raises(RequestRejected) as err:
+                client.generate("hi", client_id="anyone", max_tokens=5)
+            assert err.value.reason == "max_tokens_limit"
+            with pytest.raises(RequestRejected) as err:
+                client.generate(list(range(10, 19)), client_id="anyone", max_tokens=2)
+            assert err.value.reason == "prompt_too_long"
+            ok = client.generate(list(range(10, 18)), client_id="anyone", max_tokens=4)
+            assert len(ok.token_ids) >= 1
+    finally:
+        cluster.stop(drain_timeout=5)
