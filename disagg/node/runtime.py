@@ -134,10 +134,10 @@ class NodeRuntime(ABC):
                         self.handle(msg)
                 for done in self.transfers.completed():
                     self.on_transfer(done)
-                self.between_steps()
                 if running is not None and running[1].done():
                     self.finish_step(running[0], running[1].result())
                     running = None
+                self.between_steps()  # after finish_step: slots it freed are taken now
                 if running is None:
                     batch = self.prepare_step()
                     if batch is not None:
