@@ -3,7 +3,8 @@ meet on this machine, serve the plan, drive it with the planner's own workload a
 planned rate, and compare what was measured with what the simulator predicted::
 
     python -m bench.planner [--ttft-slo 0.25] [--tpot-slo 0.02] [--gpus 2] \
-        [--workload code-completion-like] [--requests 300] [--fractions 1.0 0.5]
+        [--workload code-completion-like] [--requests 300] [--fractions 1.0 0.5] \
+        [--calibrate [FRACTION ...]] [--headroom ATTAINMENT]
 
 1. ``disagg profile`` in-process (one torch thread, as a node on this machine gets).
 2. ``disagg plan --gpu cpu --latency-profile``: each "GPU" is one node process; the
@@ -14,6 +15,11 @@ planned rate, and compare what was measured with what the simulator predicted::
    request's TTFT and TPOT are the coordinator's (``Completion.timings``).
 5. The simulator runs the same deployment, requests and rate; the table compares P90
    TTFT, P90 TPOT and strict attainment (both SLOs met).
+
+``--calibrate`` inserts, after 2, a served run of that plan with other requests whose
+recorded steps and hand-offs refit the profile (``disagg.planner.served``); the plan is
+made again from the calibrated profile and both profiles predict each rate.
+``--headroom`` also drives the goodput of a plan for that attainment.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ def serve(deployment: Path, port_file: Path, log_file: Path) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
+    from disagg.planner.served import ServedRecorder
     from disagg.serve import ServedCluster
     from disagg.serve_cli import add_serve_arguments, serve_options
 
@@ -64,14 +71,18 @@ def serve(deployment: Path, port_file: Path, log_file: Path) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     cluster = ServedCluster(options).start()
+    recorder = ServedRecorder().attach(cluster.coordinator)
     port_file.write_text(cluster.client_address)
     while not stop:
         time.sleep(0.05)
     finished = list(cluster.coordinator.finished_log)
     events = cluster.coordinator.events
     breakdowns = [events.breakdown(rid) for rid in list(events._records)]  # arrival order
+    served = recorder.log()
     cluster.stop(drain_timeout=5)
-    log_file.write_text(json.dumps({"finished": finished, "breakdowns": breakdowns}))
+    log_file.write_text(
+        json.dumps({"finished": finished, "breakdowns": breakdowns, "served": served})
+    )
 
 
 async def drive(address: str, workload, rate: float, seed: int) -> list[tuple[float, float]]:
@@ -136,6 +147,65 @@ def measured_outcome(results: list[tuple[float, float]], slo):
     return Outcome(met / len(results), _p90([r[0] for r in results]), _p90([r[1] for r in results]))
 
 
+def session(
+    deployment: Path, tmp: Path, tag: str, workload, runs: list[tuple[float, int]]
+) -> tuple[list[tuple[list[tuple[float, float]], dict[str, float]]], dict]:
+    """Serves ``deployment`` in a child process and drives ``workload`` once per
+    (rate, seed) of ``runs``; returns each run's (TTFT, TPOT) per request and CPU cores
+    per process, and the child's log (finished requests, breakdowns, served log)."""
+    port_file, log_file = tmp / f"{tag}.address", tmp / f"{tag}.log.json"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.planner",
+            "--serve",
+            str(deployment),
+            str(port_file),
+            str(log_file),
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    out = []
+    try:
+        deadline = time.monotonic() + 180
+        while not port_file.exists() or not port_file.read_text():
+            if server.poll() is not None or time.monotonic() > deadline:
+                sys.exit("the served system did not start")
+            time.sleep(0.1)
+        address = port_file.read_text()
+        for rate, seed in runs:
+            before, mine, wall = process_cpu(server.pid), os.times(), time.monotonic()
+            results = asyncio.run(drive(address, workload, rate, seed))
+            wall, after, now = time.monotonic() - wall, process_cpu(server.pid), os.times()
+            cores = {name: (after[name] - before.get(name, 0.0)) / wall for name in after}
+            cores["load generator"] = (now.user + now.system - mine.user - mine.system) / wall
+            out.append((results, cores))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    log = json.loads(log_file.read_text()) if log_file.exists() else {}
+    return out, log
+
+
+def run_shares(log: dict, runs: int, requests: int) -> list[tuple[float, float]]:
+    """Per run: the share of request time spent in model steps, and the median KV
+    hand-off (prefill end to decode admission). The coordinator's log is in finishing
+    order: each run's warm-up, then its requests."""
+    shares = []
+    for k in range(runs):
+        first = k * (WARMUP_REQUESTS + requests) + WARMUP_REQUESTS
+        part = log.get("finished", [])[first : first + requests]
+        total = sum(entry[1] for entry in part)
+        share = sum(entry[2] for entry in part) / total if total else float("nan")
+        waits = [
+            b.get("decode_queue", 0.0) + b.get("transfer", 0.0)
+            for b in log.get("breakdowns", [])[first : first + requests]
+        ]
+        shares.append((share, statistics.median(waits) if waits else float("nan")))
+    return shares
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ttft-slo", type=float, default=0.25, help="seconds")
@@ -151,6 +221,23 @@ def main() -> None:
     p.add_argument("--profile", type=Path, help="use this profile instead of measuring one")
     p.add_argument("--repeats", type=int, default=3, help="profile: timed runs per point")
     p.add_argument(
+        "--calibrate",
+        type=float,
+        nargs="*",
+        default=None,
+        metavar="FRACTION",
+        help="first serve the isolated profile's plan at these fractions of its goodput "
+        "(default 1.0 0.5) with other requests (seed + 1), refit the profile on that "
+        "service (disagg profile --from-served) and plan and predict with it",
+    )
+    p.add_argument(
+        "--headroom",
+        type=float,
+        default=None,
+        metavar="ATTAINMENT",
+        help="also plan for this attainment (e.g. 0.99) and drive that plan's rate",
+    )
+    p.add_argument(
         "--serve", nargs=3, metavar=("DEPLOYMENT", "PORT_FILE", "LOG"), help=argparse.SUPPRESS
     )
     args = p.parse_args()
@@ -164,6 +251,7 @@ def main() -> None:
     from disagg.planner.presets import CPU_NODE, load_plan_workload, resolve_model
     from disagg.planner.profile import profile_engine
     from disagg.planner.report import to_deployment
+    from disagg.planner.served import calibrate
     from disagg.planner.space import Cluster
     from disagg.sim.latency import load_profile, save_profile
 
@@ -178,7 +266,7 @@ def main() -> None:
         save_profile(profile, tmp / "profile.json")
         print(result.summary())
     fit = profile.tp["1"].fit_error
-    if fit:
+    if "prefill_median" in fit:
         print(
             f"fit relative error: prefill median {fit['prefill_median']:.1%} max "
             f"{fit['prefill_max']:.1%}; decode median {fit['decode_median']:.1%} max "
@@ -187,100 +275,94 @@ def main() -> None:
 
     workload = load_plan_workload(args.workload, args.requests, args.seed)
     slo = SLOTarget(args.ttft_slo, args.tpot_slo, args.attainment)
-    req = PlanRequest(
-        model=resolve_model("tiny"),
-        gpu=CPU_NODE,
-        cluster=Cluster(1, args.gpus),
-        slo=slo,
-        workload=workload,
-        profile=profile,
-    )
-    check_request(req)
-    planned = plan(req)
-    d = planned.best.deployment
-    goodput = planned.best.per_gpu_goodput * d.gpus
-    print(
-        f"plan: {d.describe()} on {d.gpus} CPU node processes, goodput {goodput:.2f} req/s "
-        f"(TTFT {slo.ttft * 1e3:.0f} ms, TPOT {slo.tpot * 1e3:.0f} ms, "
-        f"{slo.attainment:.0%} of {args.workload}, {args.requests} requests; "
-        f"search {planned.search_seconds:.1f} s)"
-    )
-    deployment = tmp / "deployment.yaml"
-    save_deployment(to_deployment(planned, "tiny", device="cpu"), deployment)
+    model = resolve_model("tiny")
 
-    evaluator = Evaluator(
-        workload,
-        LatencySource(req.model, req.gpu, profile),
-        slo,
-        req.policy,
-        CPU_NODE.intra_node_bandwidth,
-        CPU_NODE.intra_node_bandwidth,
+    def planned_for(prof, target: SLOTarget, name: str):
+        req = PlanRequest(
+            model=model,
+            gpu=CPU_NODE,
+            cluster=Cluster(1, args.gpus),
+            slo=target,
+            workload=workload,
+            profile=prof,
+        )
+        check_request(req)
+        planned = plan(req)
+        d = planned.best.deployment
+        goodput = planned.best.per_gpu_goodput * d.gpus
+        print(
+            f"plan ({name}): {d.describe()} on {d.gpus} CPU node processes, goodput "
+            f"{goodput:.2f} req/s (TTFT {target.ttft * 1e3:.0f} ms, TPOT "
+            f"{target.tpot * 1e3:.0f} ms, {target.attainment:.0%} of {args.workload}, "
+            f"{args.requests} requests; search {planned.search_seconds:.1f} s)"
+        )
+        path = tmp / f"deployment-{name.replace(' ', '-')}.yaml"
+        save_deployment(to_deployment(planned, "tiny", device="cpu"), path)
+        evaluator = Evaluator(
+            workload,
+            LatencySource(model, CPU_NODE, prof),
+            slo,
+            req.policy,
+            CPU_NODE.intra_node_bandwidth,
+            CPU_NODE.intra_node_bandwidth,
+        )
+        return d, goodput, path, evaluator
+
+    d, goodput, deployment, isolated = planned_for(profile, slo, "isolated profile")
+    evaluators = {"isolated": isolated}
+    if args.calibrate is not None:
+        fractions = args.calibrate or [1.0, 0.5]
+        calib_load = load_plan_workload(args.workload, args.requests, args.seed + 1)
+        runs = [(goodput * f, 100 + k) for k, f in enumerate(fractions)]
+        rates = ", ".join(f"{r:.2f}" for r, _ in runs)
+        print(f"calibration: serving that plan at {rates} req/s with other requests (seed + 1)")
+        _, log = session(deployment, tmp, "calibration", calib_load, runs)
+        (tmp / "served.json").write_text(json.dumps(log.get("served", {})))
+        calibration = calibrate(profile, log["served"], CPU_NODE.intra_node_bandwidth)
+        print(calibration.summary())
+        profile = calibration.profile
+        save_profile(profile, tmp / "profile-served.json")
+        d, goodput, deployment, evaluators["calibrated"] = planned_for(profile, slo, "calibrated")
+    main_name = "calibrated" if "calibrated" in evaluators else "isolated"
+    rows = [(f"{f:.0%}", goodput * f) for f in args.fractions]
+    if args.headroom:
+        target = SLOTarget(args.ttft_slo, args.tpot_slo, args.headroom)
+        hd, hgoodput, _, _ = planned_for(profile, target, f"headroom {args.headroom:.0%}")
+        if hd != d:
+            print("the headroom plan chose another deployment; its rate is served on this one")
+        rows.append((f"plan@{args.headroom:.0%}", hgoodput))
+
+    measured_runs, log = session(
+        deployment, tmp, "evaluation", workload, [(rate, k) for k, (_, rate) in enumerate(rows)]
     )
-    port_file, log_file = tmp / "address", tmp / "finished.json"
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.planner",
-            "--serve",
-            str(deployment),
-            str(port_file),
-            str(log_file),
-        ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    rows = []
-    try:
-        deadline = time.monotonic() + 180
-        while not port_file.exists() or not port_file.read_text():
-            if server.poll() is not None or time.monotonic() > deadline:
-                sys.exit("the served system did not start")
-            time.sleep(0.1)
-        address = port_file.read_text()
-        for k, fraction in enumerate(args.fractions):
-            rate = goodput * fraction
-            predicted = evaluator.run(d, rate / d.replicas)
-            before, mine, wall = process_cpu(server.pid), os.times(), time.monotonic()
-            measured = measured_outcome(asyncio.run(drive(address, workload, rate, k)), slo)
-            wall, after, now = time.monotonic() - wall, process_cpu(server.pid), os.times()
-            cores = {name: (after[name] - before.get(name, 0.0)) / wall for name in after}
-            cores["load generator"] = (now.user + now.system - mine.user - mine.system) / wall
-            rows.append((fraction, rate, predicted, measured, cores))
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
-    # The coordinator's log, in finishing order: each rate's warm-up, then its requests.
-    log = json.loads(log_file.read_text()) if log_file.exists() else {}
-    shares, handoffs = [], []
-    for k in range(len(rows)):
-        first = k * (WARMUP_REQUESTS + len(workload)) + WARMUP_REQUESTS
-        part = log.get("finished", [])[first : first + len(workload)]
-        total = sum(entry[1] for entry in part)
-        shares.append(sum(entry[2] for entry in part) / total if total else float("nan"))
-        # Prefill end to decode admission: KV waiting to be pulled, then moved.
-        waits = [
-            b.get("decode_queue", 0.0) + b.get("transfer", 0.0)
-            for b in log.get("breakdowns", [])[first : first + len(workload)]
-        ]
-        handoffs.append(statistics.median(waits) if waits else float("nan"))
+    extra = run_shares(log, len(rows), len(workload))
 
     print()
-    header = f"{'rate':>13} {'':>10} {'P90 TTFT':>9} {'P90 TPOT':>9} {'attainment':>10}"
+    print(f"served: {d.describe()}; predictions by the {', '.join(evaluators)} profile(s)")
+    header = f"{'rate':>18} {'':>11} {'P90 TTFT':>9} {'P90 TPOT':>9} {'attainment':>10}"
     print(header + f" {'in model':>9} {'KV hand-off':>11}")
-    for (fraction, rate, pred, meas, _), share, handoff in zip(rows, shares, handoffs, strict=True):
-        label = f"{rate:.2f} ({fraction:.0%})"
-        print(f"{label:>13} {'predicted':>10} {_ms(pred.ttft_p90)} {_ms(pred.tpot_p90)} "
-              f"{pred.attainment:>10.1%}")  # fmt: skip
-        print(f"{'':>13} {'measured':>10} {_ms(meas.ttft_p90)} {_ms(meas.tpot_p90)} "
+    for (label, rate), (results, _), (share, handoff) in zip(
+        rows, measured_runs, extra, strict=True
+    ):
+        meas = measured_outcome(results, slo)
+        head = f"{rate:.2f} ({label})"
+        for name, evaluator in evaluators.items():
+            pred = evaluator.run(d, rate / d.replicas)
+            print(f"{head:>18} {name:>11} {_ms(pred.ttft_p90)} {_ms(pred.tpot_p90)} "
+                  f"{pred.attainment:>10.1%}")  # fmt: skip
+            head = ""
+            if name == main_name:
+                main_pred = pred
+        print(f"{'':>18} {'measured':>11} {_ms(meas.ttft_p90)} {_ms(meas.tpot_p90)} "
               f"{meas.attainment:>10.1%} {share:>9.0%} {handoff * 1e3:>8.1f} ms")  # fmt: skip
         print(
-            f"{'':>13} {'error':>10} {_rel(meas.ttft_p90, pred.ttft_p90):>9} "
-            f"{_rel(meas.tpot_p90, pred.tpot_p90):>9} "
-            f"{(meas.attainment - pred.attainment) * 100:>+8.1f}pp"
+            f"{'':>18} {'error':>11} {_rel(meas.ttft_p90, main_pred.ttft_p90):>9} "
+            f"{_rel(meas.tpot_p90, main_pred.tpot_p90):>9} "
+            f"{(meas.attainment - main_pred.attainment) * 100:>+8.1f}pp"
         )
     print()
     print("CPU cores used during each run (this machine has", os.cpu_count(), "cores)")
-    for _, rate, *_, cores in rows:
+    for (_, rate), (_, cores) in zip(rows, measured_runs, strict=True):
         used = ", ".join(f"{name} {value:.2f}" for name, value in sorted(cores.items()))
         print(f"  {rate:.2f} req/s: {used}; total {sum(cores.values()):.2f}")
     print(f"total {time.monotonic() - t0:.0f} s; files in {tmp}")

@@ -225,6 +225,13 @@ class LatencyProfile(_FileModel):
     gpu: str | None = None
     kv_bytes_per_token: _Positive
     tp: Annotated[dict[_Degree, TpProfile], Field(min_length=1)]
+    # Measured in service (``disagg profile --from-served``); None: not measured.
+    # handoff_s: prefill end to the KV held by the decode instance, less the bytes over
+    # the bandwidth; replaces a transfer's fixed latency (KV_TRANSFER_LATENCY_S).
+    handoff_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    # ttft_overhead_s: fixed messaging in every TTFT that no batch time holds: the
+    # request reaching an idle prefill node, and its first token coming back.
+    ttft_overhead_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     sources: dict[str, str] = {}  # what each number is and where it came from
 
     @property
