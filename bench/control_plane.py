@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.served_process import wait_for_address
+
 PROMPT = list(range(10, 26))  # 16 token ids
 MAX_TOKENS = 2
 
@@ -111,14 +113,8 @@ def main() -> None:
         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while not port_file.exists() or not port_file.read_text():
-            if server.poll() is not None or time.monotonic() > deadline:
-                sys.exit("the served system did not start")
-            time.sleep(0.1)
-        seconds, done = asyncio.run(
-            load(port_file.read_text(), args.requests, args.concurrency, args.clients)
-        )
+        address = wait_for_address(server, port_file)
+        seconds, done = asyncio.run(load(address, args.requests, args.concurrency, args.clients))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)

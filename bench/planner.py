@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.served_process import wait_for_address
+
 WARMUP_REQUESTS = 8
 
 
@@ -168,12 +170,7 @@ def session(
     )
     out = []
     try:
-        deadline = time.monotonic() + 180
-        while not port_file.exists() or not port_file.read_text():
-            if server.poll() is not None or time.monotonic() > deadline:
-                sys.exit("the served system did not start")
-            time.sleep(0.1)
-        address = port_file.read_text()
+        address = wait_for_address(server, port_file)
         for rate, seed in runs:
             before, mine, wall = process_cpu(server.pid), os.times(), time.monotonic()
             results = asyncio.run(drive(address, workload, rate, seed))

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.served_process import wait_for_address
+
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "served_load.png"
 
 
@@ -72,12 +74,7 @@ def main() -> None:
     )
     rows = []
     try:
-        deadline = time.monotonic() + 180
-        while not port_file.exists() or not port_file.read_text():
-            if server.poll() is not None or time.monotonic() > deadline:
-                sys.exit("the served system did not start")
-            time.sleep(0.1)
-        address = port_file.read_text()
+        address = wait_for_address(server, port_file)
         print(
             f"served load: tiny model, 1 prefill + 1 decode node, prompts 16-256, outputs "
             f"16-64 tokens, SLO TTFT <= {args.ttft_slo * 1e3:.0f} ms and TPOT <= "
