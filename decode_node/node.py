@@ -59,9 +59,10 @@ class DecodeBatch:
 
 
 class DecodeNode(NodeRuntime):
+    waiting: CounterQueue[Decoding]
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.waiting: CounterQueue[Decoding] = CounterQueue()
         self.pulling: dict[int, Decoding] = {}
         self.recompute: dict[int, Decoding] = {}
         self.running: dict[int, Decoding] = {}
@@ -83,9 +84,6 @@ class DecodeNode(NodeRuntime):
             self._release(msg.rid)
         else:
             log.warning("decode node ignores %s", msg.type)
-
-    def publish(self, counters: dict[str, float]) -> None:
-        self.waiting.publish(counters)
 
     def _decoding(self, t: DecodeTask) -> Decoding:
         params = t.sampling.to_params()

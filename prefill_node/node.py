@@ -52,9 +52,10 @@ class Held:
 
 
 class PrefillNode(NodeRuntime):
+    waiting: CounterQueue[Waiting]
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.waiting: CounterQueue[Waiting] = CounterQueue()
         self.held: dict[int, Held] = {}
 
     # -- messages --------------------------------------------------------------------
@@ -69,9 +70,6 @@ class PrefillNode(NodeRuntime):
             self._release(msg.rid)
         else:
             log.warning("prefill node ignores %s", msg.type)
-
-    def publish(self, counters: dict[str, float]) -> None:
-        self.waiting.publish(counters)
 
     def _push(self, msg: Push) -> None:
         """One transfer for every request in ``msg.rids``: each one's blocks, in order.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import zmq
@@ -91,7 +90,3 @@ class CoordinatorLink:
 
     def close(self) -> None:
         self.socket.close(linger=500)
-
-
-def pid() -> int:
-    return os.getpid()

@@ -24,6 +24,7 @@ import torch
 
 from disagg.engine.worker import ModelWorker
 from disagg.node.link import CoordinatorLink
+from disagg.node.local_queue import CounterQueue
 from disagg.node.settings import NodeSettings, prepare_process, registration
 from disagg.node.transfers import TransferDone, TransferThreads
 from disagg.protocol.cluster import CoordinatorToNode, Counters, Goodbye, Shutdown
@@ -67,6 +68,8 @@ class NodeRuntime(ABC):
         self.generator = torch.Generator(worker.device).manual_seed(settings.seed)
         self.tasks_seen = 0
         self.stopping = False
+        # Tasks waiting on this node, in merged-counter order (each role's own kind).
+        self.waiting: CounterQueue[Any] = CounterQueue()
         self.waker = Waker()
         link.watch(self.waker.read_fd)
         transfers.on_done = self.waker.wake
@@ -79,8 +82,9 @@ class NodeRuntime(ABC):
     @abstractmethod
     def on_transfer(self, done: TransferDone) -> None: ...
 
-    @abstractmethod
-    def publish(self, counters: dict[str, float]) -> None: ...
+    def publish(self, counters: dict[str, float]) -> None:
+        """A counter publication from the coordinator reorders the waiting tasks."""
+        self.waiting.publish(counters)
 
     @abstractmethod
     def room(self) -> dict[str, int]:
@@ -194,7 +198,3 @@ def start_node(settings: NodeSettings, node_class: type[NodeRuntime]) -> None:
     transfers.close()
     logging.shutdown()
     os._exit(0)
-
-
-def now() -> float:
-    return time.monotonic()
