@@ -2,7 +2,9 @@
 KV transfer -> decode node -> client, with 16-token prompts and 2-token outputs (so every
 request crosses both pools) on the tiny model, and the p50/p99 time each request spends
 outside model execution (its total time at the coordinator minus the model steps that
-served it).
+served it). It also splits the CPU each request costs by process (client, coordinator,
+each node) and says how much of a node's CPU went into model steps, which bounds the
+request rate any control plane could reach on these cores.
 
 The served system runs in a child process (``--serve``) so the load generator does not
 share the coordinator's interpreter::
@@ -24,13 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.served_process import wait_for_address
+from bench.served_process import process_tree_cpu, wait_for_address
 
 PROMPT = list(range(10, 26))  # 16 token ids
 MAX_TOKENS = 2
 
 
 def serve(port_file: Path, out: Path, threads: int) -> None:
+    """The served system; on SIGUSR1 it appends each node's model seconds so far to
+    ``out``.snapshots (one JSON line), on SIGTERM it writes the finished log to ``out``."""
     import logging
 
     logging.disable(logging.WARNING)
@@ -42,25 +46,95 @@ def serve(port_file: Path, out: Path, threads: int) -> None:
         pass
     from disagg.serve import ServedCluster, ServeOptions
 
-    stop = False
+    stop = snapshot = False
 
     def on_term(*_: object) -> None:
         nonlocal stop
         stop = True
 
+    def on_snapshot(*_: object) -> None:
+        nonlocal snapshot
+        snapshot = True
+
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGUSR1, on_snapshot)
     cluster = ServedCluster(
         ServeOptions(port=0, num_blocks=4096, threads_per_node=threads, max_num_seqs=512)
     ).start()
     port_file.write_text(cluster.client_address)
     while not stop:
-        time.sleep(0.05)
+        time.sleep(0.01)
+        if snapshot:
+            snapshot = False
+            model = {n.node_id: n.model_s for n in list(cluster.coordinator.nodes.values())}
+            with open(f"{out}.snapshots", "a") as f:
+                f.write(json.dumps(model) + "\n")
     log = list(cluster.coordinator.finished_log)
     cluster.stop(drain_timeout=5)
     out.write_text(json.dumps(log))
 
 
-async def load(address: str, requests: int, concurrency: int, clients: int) -> tuple[float, int]:
+def model_alone(batch: int, threads: int, repeats: int = 10) -> float:
+    """Seconds of one core the model needs per request of this workload, measured in this
+    process with nothing else running: a prefill batch of ``batch`` 16-token prompts plus
+    one decode step of ``batch`` sequences (the second output token), divided by ``batch``."""
+    import torch
+
+    from disagg import SamplingParams
+    from disagg.engine.config import EngineConfig
+    from disagg.engine.sequence import Sequence
+    from disagg.engine.worker import ModelWorker
+
+    torch.set_num_threads(threads)
+    worker = ModelWorker(EngineConfig(model="tiny", num_blocks=4 * batch))
+    params = SamplingParams(max_tokens=MAX_TOKENS)
+    seqs = [Sequence(i, list(PROMPT), params, 0.0, block_table=[i]) for i in range(batch)]
+
+    def timed(step, seqs) -> float:
+        step(seqs)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step(seqs)
+        return (time.perf_counter() - start) / repeats
+
+    prefill = timed(worker.runner.prefill, seqs)
+    for s in seqs:
+        s.output_token_ids.append(PROMPT[0])
+        s.block_table.append(batch + s.seq_id)
+    decode = timed(worker.runner.decode, seqs)
+    return (prefill + decode) / batch
+
+
+class Usage:
+    """CPU seconds by process and model seconds by node, between two ``take`` calls."""
+
+    def __init__(self, server: subprocess.Popen, snapshots: Path) -> None:
+        self.server, self.snapshots = server, snapshots
+        self.cpu: list[dict[str, float]] = []
+        self.model: list[dict[str, float]] = []
+
+    def take(self) -> None:
+        lines = len(self.snapshots.read_text().splitlines()) if self.snapshots.exists() else 0
+        self.server.send_signal(signal.SIGUSR1)
+        self.cpu.append({"client": time.process_time(), **process_tree_cpu(self.server.pid)})
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.snapshots.exists():
+                taken = self.snapshots.read_text().splitlines()
+                if len(taken) > lines:
+                    self.model.append(json.loads(taken[-1]))
+                    return
+            time.sleep(0.01)
+        sys.exit("the served system did not answer a usage snapshot")
+
+    def delta(self, table: list[dict[str, float]]) -> dict[str, float]:
+        first, last = table[0], table[-1]
+        return {k: last[k] - first.get(k, 0.0) for k in last}
+
+
+async def load(
+    address: str, requests: int, concurrency: int, clients: int, usage: Usage
+) -> tuple[float, int]:
     from disagg.client import AsyncClient
 
     done = 0
@@ -80,12 +154,15 @@ async def load(address: str, requests: int, concurrency: int, clients: int) -> t
         # warm-up
         await asyncio.gather(*(worker(client, "warmup") for _ in range(8)))
         done, next_index = 0, 0
+        usage.take()
         start = time.perf_counter()
         per_client = max(1, concurrency // clients)
         await asyncio.gather(
             *(worker(client, f"c{k}") for k in range(clients) for _ in range(per_client))
         )
-        return time.perf_counter() - start, done
+        seconds = time.perf_counter() - start
+        usage.take()
+        return seconds, done
 
 
 def main() -> None:
@@ -114,7 +191,10 @@ def main() -> None:
     )  # fmt: skip
     try:
         address = wait_for_address(server, port_file)
-        seconds, done = asyncio.run(load(address, args.requests, args.concurrency, args.clients))
+        usage = Usage(server, Path(f"{out}.snapshots"))
+        seconds, done = asyncio.run(
+            load(address, args.requests, args.concurrency, args.clients, usage)
+        )
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
@@ -134,6 +214,27 @@ def main() -> None:
     print(f"  latency p50 / p99    {pct(totals, 50) * 1e3:8.1f} / {pct(totals, 99) * 1e3:.1f} ms")
     print(
         f"  outside model p50/p99 {pct(outside, 50) * 1e3:7.1f} / {pct(outside, 99) * 1e3:.1f} ms"
+    )
+    cpu, model = usage.delta(usage.cpu), usage.delta(usage.model)
+    print(f"  CPU per request, by process ({os.cpu_count()} cores):")
+    for name, seconds_cpu in cpu.items():
+        role = "coordinator" if name == "server" else name
+        line = f"    {role:<14} {seconds_cpu / done * 1e3:6.3f} ms"
+        if name in model:
+            line += f"   (model steps {model[name] / done * 1e3:6.3f} ms)"
+        print(line)
+    total_cpu, total_model = sum(cpu.values()), sum(model.values())
+    print(
+        f"    {'all':<14} {total_cpu / done * 1e3:6.3f} ms   (model steps "
+        f"{total_model / done * 1e3:6.3f} ms)"
+    )
+    batch = args.concurrency // 2
+    alone = model_alone(batch, args.threads)
+    cores = os.cpu_count() or 1
+    print(
+        f"  model alone (this process, {args.threads} thread, prefill of {batch} prompts + one "
+        f"decode step of {batch}): {alone * 1e3:.3f} ms per request"
+        f" -> at most {cores / alone:.0f} req/s on {cores} cores with no control plane at all"
     )
 
 

@@ -4,6 +4,7 @@ ready. ``wait_for_address`` is the parent's side of that."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -19,3 +20,33 @@ def wait_for_address(server: subprocess.Popen, address_file: Path, timeout: floa
             sys.exit("the served system did not start")
         time.sleep(0.1)
     return address_file.read_text()
+
+
+def process_tree_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of process ``pid`` (``"server"``) and of each of
+    its children, named by the module they run (``prefill_node``, ``decode_node``), with
+    the child's node id when it has one. Linux only (reads /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu(p: int) -> float:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    def parent(p: int) -> int:
+        return int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    out = {"server": cpu(pid)}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if parent(int(entry.name)) != pid:
+                continue
+            argv = (entry / "cmdline").read_bytes().decode().split("\0")
+            name = argv[argv.index("-m") + 1] if "-m" in argv else argv[0]
+            if "--node-id" in argv:
+                name = argv[argv.index("--node-id") + 1]
+            out[name] = cpu(int(entry.name))
+        except (OSError, ValueError, IndexError):  # exited meanwhile, or not ours
+            continue
+    return out

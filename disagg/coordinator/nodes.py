@@ -32,6 +32,7 @@ class NodeState:
     # Tasks sent that the node had not seen at its last credit: (task number, tokens).
     unacked: deque[tuple[int, int]] = field(default_factory=deque)
     requests: set[int] = field(default_factory=set)  # rids it has work or KV for
+    model_s: float = 0.0  # model time of the batches and steps it reported
 
     @classmethod
     def from_register(cls, identity: bytes, msg: Register) -> NodeState:

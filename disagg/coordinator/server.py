@@ -508,9 +508,11 @@ class Coordinator:
                     if r.rid in self.requests
                 )
                 self.ttft_predictor.observe_batch(tokens, msg.results[0].prefill_s)
+                node.model_s += msg.results[0].prefill_s
             for result in msg.results:
                 self._on_prefilled(node, result)
         elif isinstance(msg, StepTokens):
+            node.model_s += msg.step_s
             for item in msg.items:
                 t = self.requests.get(item.rid)
                 if t is not None:
