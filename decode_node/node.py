@@ -3,7 +3,7 @@ for them, pulls their KV from the prefill node that holds it, runs continuous ba
 streams every step's tokens in one message, and preempts (for recomputation) the
 running request of the most-served client when blocks run out.
 
-A request arrives with a source (the prefill node's rank: pull its KV) or without one
+A request arrives with a source (the prefill node's KV endpoint: pull its KV) or without one
 (resume: recompute the KV from the prompt and the tokens already streamed, which is
 also how a preempted request or a failed pull comes back). Either way the client's
 stream goes on from the next token index.
@@ -46,7 +46,7 @@ class Decoding:
     counter: float
     arrival: float
     seq: Sequence
-    source_rank: int | None
+    source: str | None  # the KV endpoint holding its prompt KV; None: recompute
     receiving: bool = False  # the KV receive is under way
     released: bool = False  # released while receiving: free when the receive ends
 
@@ -66,7 +66,7 @@ class DecodeNode(NodeRuntime):
         self.pulling: dict[int, Decoding] = {}
         self.recompute: dict[int, Decoding] = {}
         self.running: dict[int, Decoding] = {}
-        self.broken_peers: set[int] = set()
+        self.broken_peers: set[str] = set()
         self.watermark = watermark(self.worker.kv_cache.num_blocks)
         self.stepping: dict[int, Decoding] = {}  # the batch on the model thread
 
@@ -103,7 +103,7 @@ class DecodeNode(NodeRuntime):
                     torch.empty(vocab, device=self.worker.device).exponential_(
                         1, generator=seq.generator
                     )
-        source = t.source_rank if t.source_rank not in self.broken_peers else None
+        source = t.source if t.source not in self.broken_peers else None
         return Decoding(t.rid, t.client_id, t.counter, t.arrival, seq, source)
 
     def _pull(self, msg: PullGo) -> None:
@@ -118,16 +118,16 @@ class DecodeNode(NodeRuntime):
             d.receiving = True
             n = d.seq.num_prompt_tokens
             blocks += d.seq.block_table[: blocks_for_tokens(n, self.block_size)]
-        self.transfers.recv(tuple(msg.rids), blocks, msg.source_rank)
+        self.transfers.recv(tuple(msg.rids), blocks, msg.source)
 
     def _source_lost(self, rid: int) -> None:
         waiting = self.waiting.get(rid)
         if waiting is not None:
-            waiting.source_rank = None
+            waiting.source = None
         d = self.pulling.get(rid)
         if d is not None and not d.receiving:
             del self.pulling[rid]
-            d.source_rank = None
+            d.source = None
             self.recompute[rid] = d
 
     def _release(self, rid: int) -> None:
@@ -173,7 +173,7 @@ class DecodeNode(NodeRuntime):
             elif done.error is None:
                 self.running[d.rid] = d
             else:  # the KV did not arrive whole: recompute it here
-                d.source_rank = None
+                d.source = None
                 self.recompute[d.rid] = d
 
     # -- admission and steps ---------------------------------------------------------
@@ -210,11 +210,11 @@ class DecodeNode(NodeRuntime):
                 break
             self.waiting.remove(d.rid)
             d.seq.block_table = allocator.allocate(need)
-            if d.source_rank is not None and d.source_rank not in self.broken_peers:
+            if d.source is not None and d.source not in self.broken_peers:
                 self.pulling[d.rid] = d
                 pulls.append(d.rid)
             else:
-                d.source_rank = None
+                d.source = None
                 self.recompute[d.rid] = d
         if pulls:  # one message; the coordinator batches them per prefill node
             self.link.send(PullRequest(rids=pulls))
@@ -306,7 +306,7 @@ class DecodeNode(NodeRuntime):
                 allocator.free(victim.seq.block_table)
                 victim.seq.block_table = []
                 victim.seq.num_preemptions += 1
-                victim.source_rank = None
+                victim.source = None
                 self.waiting.push(victim)
                 preempted.append(victim.rid)
                 if victim is d:

@@ -4,6 +4,11 @@ machine, started together and stopped together.
 ``ServedCluster`` is the same thing as a library object (tests, benchmarks and the demo
 use it): it runs the coordinator's event loop on a background thread and the nodes as
 child processes, and ``stop()`` drains, shuts the nodes down and frees everything.
+
+A node process that dies is started again (``restart_nodes``, at most
+``MAX_RESTARTS_PER_MINUTE`` times a minute per node): the new process registers under the
+same node id with a new KV endpoint and takes work like any other node, while the
+coordinator has already re-dispatched what the dead one held.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from disagg.scheduling import DISAGGREGATED_POLICIES, FairnessConfig
 log = logging.getLogger(__name__)
 
 POLICIES = (*DISAGGREGATED_POLICIES, "vtc")  # "vtc" on a cluster means two-stage VTC
+MAX_RESTARTS_PER_MINUTE = 5
 
 
 @dataclass
@@ -70,6 +76,7 @@ class ServeOptions:
     advertise_host: str = field(default_factory=socket.gethostname)
     reject_over_slo: float | None = None  # early rejection: predicted TTFT > factor x SLO
     curve_secret_key: str | None = None  # CurveZMQ keypair file: both endpoints encrypted
+    restart_nodes: bool = True  # a node process that dies is started again
 
     def __post_init__(self) -> None:
         if self.policy == "vtc":
@@ -125,6 +132,9 @@ class ServedCluster:
             metrics=self.metrics,
         )
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[str, list[float]] = {}  # node id -> when it was restarted
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
         self._gpus: dict[str, list[int]] = {}
         self.announce: Callable[[str], None] = lambda line: print(line, flush=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -134,16 +144,16 @@ class ServedCluster:
 
     # -- nodes -----------------------------------------------------------------------
 
-    def node_ids(self) -> list[tuple[str, str, int]]:
+    def node_ids(self) -> list[tuple[str, str]]:
+        """(role, node id) of every node, prefill nodes first."""
         o = self.options
         roles = [("prefill", f"prefill-{i}") for i in range(o.prefill)]
-        roles += [("decode", f"decode-{i}") for i in range(o.decode)]
-        return [(role, node_id, rank) for rank, (role, node_id) in enumerate(roles)]
+        return roles + [("decode", f"decode-{i}") for i in range(o.decode)]
 
     def _gpu_assignment(self) -> dict[str, list[int]]:
-        """On CUDA each node gets its own GPU (NCCL cannot put two ranks on one device,
-        and CUDA IPC between nodes sharing a GPU is not wired into the nodes yet): the
-        deployment's device lists, else GPU i for the i-th node."""
+        """On CUDA each node gets its own GPU (NCCL cannot pair two processes on one
+        device, and CUDA IPC between nodes sharing a GPU is not wired into the nodes yet):
+        the deployment's device lists, else GPU i for the i-th node."""
         o = self.options
         if o.device != "cuda" or o.external_nodes:  # external nodes bring their own GPUs
             return {}
@@ -159,10 +169,10 @@ class ServedCluster:
                 f"{len(nodes)} nodes on CUDA need {len(nodes)} GPUs (one each), this machine "
                 f"has {count}",
             )
-        return {node_id: [rank] for _, node_id, rank in nodes}
+        return {node_id: [index] for index, (_, node_id) in enumerate(nodes)}
 
     def node_command(
-        self, role: str, node_id: str, rank: int, threads: int, *, python: str = sys.executable
+        self, role: str, node_id: str, threads: int, *, python: str = sys.executable
     ) -> list[str]:
         """The command line of one node process (what `disagg serve` runs, or what an
         operator runs on another machine with ``--external-nodes``)."""
@@ -174,8 +184,6 @@ class ServedCluster:
             f"{role}_node",
             "--node-id", node_id,
             "--coordinator", self._advertised(self.node_address),
-            "--rank", str(rank),
-            "--world-size", str(o.prefill + o.decode),
             "--store", self._advertised(self.store_address),
             "--model", model,
             "--device", o.device,
@@ -199,33 +207,59 @@ class ServedCluster:
         return address.replace(self.options.host, self.options.advertise_host, 1)
 
     def _spawn_nodes(self) -> None:
+        for role, node_id in self.node_ids():
+            self._spawn(role, node_id)
+
+    def _spawn(self, role: str, node_id: str) -> None:
         o = self.options
-        world = o.prefill + o.decode
-        gpus = self._gpus
-        threads = o.threads_per_node or max(1, (os.cpu_count() or 1) // world)
-        env = dict(os.environ)
-        env["OMP_NUM_THREADS"] = str(threads)
+        threads = o.threads_per_node or max(1, (os.cpu_count() or 1) // (o.prefill + o.decode))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         if o.cluster_secret:
             env[CLUSTER_SECRET_ENV] = o.cluster_secret
-        for role, node_id, rank in self.node_ids():
-            cmd = self.node_command(role, node_id, rank, threads)
-            node_env = env
-            if node_id in gpus:  # this node's GPUs
-                node_env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus[node_id]))}
-            out = None
-            if o.log_dir:
-                Path(o.log_dir).mkdir(parents=True, exist_ok=True)
-                out = open(Path(o.log_dir) / f"{node_id}.log", "wb")  # noqa: SIM115
-                self._logs.append(out)
-            # A session of their own: Ctrl-C reaches `disagg serve`, which drains and then
-            # tells the nodes to stop; a node left alone stops when the coordinator is silent.
-            self.processes[node_id] = subprocess.Popen(
-                cmd,
-                env=node_env,
-                stdout=out,
-                stderr=subprocess.STDOUT if out else None,
-                start_new_session=True,
-            )
+        if node_id in self._gpus:  # this node's GPUs
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self._gpus[node_id]))
+        out = None
+        if o.log_dir:
+            Path(o.log_dir).mkdir(parents=True, exist_ok=True)
+            out = open(Path(o.log_dir) / f"{node_id}.log", "ab")  # noqa: SIM115
+            self._logs.append(out)
+        # A session of their own: Ctrl-C reaches `disagg serve`, which drains and then
+        # tells the nodes to stop; a node left alone stops when the coordinator is silent.
+        self.processes[node_id] = subprocess.Popen(
+            self.node_command(role, node_id, threads),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+
+    def _supervise(self) -> None:
+        """Start again every node process that died, until ``stop()``; a node that keeps
+        dying is given up after ``MAX_RESTARTS_PER_MINUTE`` restarts within a minute."""
+        roles = {node_id: role for role, node_id in self.node_ids()}
+        given_up: set[str] = set()
+        while not self._stopping.wait(0.2):
+            for node_id, proc in list(self.processes.items()):
+                code = proc.poll()
+                if code is None or node_id in given_up or self._stopping.is_set():
+                    continue
+                if self._loop is not None:  # gone now: no need to wait for its heartbeats
+                    self._loop.call_soon_threadsafe(
+                        self.coordinator.node_process_exited, node_id, proc.pid, code
+                    )
+                now = time.monotonic()
+                recent = [t for t in self.restarts.get(node_id, []) if now - t < 60]
+                if len(recent) >= MAX_RESTARTS_PER_MINUTE:
+                    log.error(
+                        "node %s exited with %s and was restarted %d times within a "
+                        "minute: not restarting it again",
+                        node_id, code, len(recent),
+                    )  # fmt: skip
+                    given_up.add(node_id)
+                    continue
+                log.warning("node %s exited with %s; starting it again", node_id, code)
+                self.restarts[node_id] = [*recent, now]
+                self._spawn(roles[node_id], node_id)
 
     def _announce_node_commands(self) -> None:
         o = self.options
@@ -235,8 +269,8 @@ class ServedCluster:
             + (f" (with {CLUSTER_SECRET_ENV} set)" if o.cluster_secret else "")
             + ":"
         )
-        for role, node_id, rank in self.node_ids():
-            cmd = self.node_command(role, node_id, rank, o.threads_per_node or 1, python="python")
+        for role, node_id in self.node_ids():
+            cmd = self.node_command(role, node_id, o.threads_per_node or 1, python="python")
             self.announce("  " + shlex.join(cmd))
 
     def kill_node(self, node_id: str, sig: int = signal.SIGKILL) -> None:
@@ -293,6 +327,11 @@ class ServedCluster:
         except BaseException:
             self.stop(drain_timeout=0)
             raise
+        if self.options.restart_nodes and not self.options.external_nodes:
+            self._supervisor = threading.Thread(
+                target=self._supervise, name="node-supervisor", daemon=True
+            )
+            self._supervisor.start()
         return self
 
     def _call(self, coro, timeout: float, watch_processes: bool = False):
@@ -319,6 +358,9 @@ class ServedCluster:
         Returns how many in-flight requests had to be failed."""
         timeout = self.options.drain_timeout if drain_timeout is None else drain_timeout
         failed = 0
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
             with contextlib.suppress(Exception):
                 failed = self._call(self.coordinator.drain(timeout), timeout=timeout + 5)
@@ -373,12 +415,8 @@ def run_serve(options: ServeOptions) -> int:
     if cluster.metrics_port is not None:
         print(f"disagg serve: metrics on http://{o.host}:{cluster.metrics_port}/metrics")
     print(f"disagg serve: listening for clients on {cluster.client_address}", flush=True)
-    while not stop.is_set():
-        stop.wait(0.5)
-        dead = [n for n, p in cluster.processes.items() if p.poll() is not None]
-        for node_id in dead:
-            log.warning("node %s exited with %s", node_id, cluster.processes[node_id].returncode)
-            cluster.processes.pop(node_id)
+    while not stop.wait(0.5):
+        pass
     print("disagg serve: draining ...", flush=True)
     failed = cluster.stop()
     print(f"disagg serve: stopped ({failed} in-flight requests failed by the drain timeout)")

@@ -27,6 +27,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on shutdown")
     p.add_argument("--log-dir", default=None, help="write node logs here")
     p.add_argument(
+        "--no-restart-nodes",
+        dest="restart_nodes",
+        action="store_false",
+        help="leave a node process that dies dead (default: start it again)",
+    )
+    p.add_argument(
         "--ttft-slo", type=float, default=None, help="seconds (overrides the deployment's)"
     )
     p.add_argument(
@@ -80,6 +86,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         threads_per_node=args.threads_per_node,
         drain_timeout=args.drain_timeout,
         log_dir=args.log_dir,
+        restart_nodes=args.restart_nodes,
     )
     if args.deployment:
         from disagg.deployment import load_deployment

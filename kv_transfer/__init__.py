@@ -22,6 +22,7 @@ from kv_transfer.factory import BACKEND_KINDS, device_identity, make_backend, re
 from kv_transfer.group import TransferGroup, init_transfer_group
 from kv_transfer.local import LocalBackend, LocalHub
 from kv_transfer.p2p import P2PBackend
+from kv_transfer.pairs import PairGroup, PairGroups, new_endpoint
 
 __all__ = [
     "BACKEND_KINDS",
@@ -33,6 +34,8 @@ __all__ = [
     "LocalBackend",
     "LocalHub",
     "P2PBackend",
+    "PairGroup",
+    "PairGroups",
     "TransferChannelError",
     "TransferChecksumError",
     "TransferGroup",
@@ -43,6 +46,7 @@ __all__ = [
     "export_kv_pool",
     "init_transfer_group",
     "make_backend",
+    "new_endpoint",
     "open_kv_pool",
     "resolve_kind",
 ]

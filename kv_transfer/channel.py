@@ -57,7 +57,7 @@ from kv_transfer.layout import (
     block_id_tensor,
     layer_checksum,
 )
-from kv_transfer.links import PeerLinks, Xfer
+from kv_transfer.links import Group, PeerLinks, Xfer
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,7 @@ class DistChannelBackend(KVTransferBackend):
 
     def __init__(
         self,
-        group: dist.ProcessGroup | None,
+        group: Group,
         device: torch.device,
         control_device: torch.device,
         *,

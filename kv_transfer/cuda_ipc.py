@@ -29,7 +29,8 @@ from kv_transfer.channel import DistChannelBackend, PayloadResult, first_bad_lay
 from kv_transfer.errors import InvalidTransferArgument
 from kv_transfer.header import DTYPE_CODES, MISMATCH_FIELDS, Flag, Status, Verdict, dtype_code
 from kv_transfer.layout import KVLayers, KVLayout, LayerHook
-from kv_transfer.links import Xfer
+from kv_transfer.links import Group, Xfer, group_backend_name
+from kv_transfer.pairs import PairGroup
 
 _HANDLE_VERSION = 1
 # Layers copied per gather/scatter pair: few kernel launches, and a staging buffer small
@@ -163,7 +164,7 @@ class CudaIpcBackend(DistChannelBackend):
 
     def __init__(
         self,
-        group: dist.ProcessGroup | None,
+        group: Group,
         device: torch.device | str,
         *,
         pool: torch.Tensor | None = None,
@@ -174,7 +175,8 @@ class CudaIpcBackend(DistChannelBackend):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if dist.is_initialized() and "gloo" not in str(dist.get_backend(group)):
+        direct = isinstance(group, PairGroup)
+        if (direct or dist.is_initialized()) and "gloo" not in group_backend_name(group):
             raise InvalidTransferArgument(
                 "group", "CUDA IPC sends its control messages over a gloo group"
             )

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import torch
-import torch.distributed as dist
 
 from kv_transfer.base import KVTransferBackend
 from kv_transfer.cuda_ipc import CudaIpcBackend, cuda_device_uuid
 from kv_transfer.errors import InvalidTransferArgument
 from kv_transfer.layout import LayerHook
+from kv_transfer.links import Group
 from kv_transfer.local import LocalBackend, LocalHub
 from kv_transfer.p2p import DEFAULT_PIPELINE_DEPTH, P2PBackend
 
@@ -56,7 +56,7 @@ def make_backend(
     kind: str = "auto",
     *,
     device: torch.device | str = "cpu",
-    group: dist.ProcessGroup | None = None,
+    group: Group = None,
     hub: LocalHub | None = None,
     rank: int | None = None,
     same_process: bool = False,

@@ -1,11 +1,11 @@
 """The process group KV moves over, joined through a TCPStore rendezvous.
 
-How the runtime uses it: every prefill and decode process of a deployment calls
-``init_transfer_group(rank, world_size, "host:port", backend)`` with its own rank and the
-store address from the deployment (the coordinator's host, or rank 0 hosting the store);
-``backend`` is ``"gloo"`` on CPU and ``"nccl"`` across GPUs (CUDA IPC sends its control
-messages over gloo). The node then makes a backend with ``make_backend(..., group=None)``
-(the default group made here) and addresses peers by rank.
+Every member calls ``init_transfer_group(rank, world_size, "host:port", backend)`` with
+its own rank and the store address; ``backend`` is ``"gloo"`` on CPU and ``"nccl"``
+across GPUs (CUDA IPC sends its control messages over gloo), then makes a backend with
+``make_backend(..., group=None)`` (the default group made here) and addresses peers by
+rank. Tests and benchmarks use this; the served nodes use ``kv_transfer.pairs`` instead,
+whose two-member groups let a dead node be replaced.
 
 A timed-out or failed transfer breaks the channel to that peer (see ``TransferTimeout``).
 Recovery is collective: every member calls ``TransferGroup.rebuild()`` (the coordinator

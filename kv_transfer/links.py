@@ -19,6 +19,7 @@ import torch.distributed as dist
 from kv_transfer.base import check_timeout
 from kv_transfer.errors import InvalidTransferArgument, TransferChannelError, TransferTimeout
 from kv_transfer.header import RequestId
+from kv_transfer.pairs import PairGroup
 
 # A wait that starts after the deadline still gets this long, so work that already
 # finished is collected instead of being reported late.
@@ -36,17 +37,33 @@ class Xfer:
     deadline: float  # time.monotonic() deadline
 
 
-class PeerLinks:
-    """``isend``/``irecv``/``wait`` to the other ranks of ``group`` (None: the default)."""
+Group = dist.ProcessGroup | PairGroup | None
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
-        if not dist.is_initialized():
-            raise InvalidTransferArgument(
-                "group", "torch.distributed is not initialised; call init_transfer_group first"
-            )
+
+def group_backend_name(group: Group) -> str:
+    """``"gloo"`` or ``"nccl"`` (or what torch calls the group's backend)."""
+    if isinstance(group, PairGroup):
+        return group.name
+    return str(dist.get_backend(group))
+
+
+class PeerLinks:
+    """``isend``/``irecv``/``wait`` to the other ranks of ``group``: a registered process
+    group (None: the default one) or a ``PairGroup`` (``kv_transfer.pairs``)."""
+
+    def __init__(self, group: Group) -> None:
         self._group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
+        self._pair = group if isinstance(group, PairGroup) else None
+        if self._pair is not None:
+            self.rank, self.world_size = self._pair.rank, 2
+        else:
+            if not dist.is_initialized():
+                raise InvalidTransferArgument(
+                    "group",
+                    "torch.distributed is not initialised; call init_transfer_group first",
+                )
+            self.rank = dist.get_rank(group)
+            self.world_size = dist.get_world_size(group)
         self._broken: dict[int, str] = {}
 
     def begin(self, request_id: RequestId, peer: int, timeout: float) -> Xfer:
@@ -67,12 +84,16 @@ class PeerLinks:
 
     def isend(self, tensor: torch.Tensor, x: Xfer) -> dist.Work:
         try:
+            if self._pair is not None:
+                return self._pair.send(tensor, x.peer)
             return dist.isend(tensor, group=self._group, group_dst=x.peer)
         except RuntimeError as e:
             raise self._failed(x, "send", e) from e
 
     def irecv(self, tensor: torch.Tensor, x: Xfer) -> dist.Work:
         try:
+            if self._pair is not None:
+                return self._pair.recv(tensor, x.peer)
             return dist.irecv(tensor, group=self._group, group_src=x.peer)
         except RuntimeError as e:
             raise self._failed(x, "receive", e) from e

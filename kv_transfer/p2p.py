@@ -35,7 +35,8 @@ from kv_transfer.channel import DistChannelBackend, PayloadResult, first_bad_lay
 from kv_transfer.errors import InvalidTransferArgument
 from kv_transfer.header import SenderHeader
 from kv_transfer.layout import KVLayout, LayerHook
-from kv_transfer.links import Xfer
+from kv_transfer.links import Group, Xfer, group_backend_name
+from kv_transfer.pairs import PairGroup
 
 # Layers smaller than this travel together (a wire-format constant: both sides must use
 # the same value, and the header's layers_per_message field checks that they do).
@@ -50,7 +51,8 @@ def layers_per_message(num_layers: int, layer_bytes: int) -> int:
 
 
 class P2PBackend(DistChannelBackend):
-    """KV over ``dist.isend``/``dist.irecv`` in ``group`` (None: the default group).
+    """KV over ``dist.isend``/``dist.irecv`` in ``group`` (None: the default group; or a
+    pair group from ``kv_transfer.pairs``).
 
     ``device`` is where the caches live: CPU needs a gloo group, CUDA an NCCL group.
     ``checksums`` turns on debug checksums (both sides must agree: it is in the header).
@@ -61,7 +63,7 @@ class P2PBackend(DistChannelBackend):
 
     def __init__(
         self,
-        group: dist.ProcessGroup | None,
+        group: Group,
         device: torch.device | str,
         *,
         checksums: bool = False,
@@ -74,7 +76,8 @@ class P2PBackend(DistChannelBackend):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         need = "nccl" if device.type == "cuda" else "gloo"
-        group_backend = str(dist.get_backend(group)) if dist.is_initialized() else need
+        direct = isinstance(group, PairGroup)
+        group_backend = group_backend_name(group) if direct or dist.is_initialized() else need
         if need not in group_backend:
             raise InvalidTransferArgument(
                 "group", f"{device.type} caches need a {need} group, this one is {group_backend}"

@@ -82,7 +82,7 @@ class PrefillNode(NodeRuntime):
                 continue
             held.pushing = True
             blocks += held.blocks[: blocks_for_tokens(held.num_tokens, self.block_size)]
-        self.transfers.send(tuple(msg.rids), blocks, msg.dest_rank)
+        self.transfers.send(tuple(msg.rids), blocks, msg.dest)
 
     def _release(self, rid: int) -> None:
         if self.waiting.remove(rid) is not None:

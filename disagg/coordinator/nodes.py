@@ -15,7 +15,7 @@ class NodeState:
     node_id: str
     identity: bytes  # the node's ZeroMQ routing id
     role: Role
-    rank: int
+    endpoint: str  # its KV endpoint (node id + incarnation)
     block_size: int
     capacity_tokens: int
     max_model_len: int
@@ -40,7 +40,7 @@ class NodeState:
             node_id=msg.node_id,
             identity=identity,
             role=msg.role,
-            rank=msg.rank,
+            endpoint=msg.endpoint,
             block_size=msg.block_size,
             capacity_tokens=msg.capacity_tokens,
             max_model_len=msg.max_model_len,

@@ -492,7 +492,7 @@ class Coordinator:
         node = NodeState.from_register(identity, msg)
         self.nodes[msg.node_id] = node
         self.by_identity[identity] = node
-        log.info("node %s (%s, rank %d) joined", msg.node_id, msg.role, msg.rank)
+        log.info("node %s (%s, %s) joined", msg.node_id, msg.role, msg.endpoint)
         if self.metrics:
             self.metrics.set_node_alive(node.node_id, node.role, True)
         self._send_node(node, Welcome(node_id=msg.node_id, counters=self._counters(msg.role)))
@@ -612,8 +612,8 @@ class Coordinator:
             by_source.setdefault(source.node_id, []).append(rid)
         for source_id, group in by_source.items():
             source = self.nodes[source_id]
-            self._send_node(source, Push(rids=group, dest_rank=node.rank))
-            self._send_node(node, PullGo(rids=group, source_rank=source.rank))
+            self._send_node(source, Push(rids=group, dest=node.endpoint))
+            self._send_node(node, PullGo(rids=group, source=source.endpoint))
 
     def _on_pushed(self, node: NodeState, msg: Pushed) -> None:
         for rid in msg.rids:
@@ -759,7 +759,7 @@ class Coordinator:
                 break
             policy.pop()
             holder = self.nodes.get(t.kv_node) if t.kv_node else None
-            source = holder.rank if holder is not None and holder.alive else None
+            source = holder.endpoint if holder is not None and holder.alive else None
             t.phase, t.decode_node, t.pull_started = Phase.DECODING, node.node_id, False
             node.requests.add(t.rid)
             self._send_node(
@@ -773,7 +773,7 @@ class Coordinator:
                     sampling=t.sampling,
                     counter=self._counter_of(policy, t.client_id),
                     arrival=t.arrival_time,
-                    source_rank=source,
+                    source=source,
                 ),
             )
 
@@ -883,6 +883,13 @@ class Coordinator:
         )
 
     # -- timers ----------------------------------------------------------------------
+
+    def node_process_exited(self, node_id: str, pid: int, returncode: int) -> None:
+        """Whoever runs node processes saw ``pid`` (running ``node_id``) exit: that node is
+        gone now, without waiting for its heartbeats to stop (call on the loop)."""
+        node = self.nodes.get(node_id)
+        if node is not None and node.alive and node.pid == pid:
+            self._node_lost(node, f"its process exited with {returncode}")
 
     def _check_nodes(self) -> None:
         now = time.monotonic()

@@ -42,14 +42,18 @@ class CoordinatorLink:
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
         self.last_sent = 0.0
+        self._early: list[CoordinatorToNode] = []  # work that came with the Welcome
 
     def register(self, hello: Register, timeout: float = 60.0) -> Welcome:
         """Sends ``hello`` until the coordinator answers (it may start after us)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.send(hello)
-            for msg in self.receive(timeout=1.0):
+            batch = self.receive(timeout=1.0)
+            for i, msg in enumerate(batch):
                 if isinstance(msg, Welcome):
+                    # A coordinator with work waiting sends it right behind the Welcome.
+                    self._early = [m for m in batch[i + 1 :] if not isinstance(m, Welcome)]
                     return msg
                 if isinstance(msg, Refused):
                     raise RegistrationError(f"the coordinator refused {self.node_id}: {msg.reason}")
@@ -67,7 +71,9 @@ class CoordinatorLink:
 
     def receive(self, timeout: float) -> list[CoordinatorToNode]:
         """Every message waiting, after waiting up to ``timeout`` s for the first."""
-        out: list[CoordinatorToNode] = []
+        out, self._early = self._early, []
+        if out:
+            timeout = 0.0
         if not self._poller.poll(max(0, int(timeout * 1000))):
             return out
         if not self.socket.poll(0):

@@ -170,29 +170,31 @@ class NodeRuntime(ABC):
 
 
 def start_node(settings: NodeSettings, node_class: type[NodeRuntime]) -> None:
-    """Everything a node process does: load the model, join the KV transfer group,
-    register with the coordinator, run until told to stop. Exits without tearing the
-    process group down (a dead peer can make that hang)."""
-    from kv_transfer import init_transfer_group, make_backend
+    """Everything a node process does: load the model, take a fresh KV endpoint (pairs
+    with peers form through the store on first use), register with the coordinator, run
+    until told to stop. Exits without tearing transfer groups down (a dead peer can make
+    that hang)."""
+    from kv_transfer import make_backend
+    from kv_transfer.pairs import PairGroups, new_endpoint
 
     prepare_process(settings)
     worker = ModelWorker(settings.engine_config())
     backend_name = "nccl" if worker.device.type == "cuda" else "gloo"
-    init_transfer_group(
-        settings.rank,
-        settings.world_size,
-        settings.store,
-        backend_name,
-        timeout=max(60.0, settings.transfer_timeout),
-        host_store=False,
-    )
-    backend = make_backend(backend_name, device=worker.device, checksums=settings.checksums)
+    endpoint = new_endpoint(settings.node_id)
+    timeout = max(60.0, settings.transfer_timeout)
+    pairs = PairGroups(settings.store, endpoint, backend_name, timeout)
     transfers = TransferThreads(
-        backend, worker.kv_cache.layers, worker.block_size, settings.transfer_timeout
+        pairs,
+        lambda group: make_backend(
+            backend_name, device=worker.device, group=group, checksums=settings.checksums
+        ),
+        worker.kv_cache.layers,
+        worker.block_size,
+        settings.transfer_timeout,
     )
     link = CoordinatorLink(settings.coordinator, settings.node_id, settings.curve_server_key)
-    link.register(registration(settings, worker))
-    log.info("%s registered (rank %d)", settings.node_id, settings.rank)
+    link.register(registration(settings, worker, endpoint))
+    log.info("%s registered (KV endpoint %s)", settings.node_id, endpoint)
     node = node_class(settings, worker, link, transfers)
     node.run()
     transfers.close()

@@ -24,9 +24,7 @@ class NodeSettings:
     role: Role
     node_id: str
     coordinator: str  # the coordinator's node endpoint, tcp://host:port
-    rank: int
-    world_size: int
-    store: str  # the TCPStore of the KV transfer group, host:port
+    store: str  # the TCPStore KV transfer pairs form through, host:port
     model: str = "tiny"
     device: str = "cpu"
     dtype: str = "auto"
@@ -47,8 +45,6 @@ class NodeSettings:
     def add_arguments(cls, p: argparse.ArgumentParser) -> None:
         p.add_argument("--node-id", required=True)
         p.add_argument("--coordinator", required=True, help="node endpoint, tcp://host:port")
-        p.add_argument("--rank", type=int, required=True, help="rank in the KV transfer group")
-        p.add_argument("--world-size", type=int, required=True)
         p.add_argument("--store", required=True, help="KV transfer rendezvous, host:port")
         p.add_argument("--model", default="tiny")
         p.add_argument("--device", default="cpu")
@@ -104,11 +100,11 @@ def model_fingerprint(worker: ModelWorker) -> str:
     )
 
 
-def registration(settings: NodeSettings, worker: ModelWorker) -> Register:
+def registration(settings: NodeSettings, worker: ModelWorker, endpoint: str) -> Register:
     return Register(
         node_id=settings.node_id,
         role=settings.role,
-        rank=settings.rank,
+        endpoint=endpoint,
         secret=os.environ.get(CLUSTER_SECRET_ENV),
         model=model_fingerprint(worker),
         block_size=worker.block_size,

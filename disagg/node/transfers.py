@@ -1,6 +1,11 @@
 """KV transfers off the node's main thread: one thread per peer, because a backend's
 calls for one peer must not overlap (and run in the same order on both sides), while
-calls for different peers may run in parallel. Results come back through ``completed``."""
+calls for different peers may run in parallel. Results come back through ``completed``.
+
+Peers are KV endpoints (``kv_transfer.pairs``: node id + incarnation). The first transfer
+with a peer forms the pair group with it, on that peer's thread, and makes the backend
+that runs over it. A channel that broke stays broken for that incarnation (the backend
+fails later calls at once); a replacement node comes with a new endpoint and a new pair."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Literal
 
 from kv_transfer import KVTransferBackend, KVTransferError, TransferStats
 from kv_transfer.errors import TransferChannelError, TransferTimeout
+from kv_transfer.pairs import PairGroups
 
 log = logging.getLogger(__name__)
 
@@ -21,30 +27,41 @@ log = logging.getLogger(__name__)
 class TransferDone:
     rids: tuple[int, ...]
     role: Literal["send", "recv"]
-    peer: int
+    peer: str
     stats: TransferStats | None
     error: str | None = None
     broken_channel: bool = False  # the channel to ``peer`` cannot carry another transfer
 
 
 class TransferThreads:
+    """``make_backend(group)`` builds the backend for one pair group."""
+
     def __init__(
-        self, backend: KVTransferBackend, kv_layers: list, block_size: int, timeout: float
+        self,
+        pairs: PairGroups,
+        make_backend: Callable[[object], KVTransferBackend],
+        kv_layers: list,
+        block_size: int,
+        timeout: float,
     ):
-        self.backend = backend
+        self.pairs = pairs
+        self.make_backend = make_backend
         self.block_size = block_size
         self.kv_layers = kv_layers
         self.timeout = timeout
-        self._peers: dict[int, ThreadPoolExecutor] = {}
+        # Touched by each peer's own thread only.
+        self._backends: dict[str, tuple[KVTransferBackend, int]] = {}
+        self._unformed: dict[str, str] = {}  # peer -> why its pair could not be formed
+        self._peers: dict[str, ThreadPoolExecutor] = {}
         self._done: queue.SimpleQueue[TransferDone] = queue.SimpleQueue()
         self.in_flight = 0
         self.on_done: Callable[[], None] = lambda: None  # called from the transfer thread
 
-    def send(self, rids: tuple[int, ...], block_ids: list[int], peer: int) -> None:
+    def send(self, rids: tuple[int, ...], block_ids: list[int], peer: str) -> None:
         """One transfer of several requests' blocks, back to back (whole blocks)."""
         self._submit("send", rids, block_ids, peer)
 
-    def recv(self, rids: tuple[int, ...], block_ids: list[int], peer: int) -> None:
+    def recv(self, rids: tuple[int, ...], block_ids: list[int], peer: str) -> None:
         self._submit("recv", rids, block_ids, peer)
 
     def completed(self) -> list[TransferDone]:
@@ -60,36 +77,51 @@ class TransferThreads:
     def _submit(self, role, rids, block_ids, peer) -> None:
         pool = self._peers.get(peer)
         if pool is None:
-            pool = self._peers[peer] = ThreadPoolExecutor(1, thread_name_prefix=f"kv-peer{peer}")
+            pool = self._peers[peer] = ThreadPoolExecutor(1, thread_name_prefix=f"kv-{peer}")
         self.in_flight += 1
         pool.submit(self._run, role, tuple(rids), list(block_ids), peer)
 
+    def _backend(self, peer: str) -> tuple[KVTransferBackend, int]:
+        """The backend and the peer's rank in it (on the peer's thread). A pair that could
+        not be formed is not formed again: its store keys are spent, and the peer is most
+        likely gone (a replacement comes with a new endpoint)."""
+        known = self._backends.get(peer)
+        if known is None:
+            if peer in self._unformed:
+                raise TransferChannelError(peer, self._unformed[peer])
+            try:
+                group, peer_rank = self.pairs.form(peer)
+            except KVTransferError as e:
+                self._unformed[peer] = f"forming the pair failed: {e}"
+                raise TransferChannelError(peer, self._unformed[peer]) from e
+            known = self._backends[peer] = (self.make_backend(group), peer_rank)
+        return known
+
     def _run(self, role, rids, block_ids, peer) -> None:
-        call = self.backend.send if role == "send" else self.backend.recv
         # Both sides derive the same id from the same rids; the header carries its digest.
         transfer_id = "+".join(map(str, rids))
         try:
             if not block_ids:
                 raise KVTransferError("none of the requests of this transfer is here")
+            backend, peer_rank = self._backend(peer)
+            call = backend.send if role == "send" else backend.recv
             stats = call(
                 transfer_id,
                 self.kv_layers,
                 block_ids,
-                peer,
+                peer_rank,
                 num_tokens=len(block_ids) * self.block_size,
                 timeout=self.timeout,
             )
             self._done.put(TransferDone(rids, role, peer, stats))
-            self.on_done()
         except KVTransferError as e:
             broken = isinstance(e, TransferTimeout | TransferChannelError)
-            log.warning("KV %s of requests %s with rank %d failed: %s", role, rids, peer, e)
+            log.warning("KV %s of requests %s with %s failed: %s", role, rids, peer, e)
             self._done.put(TransferDone(rids, role, peer, None, str(e), broken))
-            self.on_done()
         except Exception as e:
-            log.warning("KV %s of requests %s with rank %d failed: %r", role, rids, peer, e)
+            log.warning("KV %s of requests %s with %s failed: %r", role, rids, peer, e)
             self._done.put(TransferDone(rids, role, peer, None, repr(e), True))
-            self.on_done()
+        self.on_done()
 
     def close(self) -> None:
         for pool in self._peers.values():

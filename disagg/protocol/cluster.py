@@ -1,6 +1,6 @@
 """The typed messages between the coordinator's node endpoint and prefill/decode nodes.
 
-Same framing as the client protocol, under its own magic: ``[b"disagg-node", b"1", JSON]``
+Same framing as the client protocol, under its own magic: ``[b"disagg-node", b"2", JSON]``
 (a client that dials the node port by mistake is refused, not misread). Nodes use a
 DEALER, the coordinator a ROUTER. Tensors never travel here: KV moves over
 ``kv_transfer``; these messages say which request moves where.
@@ -8,14 +8,18 @@ DEALER, the coordinator a ROUTER. Tensors never travel here: KV moves over
 Request ids on this channel are the coordinator's integer ids (``rid``), unique for the
 coordinator's lifetime; a node never sees a client's own request id.
 
+Nodes name each other by KV endpoint (``kv_transfer.pairs``): the node id plus a random
+incarnation tag, new on every start, so a restarted node is a new peer, never mistaken
+for the process it replaces.
+
 The life of a request, as the messages tell it::
 
     coordinator -> prefill   PrefillTask      (credit allowing)
     prefill -> coordinator   Prefilled        (first token; KV now held)
     coordinator -> decode    DecodeTask       (source = the prefill node; credit allowing)
     decode -> coordinator    PullRequest      (decode has blocks for them)
-    coordinator -> prefill   Push             (send KV to that rank)
-    coordinator -> decode    PullGo           (receive KV from that rank)
+    coordinator -> prefill   Push             (send KV to that endpoint)
+    coordinator -> decode    PullGo           (receive KV from that endpoint)
 
 Pulls are batched: one transfer carries every request a decode node admitted in one
 step from the same prefill node, their blocks back to back in the order of ``rids``
@@ -40,11 +44,13 @@ from disagg.errors import ProtocolError
 from disagg.protocol.messages import Sampling
 
 NODE_MAGIC = b"disagg-node"
-NODE_PROTOCOL_VERSION = b"1"
+NODE_PROTOCOL_VERSION = b"2"
 MAX_NODE_MESSAGE_BYTES = 64 << 20
 
 Role = Literal["prefill", "decode"]
 FinishReason = Literal["stop", "length"]
+# A KV endpoint: node id, "@", incarnation tag (kv_transfer.pairs.new_endpoint).
+Endpoint = Annotated[str, Field(min_length=3, max_length=256, pattern=r"^[^@|]+@[0-9a-f]+$")]
 
 
 class _NodeMessage(BaseModel):
@@ -55,13 +61,14 @@ class _NodeMessage(BaseModel):
 
 
 class Register(_NodeMessage):
-    """A node joins. ``rank`` is its rank in the KV transfer group; ``capacity_tokens``
-    its KV pool; ``model`` the model's fingerprint, which must match the coordinator's."""
+    """A node joins. ``endpoint`` names this incarnation for KV transfers;
+    ``capacity_tokens`` is its KV pool; ``model`` the model's fingerprint, which must match
+    the coordinator's."""
 
     type: Literal["register"] = "register"
     node_id: str
     role: Role
-    rank: int
+    endpoint: Endpoint
     secret: str | None = None
     model: str
     block_size: int
@@ -184,8 +191,8 @@ class PrefillTask(_NodeMessage):
 
 
 class DecodeTask(_NodeMessage):
-    """Decode ``rid``. ``source_rank`` is the prefill node holding its KV (covering the
-    prompt), or None: resume by recomputing from prompt + ``output_token_ids``."""
+    """Decode ``rid``. ``source`` is the endpoint of the prefill node holding its KV
+    (covering the prompt), or None: resume by recomputing from prompt + ``output_token_ids``."""
 
     type: Literal["decode_task"] = "decode_task"
     task: int
@@ -196,23 +203,23 @@ class DecodeTask(_NodeMessage):
     sampling: Sampling
     counter: float
     arrival: float
-    source_rank: int | None = None
+    source: Endpoint | None = None
 
 
 class Push(_NodeMessage):
-    """Send the KV of ``rids`` (in this order, as one transfer) to ``dest_rank``."""
+    """Send the KV of ``rids`` (in this order, as one transfer) to endpoint ``dest``."""
 
     type: Literal["push"] = "push"
     rids: list[int]
-    dest_rank: int
+    dest: Endpoint
 
 
 class PullGo(_NodeMessage):
-    """Receive the KV of ``rids`` (in this order, as one transfer) from ``source_rank``."""
+    """Receive the KV of ``rids`` (in this order, as one transfer) from endpoint ``source``."""
 
     type: Literal["pull_go"] = "pull_go"
     rids: list[int]
-    source_rank: int
+    source: Endpoint
 
 
 class SourceLost(_NodeMessage):

@@ -59,13 +59,13 @@ class Running:
 
 
 class FakeNode:
-    def __init__(self, address: str, node_id: str, role: str, rank: int, **register):
+    def __init__(self, address: str, node_id: str, role: str, **register):
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, node_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
         fields = dict(
-            node_id=node_id, role=role, rank=rank, model="tiny-test", block_size=16,
+            node_id=node_id, role=role, endpoint=f"{node_id}@0a", model="tiny-test", block_size=16,
             capacity_tokens=4096, max_model_len=1024, max_batch_tokens=4096, pid=1,
         )  # fmt: skip
         fields.update(register)
@@ -98,12 +98,12 @@ def running():
 def test_wrong_secret_and_other_model_are_refused():
     r = Running(cluster_secret="s3cret-s3cret")
     try:
-        bad = FakeNode(r.node_address, "prefill-0", "prefill", 0, secret="nope")
+        bad = FakeNode(r.node_address, "prefill-0", "prefill", secret="nope")
         assert isinstance(bad.welcome, Refused) and "secret" in bad.welcome.reason
-        good = FakeNode(r.node_address, "prefill-1", "prefill", 1, secret="s3cret-s3cret")
+        good = FakeNode(r.node_address, "prefill-1", "prefill", secret="s3cret-s3cret")
         assert isinstance(good.welcome, Welcome)
         other = FakeNode(
-            r.node_address, "decode-0", "decode", 2, secret="s3cret-s3cret", model="other"
+            r.node_address, "decode-0", "decode", secret="s3cret-s3cret", model="other"
         )
         assert isinstance(other.welcome, Refused) and "model" in other.welcome.reason
         for n in (bad, good, other):
@@ -123,7 +123,7 @@ def generate_in_background(address: str, **kwargs):
 
 
 def test_a_request_failing_on_every_attempt_ends_in_request_failed(running):
-    node = FakeNode(running.node_address, "prefill-0", "prefill", 0)
+    node = FakeNode(running.node_address, "prefill-0", "prefill")
     result = generate_in_background(running.client_address, max_tokens=4)
     for _ in range(running.coordinator.settings.max_attempts):
         task = node.recv()
@@ -138,8 +138,8 @@ def test_a_request_failing_on_every_attempt_ends_in_request_failed(running):
 def test_kv_lease_expiry_releases_and_the_decode_node_recomputes_no_token_repeats():
     r = Running(kv_lease_s=0.3)
     try:
-        prefill = FakeNode(r.node_address, "prefill-0", "prefill", 0)
-        decode = FakeNode(r.node_address, "decode-0", "decode", 1)
+        prefill = FakeNode(r.node_address, "prefill-0", "prefill")
+        decode = FakeNode(r.node_address, "decode-0", "decode")
         result = generate_in_background(r.client_address, max_tokens=3, temperature=0)
         task = prefill.recv()
         assert isinstance(task, PrefillTask)
@@ -147,7 +147,7 @@ def test_kv_lease_expiry_releases_and_the_decode_node_recomputes_no_token_repeat
             Prefilled(results=[PrefillResult(rid=task.rid, first_token=7, prefill_start=time.monotonic(), prefill_s=0.001)])
         )  # fmt: skip
         work = decode.recv()
-        assert isinstance(work, DecodeTask) and work.source_rank == 0
+        assert isinstance(work, DecodeTask) and work.source == "prefill-0@0a"
         assert work.output_token_ids == [7]
         # nobody pulls: after the lease the holder releases and the decoder is told
         assert isinstance(prefill.recv(), Release)
@@ -168,8 +168,8 @@ def test_kv_lease_expiry_releases_and_the_decode_node_recomputes_no_token_repeat
 
 
 def test_malformed_node_messages_are_dropped_and_service_goes_on(running):
-    node = FakeNode(running.node_address, "prefill-0", "prefill", 0)
-    node.sock.send_multipart([b"disagg-node", b"1", b"{not json"])
+    node = FakeNode(running.node_address, "prefill-0", "prefill")
+    node.sock.send_multipart([b"disagg-node", b"2", b"{not json"])
     node.sock.send_multipart([b"garbage"])
     node.sock.send_multipart([b"disagg-node", b"9", b"{}"])
     result = generate_in_background(running.client_address, max_tokens=1)
@@ -183,8 +183,8 @@ def test_malformed_node_messages_are_dropped_and_service_goes_on(running):
 
 
 def test_pull_of_a_request_not_held_is_answered_with_source_lost(running):
-    prefill = FakeNode(running.node_address, "prefill-0", "prefill", 0)
-    decode = FakeNode(running.node_address, "decode-0", "decode", 1)
+    prefill = FakeNode(running.node_address, "prefill-0", "prefill")
+    decode = FakeNode(running.node_address, "decode-0", "decode")
     result = generate_in_background(running.client_address, max_tokens=2, temperature=0)
     task = prefill.recv()
     prefill.send(
@@ -198,7 +198,7 @@ def test_pull_of_a_request_not_held_is_answered_with_source_lost(running):
     assert any(isinstance(m, PullGo) and m.rids == [work.rid] for m in replies)
     assert any(isinstance(m, Release) and m.rid == 999_999 for m in replies)
     push = prefill.recv()
-    assert isinstance(push, Push) and push.rids == [work.rid] and push.dest_rank == 1
+    assert isinstance(push, Push) and push.rids == [work.rid] and push.dest == "decode-0@0a"
     decode.send(
         StepTokens(items=[TokenItem(rid=work.rid, index=1, token_ids=[5], finish_reason="length")])
     )  # fmt: skip

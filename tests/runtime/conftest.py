@@ -18,6 +18,7 @@ def start_cluster(tmp_path, **options) -> ServedCluster:
         "log_dir": str(tmp_path / "logs"),
         "dead_after_s": 2.0,
         "no_node_timeout_s": 10.0,
+        "restart_nodes": False,  # a killed node stays dead unless a test asks otherwise
         **options,
     }
     return ServedCluster(ServeOptions(**options)).start()

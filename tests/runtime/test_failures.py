@@ -131,6 +131,41 @@ def test_no_decode_node_left_fails_with_server_unavailable(tmp_path):
         cluster.stop(drain_timeout=2)
 
 
+def test_a_dead_node_is_started_again_and_pairs_afresh(tmp_path, offline):
+    """The only decode node dies mid-stream: the supervisor starts it again, the streams
+    resume on the new process (no gap, no repeat, tokens equal offline), and the new
+    incarnation pulls KV from the surviving prefill node over a freshly formed pair."""
+    cluster = start_cluster(tmp_path, prefill=1, decode=1, restart_nodes=True)
+    try:
+        old_endpoint = cluster.coordinator.nodes["decode-0"].endpoint
+        jobs = [(PROMPTS[i % 4], 120) for i in range(4)]
+        results = asyncio.run(
+            stream_all(
+                cluster, jobs, lambda: cluster.kill_node("decode-0"), decoding_on("decode-0", 1)
+            )
+        )
+        assert all(not isinstance(r, BaseException) for r in results), results
+        check_streams(results, jobs, offline)
+        assert len(cluster.restarts["decode-0"]) == 1
+        node = cluster.coordinator.nodes["decode-0"]
+        assert node.alive and node.endpoint != old_endpoint
+
+        async def fresh():
+            async with AsyncClient(cluster.client_address, timeout=60) as client:
+                return await client.generate(
+                    PROMPTS[1], client_id="after", max_tokens=12, temperature=0, ignore_eos=True
+                )
+
+        done = asyncio.run(fresh())
+        ref = offline.generate(
+            [PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        )[0]
+        assert done.token_ids == ref.token_ids
+        assert done.nodes.decode == "decode-0" and done.timings.kv_transfer is not None
+    finally:
+        cluster.stop(drain_timeout=5)
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM"])
 def test_stop_drains_in_flight_requests(tmp_path, sig):
     cluster = start_cluster(tmp_path)

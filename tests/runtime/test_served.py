@@ -56,8 +56,9 @@ def test_greedy_equals_offline_1p1d(cluster, offline):
         assert c.finish_reason == "length" and len(c.token_ids) == m
         assert c.nodes.prefill == "prefill-0"
         assert c.timings.ttft is not None and c.timings.ttft > 0
-        if m > 1:
+        if m > 1:  # its KV moved (a failed pull would have recomputed it: no transfer time)
             assert c.nodes.decode == "decode-0" and c.timings.tpot is not None
+            assert c.timings.kv_transfer is not None
 
 
 def test_greedy_equals_offline_2p2d(tmp_path, offline):
@@ -67,6 +68,7 @@ def test_greedy_equals_offline_2p2d(tmp_path, offline):
     assert [c.token_ids for c in done] == expected(offline, jobs)
     used = {c.nodes.decode for c in done if c.nodes.decode}
     assert used <= {"decode-0", "decode-1"}
+    assert all(c.timings.kv_transfer is not None for c in done if c.nodes.decode)
 
 
 def test_stream_has_no_gap_or_repeat_and_matches_completion(cluster, offline):

@@ -1,0 +1,133 @@
+"""Two-member transfer groups, formed on demand between process incarnations.
+
+A process that moves KV has an endpoint name: its node id plus a random incarnation tag
+(``"decode-0@3f9a1c2e"``), new on every start. Two endpoints that must move KV form a
+group of their own, of two members, through the shared TCPStore, under a key made of
+both names (sorted; the first is rank 0). Nothing has a fixed world size: a node that
+dies is replaced by a new process with a new endpoint, which forms new pairs with the
+survivors, and the dead incarnation's pairs are never used again. (A default process
+group, by contrast, cannot take a member back once one is lost.)
+
+Forming a pair blocks until the peer forms it too (each side does so when it is first
+told to move KV with the other) or until the timeout. The groups are process-group
+backends made directly from the store (``PairGroup``), which ``PeerLinks`` addresses by
+their own ranks.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from kv_transfer.errors import InvalidTransferArgument, KVTransferError, TransferTimeout
+from kv_transfer.group import parse_store_addr
+
+PAIR_BACKENDS = ("gloo", "nccl")
+
+
+def new_endpoint(node_id: str) -> str:
+    """A fresh endpoint name for this incarnation of ``node_id``."""
+    if not node_id or "@" in node_id or "|" in node_id:
+        raise InvalidTransferArgument("node_id", f"{node_id!r} is empty or holds '@' or '|'")
+    return f"{node_id}@{secrets.token_hex(4)}"
+
+
+def connect_store(store_addr: str, timeout: float) -> dist.TCPStore:
+    """A client of the TCPStore at ``store_addr`` (``host:port``); someone else hosts it."""
+    host, port = parse_store_addr(store_addr)
+    try:
+        return dist.TCPStore(
+            host,
+            port,
+            world_size=None,
+            is_master=False,
+            timeout=timedelta(seconds=timeout),
+            wait_for_workers=False,
+        )
+    except RuntimeError as e:
+        raise KVTransferError(f"cannot reach the TCPStore at {store_addr}: {e}") from e
+
+
+@dataclass(frozen=True, eq=False)
+class PairGroup:
+    """A two-member group made directly from a store: a process-group backend that
+    torch.distributed does not know of (no default group needed), addressed by its own
+    ranks 0 and 1."""
+
+    backend: object  # ProcessGroupGloo or ProcessGroupNCCL
+    rank: int
+    name: str  # "gloo" or "nccl"
+
+    def send(self, tensor: torch.Tensor, peer: int) -> dist.Work:
+        return self.backend.send([tensor], peer, 0)
+
+    def recv(self, tensor: torch.Tensor, peer: int) -> dist.Work:
+        return self.backend.recv([tensor], peer, 0)
+
+
+class PairGroups:
+    """This endpoint's pair groups, one per peer endpoint, formed on first use through
+    the TCPStore at ``store_addr`` (``host:port``).
+
+    ``backend``: ``"gloo"`` (CPU caches, and CUDA IPC's control messages) or ``"nccl"``.
+    ``timeout`` bounds each formation and is the group's default operation timeout.
+    Thread-safe; forming pairs with different peers may run in parallel (each formation
+    has a store connection of its own: a blocking wait on one must not hold up another).
+    """
+
+    def __init__(self, store_addr: str, endpoint: str, backend: str, timeout: float) -> None:
+        if backend not in PAIR_BACKENDS:
+            raise InvalidTransferArgument(
+                "backend", f"{backend!r}; known: {', '.join(PAIR_BACKENDS)}"
+            )
+        parse_store_addr(store_addr)  # a malformed address is named now, not at first use
+        self.store_addr = store_addr
+        self.endpoint = endpoint
+        self.backend = backend
+        self.timeout = timeout
+        self._groups: dict[str, tuple[PairGroup, int]] = {}
+        self._lock = threading.Lock()
+
+    def form(self, peer: str) -> tuple[PairGroup, int]:
+        """The group shared with ``peer`` and the peer's rank in it; forms it (blocking
+        until the peer does the same, or ``TransferTimeout``) when it does not exist yet."""
+        if peer == self.endpoint:
+            raise InvalidTransferArgument("peer", f"{peer!r} is this endpoint itself")
+        with self._lock:
+            known = self._groups.get(peer)
+        if known is not None:
+            return known
+        first, second = sorted((self.endpoint, peer))
+        rank = 0 if self.endpoint == first else 1
+        store = connect_store(self.store_addr, self.timeout)
+        prefixed = dist.PrefixStore(f"kv_transfer/pair/{first}|{second}/", store)
+        try:
+            group = PairGroup(self._make(prefixed, rank), rank, self.backend)
+        except RuntimeError as e:
+            text = str(e).lower()
+            if "timeout" in text or "timed out" in text:
+                raise TransferTimeout(
+                    "<pair>", 1 - rank, f"forming a pair with {peer}", self.timeout
+                ) from e
+            raise KVTransferError(f"forming a transfer pair with {peer} failed: {e}") from e
+        with self._lock:
+            self._groups[peer] = (group, 1 - rank)
+        return group, 1 - rank
+
+    def forget(self, peer: str) -> None:
+        """Drop the pair with ``peer`` (it broke, or the peer is gone)."""
+        with self._lock:
+            self._groups.pop(peer, None)
+
+    def _make(self, store: dist.Store, rank: int) -> object:
+        timeout = timedelta(seconds=self.timeout)
+        if self.backend == "gloo":
+            return dist.ProcessGroupGloo(store, rank, 2, timeout)
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, 2, options)

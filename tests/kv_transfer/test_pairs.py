@@ -1,0 +1,89 @@
+"""Pair groups (kv_transfer.pairs): formed on demand between endpoints, no default group,
+and a replaced endpoint pairs afresh with a survivor. Two threads of this process play
+the two endpoints over a real TCPStore and real gloo groups."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import pytest
+import torch.distributed as dist
+
+from kv_transfer import make_backend
+from kv_transfer.errors import InvalidTransferArgument, KVTransferError, TransferTimeout
+from kv_transfer.pairs import PairGroups, connect_store, new_endpoint
+from tests.kv_transfer._caches import assert_blocks_equal, random_cache, tiny_spec
+
+
+@pytest.fixture()
+def store():
+    host = dist.TCPStore(
+        "127.0.0.1", 0, None, True, timeout=timedelta(seconds=10), wait_for_workers=False
+    )
+    yield host
+    del host
+
+
+def transfer(sender: PairGroups, receiver: PairGroups, seed: int) -> None:
+    """Form the pair from both sides at once, then move three blocks and check them."""
+    spec = tiny_spec()
+    src, dst = random_cache(spec, 8, seed=seed), random_cache(spec, 8, seed=seed + 1)
+
+    def send():
+        group, peer = sender.form(receiver.endpoint)
+        return make_backend("gloo", group=group).send(
+            "r1", src.layers, [1, 4, 6], peer, num_tokens=40, timeout=10
+        )
+
+    def recv():
+        group, peer = receiver.form(sender.endpoint)
+        return make_backend("gloo", group=group).recv(
+            "r1", dst.layers, [0, 2, 7], peer, num_tokens=40, timeout=10
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        sent, received = pool.submit(send), pool.submit(recv)
+        assert sent.result(timeout=30).bytes == received.result(timeout=30).bytes > 0
+    assert_blocks_equal(src, [1, 4, 6], dst, [0, 2, 7])
+
+
+def test_a_pair_forms_on_demand_and_moves_kv_without_a_default_group(store):
+    assert not dist.is_initialized()
+    address = f"127.0.0.1:{store.port}"
+    prefill = PairGroups(address, new_endpoint("prefill-0"), "gloo", timeout=10)
+    decode = PairGroups(address, new_endpoint("decode-0"), "gloo", timeout=10)
+    transfer(prefill, decode, seed=1)
+    transfer(prefill, decode, seed=3)  # the formed pair is reused
+    assert prefill.form(decode.endpoint) == prefill.form(decode.endpoint)
+    assert not dist.is_initialized()
+
+
+def test_a_replaced_endpoint_pairs_afresh_with_the_survivor(store):
+    address = f"127.0.0.1:{store.port}"
+    prefill = PairGroups(address, new_endpoint("prefill-0"), "gloo", timeout=10)
+    first = PairGroups(address, new_endpoint("decode-0"), "gloo", timeout=10)
+    transfer(prefill, first, seed=5)
+    second = PairGroups(address, new_endpoint("decode-0"), "gloo", timeout=10)  # restarted
+    assert second.endpoint != first.endpoint
+    transfer(prefill, second, seed=7)
+
+
+def test_a_peer_that_never_forms_the_pair_times_out(store):
+    address = f"127.0.0.1:{store.port}"
+    alone = PairGroups(address, new_endpoint("prefill-0"), "gloo", timeout=1.0)
+    with pytest.raises(TransferTimeout, match="forming a pair"):
+        alone.form(new_endpoint("decode-9"))
+
+
+def test_bad_endpoints_and_backends_are_named():
+    with pytest.raises(InvalidTransferArgument, match="node_id"):
+        new_endpoint("a@b")
+    with pytest.raises(InvalidTransferArgument, match="backend"):
+        PairGroups("127.0.0.1:1", "x@1", "mpi", timeout=1)
+    with pytest.raises(InvalidTransferArgument, match="store_addr"):
+        PairGroups("no-port", "x@1", "gloo", timeout=1)
+    with pytest.raises(InvalidTransferArgument, match="itself"):
+        PairGroups("127.0.0.1:1", "x@1", "gloo", timeout=1).form("x@1")
+    with pytest.raises(KVTransferError, match="cannot reach"):
+        connect_store("127.0.0.1:1", timeout=0.5)
