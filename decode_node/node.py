@@ -66,7 +66,6 @@ class DecodeNode(NodeRuntime):
         self.pulling: dict[int, Decoding] = {}
         self.recompute: dict[int, Decoding] = {}
         self.running: dict[int, Decoding] = {}
-        self.broken_peers: set[str] = set()
         self.watermark = watermark(self.worker.kv_cache.num_blocks)
         self.stepping: dict[int, Decoding] = {}  # the batch on the model thread
 
@@ -103,8 +102,7 @@ class DecodeNode(NodeRuntime):
                     torch.empty(vocab, device=self.worker.device).exponential_(
                         1, generator=seq.generator
                     )
-        source = t.source if t.source not in self.broken_peers else None
-        return Decoding(t.rid, t.client_id, t.counter, t.arrival, seq, source)
+        return Decoding(t.rid, t.client_id, t.counter, t.arrival, seq, t.source)
 
     def _pull(self, msg: PullGo) -> None:
         """One transfer for every request in ``msg.rids``, blocks back to back. A request
@@ -118,7 +116,7 @@ class DecodeNode(NodeRuntime):
             d.receiving = True
             n = d.seq.num_prompt_tokens
             blocks += d.seq.block_table[: blocks_for_tokens(n, self.block_size)]
-        self.transfers.recv(tuple(msg.rids), blocks, msg.source)
+        self.transfers.recv(tuple(msg.rids), blocks, msg.source, msg.epoch)
 
     def _source_lost(self, rid: int) -> None:
         waiting = self.waiting.get(rid)
@@ -159,10 +157,10 @@ class DecodeNode(NodeRuntime):
                 seconds=stats.seconds if stats else 0.0,
                 error=done.error,
                 broken_peer=done.broken_channel,
+                source=done.peer,
+                epoch=done.epoch,
             )
         )
-        if done.broken_channel:
-            self.broken_peers.add(done.peer)
         for rid in done.rids:
             d = self.pulling.get(rid)
             if d is None or not d.receiving:
@@ -210,7 +208,7 @@ class DecodeNode(NodeRuntime):
                 break
             self.waiting.remove(d.rid)
             d.seq.block_table = allocator.allocate(need)
-            if d.source is not None and d.source not in self.broken_peers:
+            if d.source is not None:
                 self.pulling[d.rid] = d
                 pulls.append(d.rid)
             else:

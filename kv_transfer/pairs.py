@@ -3,7 +3,7 @@
 A process that moves KV has an endpoint name: its node id plus a random incarnation tag
 (``"decode-0@3f9a1c2e"``), new on every start. Two endpoints that must move KV form a
 group of their own, of two members, through the shared TCPStore, under a key made of
-both names (sorted; the first is rank 0). Nothing has a fixed world size: a node that
+both names (sorted; the first is rank 0) and the channel's epoch. Nothing has a fixed world size: a node that
 dies is replaced by a new process with a new endpoint, which forms new pairs with the
 survivors, and the dead incarnation's pairs are never used again. (A default process
 group, by contrast, cannot take a member back once one is lost.)
@@ -90,22 +90,26 @@ class PairGroups:
         self.endpoint = endpoint
         self.backend = backend
         self.timeout = timeout
-        self._groups: dict[str, tuple[PairGroup, int]] = {}
+        self._groups: dict[tuple[str, int], tuple[PairGroup, int]] = {}
         self._lock = threading.Lock()
 
-    def form(self, peer: str) -> tuple[PairGroup, int]:
-        """The group shared with ``peer`` and the peer's rank in it; forms it (blocking
-        until the peer does the same, or ``TransferTimeout``) when it does not exist yet."""
+    def form(self, peer: str, epoch: int = 0) -> tuple[PairGroup, int]:
+        """The group shared with ``peer`` at ``epoch`` and the peer's rank in it; forms it
+        (blocking until the peer does the same, or ``TransferTimeout``) when it does not
+        exist yet. Both sides must ask for the same epoch: a channel that broke is formed
+        again under the next one (whoever coordinates the pair hands it out)."""
         if peer == self.endpoint:
             raise InvalidTransferArgument("peer", f"{peer!r} is this endpoint itself")
+        if not isinstance(epoch, int) or epoch < 0:
+            raise InvalidTransferArgument("epoch", f"must be an integer >= 0, got {epoch!r}")
         with self._lock:
-            known = self._groups.get(peer)
+            known = self._groups.get((peer, epoch))
         if known is not None:
             return known
         first, second = sorted((self.endpoint, peer))
         rank = 0 if self.endpoint == first else 1
         store = connect_store(self.store_addr, self.timeout)
-        prefixed = dist.PrefixStore(f"kv_transfer/pair/{first}|{second}/", store)
+        prefixed = dist.PrefixStore(f"kv_transfer/pair/{first}|{second}/{epoch}/", store)
         try:
             group = PairGroup(self._make(prefixed, rank), rank, self.backend)
         except RuntimeError as e:
@@ -116,13 +120,10 @@ class PairGroups:
                 ) from e
             raise KVTransferError(f"forming a transfer pair with {peer} failed: {e}") from e
         with self._lock:
-            self._groups[peer] = (group, 1 - rank)
+            for older in [key for key in self._groups if key[0] == peer and key[1] < epoch]:
+                del self._groups[older]  # superseded
+            self._groups[(peer, epoch)] = (group, 1 - rank)
         return group, 1 - rank
-
-    def forget(self, peer: str) -> None:
-        """Drop the pair with ``peer`` (it broke, or the peer is gone)."""
-        with self._lock:
-            self._groups.pop(peer, None)
 
     def _make(self, store: dist.Store, rank: int) -> object:
         timeout = timedelta(seconds=self.timeout)

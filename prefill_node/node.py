@@ -82,7 +82,7 @@ class PrefillNode(NodeRuntime):
                 continue
             held.pushing = True
             blocks += held.blocks[: blocks_for_tokens(held.num_tokens, self.block_size)]
-        self.transfers.send(tuple(msg.rids), blocks, msg.dest)
+        self.transfers.send(tuple(msg.rids), blocks, msg.dest, msg.epoch)
 
     def _release(self, rid: int) -> None:
         if self.waiting.remove(rid) is not None:
@@ -111,6 +111,9 @@ class PrefillNode(NodeRuntime):
                 bytes=stats.bytes if stats else 0,
                 seconds=stats.seconds if stats else 0.0,
                 error=done.error,
+                dest=done.peer,
+                epoch=done.epoch,
+                broken_peer=done.broken_channel,
             )
         )
 

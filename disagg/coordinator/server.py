@@ -96,6 +96,9 @@ from disagg.scheduling.vtc import CounterOrdered
 
 log = logging.getLogger(__name__)
 
+# A pair whose KV channel broke this many times is given up (its requests recompute).
+MAX_PAIR_EPOCHS = 3
+
 
 @dataclass
 class CoordinatorSettings:
@@ -134,6 +137,8 @@ class Coordinator:
         self.events = RequestEvents()
         # (client, total seconds, seconds in model steps) of the last finished requests
         self.finished_log: deque[tuple[str, float, float]] = deque(maxlen=100_000)
+        # (prefill endpoint, decode endpoint) -> the epoch of their KV channel
+        self.pair_epochs: dict[tuple[str, str], int] = {}
         self.pools = make_pool_policies(s.policy, s.fairness)
         self.nodes: dict[str, NodeState] = {}
         self.by_identity: dict[bytes, NodeState] = {}
@@ -607,15 +612,38 @@ class Coordinator:
             if source is None or not source.alive or t.pull_started:
                 self._send_node(node, SourceLost(rid=rid))
                 continue
+            if self._given_up((source.endpoint, node.endpoint)):
+                self._send_node(node, SourceLost(rid=rid))  # recompute instead
+                continue
             t.pull_started = True
             self.events.record(str(rid), "transfer_start", node_id=node.node_id)
             by_source.setdefault(source.node_id, []).append(rid)
         for source_id, group in by_source.items():
             source = self.nodes[source_id]
-            self._send_node(source, Push(rids=group, dest=node.endpoint))
-            self._send_node(node, PullGo(rids=group, source=source.endpoint))
+            epoch = self.pair_epochs.get((source.endpoint, node.endpoint), 0)
+            self._send_node(source, Push(rids=group, dest=node.endpoint, epoch=epoch))
+            self._send_node(node, PullGo(rids=group, source=source.endpoint, epoch=epoch))
+
+    def _channel_broke(self, pair: tuple[str, str], epoch: int, reported_by: str) -> None:
+        """A side of ``pair`` (prefill endpoint, decode endpoint) found the channel of
+        ``epoch`` broken: the pair's next transfer forms a fresh one (once per epoch,
+        whichever side reports first)."""
+        if self.pair_epochs.get(pair, 0) != epoch:
+            return
+        self.pair_epochs[pair] = epoch + 1
+        log.warning(
+            "KV channel %s -> %s broke at epoch %d (reported by %s)%s",
+            *pair, epoch, reported_by,
+            "; given up: its requests recompute" if self._given_up(pair)
+            else "; the next transfer forms it again",
+        )  # fmt: skip
+
+    def _given_up(self, pair: tuple[str, str]) -> bool:
+        return self.pair_epochs.get(pair, 0) >= MAX_PAIR_EPOCHS
 
     def _on_pushed(self, node: NodeState, msg: Pushed) -> None:
+        if msg.broken_peer and msg.dest is not None:
+            self._channel_broke((node.endpoint, msg.dest), msg.epoch, node.node_id)
         for rid in msg.rids:
             node.requests.discard(rid)
             t = self.requests.get(rid)
@@ -625,6 +653,8 @@ class Coordinator:
             self.metrics.kv_transfer(msg.bytes, msg.seconds)
 
     def _on_pulled(self, node: NodeState, msg: Pulled) -> None:
+        if msg.broken_peer and msg.source is not None:
+            self._channel_broke((msg.source, node.endpoint), msg.epoch, node.node_id)
         for rid in msg.rids:
             t = self.requests.get(rid)
             if t is None or t.decode_node != node.node_id:
@@ -760,6 +790,10 @@ class Coordinator:
             policy.pop()
             holder = self.nodes.get(t.kv_node) if t.kv_node else None
             source = holder.endpoint if holder is not None and holder.alive else None
+            if source is not None and self._given_up((source, node.endpoint)):
+                self._send_node(holder, Release(rid=t.rid))  # that channel was given up:
+                holder.requests.discard(t.rid)  # recompute instead of pulling
+                t.kv_node, source = None, None
             t.phase, t.decode_node, t.pull_started = Phase.DECODING, node.node_id, False
             node.requests.add(t.rid)
             self._send_node(

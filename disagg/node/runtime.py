@@ -181,8 +181,8 @@ def start_node(settings: NodeSettings, node_class: type[NodeRuntime]) -> None:
     worker = ModelWorker(settings.engine_config())
     backend_name = "nccl" if worker.device.type == "cuda" else "gloo"
     endpoint = new_endpoint(settings.node_id)
-    timeout = max(60.0, settings.transfer_timeout)
-    pairs = PairGroups(settings.store, endpoint, backend_name, timeout)
+    # Both sides of a pair are alive and told to move KV at the same moment when it forms.
+    pairs = PairGroups(settings.store, endpoint, backend_name, settings.transfer_timeout)
     transfers = TransferThreads(
         pairs,
         lambda group: make_backend(

@@ -4,8 +4,9 @@ calls for different peers may run in parallel. Results come back through ``compl
 
 Peers are KV endpoints (``kv_transfer.pairs``: node id + incarnation). The first transfer
 with a peer forms the pair group with it, on that peer's thread, and makes the backend
-that runs over it. A channel that broke stays broken for that incarnation (the backend
-fails later calls at once); a replacement node comes with a new endpoint and a new pair."""
+that runs over it. A channel that broke fails later calls of its epoch at once; the
+coordinator moves the pair to the next epoch, whose first transfer forms a fresh channel.
+A replacement node comes with a new endpoint, hence new pairs."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class TransferDone:
     rids: tuple[int, ...]
     role: Literal["send", "recv"]
     peer: str
+    epoch: int
     stats: TransferStats | None
     error: str | None = None
     broken_channel: bool = False  # the channel to ``peer`` cannot carry another transfer
@@ -50,19 +52,20 @@ class TransferThreads:
         self.kv_layers = kv_layers
         self.timeout = timeout
         # Touched by each peer's own thread only.
-        self._backends: dict[str, tuple[KVTransferBackend, int]] = {}
-        self._unformed: dict[str, str] = {}  # peer -> why its pair could not be formed
+        self._backends: dict[str, tuple[int, KVTransferBackend, int]] = {}  # epoch, ..., rank
+        self._unformed: dict[tuple[str, int], str] = {}  # why (peer, epoch) did not form
         self._peers: dict[str, ThreadPoolExecutor] = {}
         self._done: queue.SimpleQueue[TransferDone] = queue.SimpleQueue()
         self.in_flight = 0
         self.on_done: Callable[[], None] = lambda: None  # called from the transfer thread
 
-    def send(self, rids: tuple[int, ...], block_ids: list[int], peer: str) -> None:
-        """One transfer of several requests' blocks, back to back (whole blocks)."""
-        self._submit("send", rids, block_ids, peer)
+    def send(self, rids: tuple[int, ...], block_ids: list[int], peer: str, epoch: int) -> None:
+        """One transfer of several requests' blocks, back to back (whole blocks), over the
+        channel of ``epoch`` with ``peer``."""
+        self._submit("send", rids, block_ids, peer, epoch)
 
-    def recv(self, rids: tuple[int, ...], block_ids: list[int], peer: str) -> None:
-        self._submit("recv", rids, block_ids, peer)
+    def recv(self, rids: tuple[int, ...], block_ids: list[int], peer: str, epoch: int) -> None:
+        self._submit("recv", rids, block_ids, peer, epoch)
 
     def completed(self) -> list[TransferDone]:
         out = []
@@ -74,36 +77,40 @@ class TransferThreads:
         self.in_flight -= len(out)
         return out
 
-    def _submit(self, role, rids, block_ids, peer) -> None:
+    def _submit(self, role, rids, block_ids, peer, epoch) -> None:
         pool = self._peers.get(peer)
         if pool is None:
             pool = self._peers[peer] = ThreadPoolExecutor(1, thread_name_prefix=f"kv-{peer}")
         self.in_flight += 1
-        pool.submit(self._run, role, tuple(rids), list(block_ids), peer)
+        pool.submit(self._run, role, tuple(rids), list(block_ids), peer, epoch)
 
-    def _backend(self, peer: str) -> tuple[KVTransferBackend, int]:
-        """The backend and the peer's rank in it (on the peer's thread). A pair that could
-        not be formed is not formed again: its store keys are spent, and the peer is most
-        likely gone (a replacement comes with a new endpoint)."""
+    def _backend(self, peer: str, epoch: int) -> tuple[KVTransferBackend, int]:
+        """The backend of the channel of ``epoch`` with ``peer`` and the peer's rank in it
+        (on the peer's thread); a newer epoch replaces an older channel. An epoch whose
+        pair could not be formed is not formed again (its store keys are spent): the
+        coordinator hands out the next epoch, or the peer is gone."""
         known = self._backends.get(peer)
-        if known is None:
-            if peer in self._unformed:
-                raise TransferChannelError(peer, self._unformed[peer])
-            try:
-                group, peer_rank = self.pairs.form(peer)
-            except KVTransferError as e:
-                self._unformed[peer] = f"forming the pair failed: {e}"
-                raise TransferChannelError(peer, self._unformed[peer]) from e
-            known = self._backends[peer] = (self.make_backend(group), peer_rank)
-        return known
+        if known is not None and known[0] == epoch:
+            return known[1], known[2]
+        if known is not None and known[0] > epoch:
+            raise TransferChannelError(peer, f"epoch {epoch} was superseded by {known[0]}")
+        if (peer, epoch) in self._unformed:
+            raise TransferChannelError(peer, self._unformed[(peer, epoch)])
+        try:
+            group, peer_rank = self.pairs.form(peer, epoch)
+        except KVTransferError as e:
+            self._unformed[(peer, epoch)] = f"forming the pair at epoch {epoch} failed: {e}"
+            raise TransferChannelError(peer, self._unformed[(peer, epoch)]) from e
+        self._backends[peer] = (epoch, self.make_backend(group), peer_rank)
+        return self._backends[peer][1], peer_rank
 
-    def _run(self, role, rids, block_ids, peer) -> None:
+    def _run(self, role, rids, block_ids, peer, epoch) -> None:
         # Both sides derive the same id from the same rids; the header carries its digest.
         transfer_id = "+".join(map(str, rids))
         try:
             if not block_ids:
                 raise KVTransferError("none of the requests of this transfer is here")
-            backend, peer_rank = self._backend(peer)
+            backend, peer_rank = self._backend(peer, epoch)
             call = backend.send if role == "send" else backend.recv
             stats = call(
                 transfer_id,
@@ -113,14 +120,14 @@ class TransferThreads:
                 num_tokens=len(block_ids) * self.block_size,
                 timeout=self.timeout,
             )
-            self._done.put(TransferDone(rids, role, peer, stats))
+            self._done.put(TransferDone(rids, role, peer, epoch, stats))
         except KVTransferError as e:
             broken = isinstance(e, TransferTimeout | TransferChannelError)
             log.warning("KV %s of requests %s with %s failed: %s", role, rids, peer, e)
-            self._done.put(TransferDone(rids, role, peer, None, str(e), broken))
+            self._done.put(TransferDone(rids, role, peer, epoch, None, str(e), broken))
         except Exception as e:
             log.warning("KV %s of requests %s with %s failed: %r", role, rids, peer, e)
-            self._done.put(TransferDone(rids, role, peer, None, repr(e), True))
+            self._done.put(TransferDone(rids, role, peer, epoch, None, repr(e), True))
         self.on_done()
 
     def close(self) -> None:

@@ -10,7 +10,11 @@ coordinator's lifetime; a node never sees a client's own request id.
 
 Nodes name each other by KV endpoint (``kv_transfer.pairs``): the node id plus a random
 incarnation tag, new on every start, so a restarted node is a new peer, never mistaken
-for the process it replaces.
+for the process it replaces. A pair's channel has an epoch the coordinator hands out in
+``Push``/``PullGo``: when either side reports the channel broken (``broken_peer``), the
+coordinator moves the pair to the next epoch and both sides form a fresh channel on
+their next transfer (after ``MAX_PAIR_EPOCHS`` breaks the pair is given up: its
+requests recompute on the decode node instead).
 
 The life of a request, as the messages tell it::
 
@@ -114,24 +118,33 @@ class PullRequest(_NodeMessage):
 
 
 class Pushed(_NodeMessage):
-    """The prefill node sent the KV of ``rids`` (or failed to: ``error``) and freed it."""
+    """The prefill node sent the KV of ``rids`` to ``dest`` over the channel of ``epoch``
+    (or failed to: ``error``; ``broken_peer``: that channel cannot carry another transfer)
+    and freed it."""
 
     type: Literal["pushed"] = "pushed"
     rids: list[int]
     bytes: int = 0
     seconds: float = 0.0
     error: str | None = None
+    dest: Endpoint | None = None
+    epoch: int = Field(default=0, ge=0)
+    broken_peer: bool = False
 
 
 class Pulled(_NodeMessage):
-    """The decode node has the KV of ``rids`` (``error``: it did not, and recomputes)."""
+    """The decode node has the KV of ``rids`` from ``source`` over the channel of
+    ``epoch`` (``error``: it did not, and recomputes; ``broken_peer``: that channel cannot
+    carry another transfer)."""
 
     type: Literal["pulled"] = "pulled"
     rids: list[int]
     bytes: int = 0
     seconds: float = 0.0
     error: str | None = None
-    broken_peer: bool = False  # the channel to the prefill node is unusable from now on
+    broken_peer: bool = False
+    source: Endpoint | None = None
+    epoch: int = Field(default=0, ge=0)
 
 
 class TokenItem(_NodeMessage):
@@ -207,19 +220,23 @@ class DecodeTask(_NodeMessage):
 
 
 class Push(_NodeMessage):
-    """Send the KV of ``rids`` (in this order, as one transfer) to endpoint ``dest``."""
+    """Send the KV of ``rids`` (in this order, as one transfer) to endpoint ``dest``, over
+    the pair's channel of ``epoch``."""
 
     type: Literal["push"] = "push"
     rids: list[int]
     dest: Endpoint
+    epoch: int = Field(default=0, ge=0)
 
 
 class PullGo(_NodeMessage):
-    """Receive the KV of ``rids`` (in this order, as one transfer) from endpoint ``source``."""
+    """Receive the KV of ``rids`` (in this order, as one transfer) from endpoint ``source``,
+    over the pair's channel of ``epoch``."""
 
     type: Literal["pull_go"] = "pull_go"
     rids: list[int]
     source: Endpoint
+    epoch: int = Field(default=0, ge=0)
 
 
 class SourceLost(_NodeMessage):

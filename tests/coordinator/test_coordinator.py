@@ -205,3 +205,53 @@ def test_pull_of_a_request_not_held_is_answered_with_source_lost(running):
     assert result.result(timeout=20).token_ids == [4, 5]
     prefill.close()
     decode.close()
+
+
+def test_a_broken_kv_channel_moves_to_the_next_epoch_and_is_given_up_after_three(running):
+    """Each break reported by a side moves the pair to the next epoch (the next Push and
+    PullGo carry it, so both sides form a fresh channel); after MAX_PAIR_EPOCHS breaks the
+    pair is given up: the decode task comes without a source and the prefill node is told
+    to release the KV."""
+    from disagg.coordinator.server import MAX_PAIR_EPOCHS
+    from disagg.protocol.cluster import Pulled, PullGo, PullRequest, Pushed
+
+    prefill = FakeNode(running.node_address, "prefill-0", "prefill")
+    decode = FakeNode(running.node_address, "decode-0", "decode")
+    for attempt in range(MAX_PAIR_EPOCHS + 1):
+        result = generate_in_background(running.client_address, max_tokens=2, temperature=0)
+        # (a finished request's Release may reach the prefill node before its Pushed)
+        task = prefill.recv(skip=("counters", "release"))
+        assert isinstance(task, PrefillTask), task
+        prefill.send(
+            Prefilled(results=[PrefillResult(rid=task.rid, first_token=4, prefill_start=0.0, prefill_s=0.001)])
+        )  # fmt: skip
+        work = decode.recv()
+        assert isinstance(work, DecodeTask)
+        if attempt < MAX_PAIR_EPOCHS:
+            assert work.source == "prefill-0@0a"
+            decode.send(PullRequest(rids=[work.rid]))
+            pull, push = decode.recv(), prefill.recv(skip=("counters", "release"))
+            assert isinstance(pull, PullGo) and pull.epoch == attempt
+            assert isinstance(push, Push) and push.epoch == attempt
+            # Both sides see the channel break; only the first report moves the epoch.
+            decode.send(
+                Pulled(rids=[work.rid], error="timed out", broken_peer=True,
+                       source="prefill-0@0a", epoch=attempt)
+            )  # fmt: skip
+            prefill.send(
+                Pushed(rids=[work.rid], error="closed", broken_peer=True,
+                       dest="decode-0@0a", epoch=attempt)
+            )  # fmt: skip
+        else:  # given up: recompute on the decode node, the held KV released
+            assert work.source is None
+            release = prefill.recv()
+            while isinstance(release, Release) and release.rid != work.rid:
+                release = prefill.recv()
+            assert isinstance(release, Release) and release.rid == work.rid
+        decode.send(
+            StepTokens(items=[TokenItem(rid=work.rid, index=1, token_ids=[5], finish_reason="length")])
+        )  # fmt: skip
+        assert result.result(timeout=20).token_ids == [4, 5]
+    assert running.coordinator.pair_epochs[("prefill-0@0a", "decode-0@0a")] == MAX_PAIR_EPOCHS
+    prefill.close()
+    decode.close()

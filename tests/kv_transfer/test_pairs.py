@@ -25,19 +25,19 @@ def store():
     del host
 
 
-def transfer(sender: PairGroups, receiver: PairGroups, seed: int) -> None:
+def transfer(sender: PairGroups, receiver: PairGroups, seed: int, epoch: int = 0) -> None:
     """Form the pair from both sides at once, then move three blocks and check them."""
     spec = tiny_spec()
     src, dst = random_cache(spec, 8, seed=seed), random_cache(spec, 8, seed=seed + 1)
 
     def send():
-        group, peer = sender.form(receiver.endpoint)
+        group, peer = sender.form(receiver.endpoint, epoch)
         return make_backend("gloo", group=group).send(
             "r1", src.layers, [1, 4, 6], peer, num_tokens=40, timeout=10
         )
 
     def recv():
-        group, peer = receiver.form(sender.endpoint)
+        group, peer = receiver.form(sender.endpoint, epoch)
         return make_backend("gloo", group=group).recv(
             "r1", dst.layers, [0, 2, 7], peer, num_tokens=40, timeout=10
         )
@@ -87,3 +87,18 @@ def test_bad_endpoints_and_backends_are_named():
         PairGroups("127.0.0.1:1", "x@1", "gloo", timeout=1).form("x@1")
     with pytest.raises(KVTransferError, match="cannot reach"):
         connect_store("127.0.0.1:1", timeout=0.5)
+
+
+def test_a_broken_channel_is_formed_again_at_the_next_epoch(store):
+    """Both sides move to epoch 1 (as the coordinator tells them after a break): a fresh
+    channel forms under new store keys and carries KV; epoch 0's group is dropped."""
+    address = f"127.0.0.1:{store.port}"
+    prefill = PairGroups(address, new_endpoint("prefill-0"), "gloo", timeout=10)
+    decode = PairGroups(address, new_endpoint("decode-0"), "gloo", timeout=10)
+    transfer(prefill, decode, seed=9)
+    old, _ = prefill.form(decode.endpoint)
+    transfer(prefill, decode, seed=11, epoch=1)
+    new, _ = prefill.form(decode.endpoint, 1)
+    assert new is not old and (decode.endpoint, 0) not in prefill._groups
+    with pytest.raises(InvalidTransferArgument, match="epoch"):
+        prefill.form(decode.endpoint, -1)
