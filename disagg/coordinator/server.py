@@ -477,7 +477,7 @@ class Coordinator:
 
     def _on_register(self, identity: bytes, msg: Register) -> None:
         existing = self.nodes.get(msg.node_id)
-        if existing is not None and existing.alive and existing.identity == identity:
+        if existing is not None and existing.alive and existing.endpoint == msg.endpoint:
             self._send_node(
                 existing, Welcome(node_id=msg.node_id, counters=self._counters(msg.role))
             )
@@ -487,8 +487,13 @@ class Coordinator:
             reason = "wrong or missing cluster secret"
         elif self.model_fingerprint not in (None, msg.model):
             reason = f"model {msg.model} differs from the cluster's {self.model_fingerprint}"
-        elif existing is not None and existing.alive:
-            reason = f"a live node is already registered as {msg.node_id}"
+        elif existing is not None and existing.alive and existing.role != msg.role:
+            reason = f"a live {existing.role} node is already registered as {msg.node_id}"
+        if reason is None and existing is not None and existing.alive:
+            # A new process under a live node's id (restarted before its heartbeats were
+            # missed). Its routing id is the node id, so ZeroMQ already routes to the new
+            # connection: the old process can no longer be reached, and what it held is lost.
+            self._node_lost(existing, f"replaced by a new process ({msg.endpoint})")
         if reason is not None:
             log.warning("refused node %s: %s", msg.node_id, reason)
             self.node_socket.send_multipart([identity, *encode_node(Refused(reason=reason))])

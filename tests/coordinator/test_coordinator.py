@@ -255,3 +255,30 @@ def test_a_broken_kv_channel_moves_to_the_next_epoch_and_is_given_up_after_three
     assert running.coordinator.pair_epochs[("prefill-0@0a", "decode-0@0a")] == MAX_PAIR_EPOCHS
     prefill.close()
     decode.close()
+
+
+def test_a_new_process_under_a_live_node_id_replaces_it_and_gets_its_work(running):
+    """A node restarted before its heartbeats were missed registers under the same id with
+    a new endpoint: the old incarnation is declared gone, its task is dispatched again to
+    the new one, and the request completes. A repeated hello of the same incarnation only
+    gets another Welcome."""
+    first = FakeNode(running.node_address, "prefill-0", "prefill")
+    result = generate_in_background(running.client_address, max_tokens=1, temperature=0)
+    lost = first.recv()
+    assert isinstance(lost, PrefillTask)
+    first.close()  # killed: its task is lost with it
+    second = FakeNode(running.node_address, "prefill-0", "prefill", endpoint="prefill-0@0b")
+    assert isinstance(second.welcome, Welcome)
+    again = second.recv()
+    assert isinstance(again, PrefillTask) and again.rid == lost.rid
+    second.send(
+        Prefilled(results=[PrefillResult(rid=again.rid, first_token=7, finish_reason="length", prefill_start=0.0, prefill_s=0.001)])
+    )  # fmt: skip
+    assert result.result(timeout=20).token_ids == [7]
+    node = running.coordinator.nodes["prefill-0"]
+    assert node.alive and node.endpoint == "prefill-0@0b"
+    repeat = FakeNode(running.node_address, "prefill-0", "prefill", endpoint="prefill-0@0b")
+    assert isinstance(repeat.welcome, Welcome)
+    assert running.coordinator.nodes["prefill-0"] is node  # the same incarnation
+    repeat.close()
+    second.close()
