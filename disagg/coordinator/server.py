@@ -696,7 +696,8 @@ class Coordinator:
         if not node.alive:
             return
         node.alive = False
-        log.warning(
+        log.log(
+            logging.WARNING if node.requests else logging.INFO,  # leaving idle is no news
             "node %s (%s) is gone: %s; re-dispatching %d requests",
             node.node_id,
             node.role,
