@@ -101,6 +101,11 @@ class TransferThreads:
         except KVTransferError as e:
             self._unformed[(peer, epoch)] = f"forming the pair at epoch {epoch} failed: {e}"
             raise TransferChannelError(peer, self._unformed[(peer, epoch)]) from e
+        if known is not None:  # the broken channel it replaces: free its staging buffers
+            try:
+                known[1].close(timeout=0.1)
+            except Exception:
+                log.debug("closing the channel of epoch %d with %s failed", known[0], peer)
         self._backends[peer] = (epoch, self.make_backend(group), peer_rank)
         return self._backends[peer][1], peer_rank
 
