@@ -149,18 +149,7 @@ class DecodeNode(NodeRuntime):
             self.worker.allocator.free(d.seq.block_table)
 
     def on_transfer(self, done: TransferDone) -> None:
-        stats = done.stats
-        self.link.send(
-            Pulled(
-                rids=list(done.rids),
-                bytes=stats.bytes if stats else 0,
-                seconds=stats.seconds if stats else 0.0,
-                error=done.error,
-                broken_peer=done.broken_channel,
-                source=done.peer,
-                epoch=done.epoch,
-            )
-        )
+        self.link.send(Pulled(source=done.peer, **done.report()))
         for rid in done.rids:
             d = self.pulling.get(rid)
             if d is None or not d.receiving:

@@ -104,18 +104,7 @@ class PrefillNode(NodeRuntime):
             held = self.held.get(rid)
             if held is not None and held.pushing:
                 self._free(held)
-        stats = done.stats
-        self.link.send(
-            Pushed(
-                rids=list(done.rids),
-                bytes=stats.bytes if stats else 0,
-                seconds=stats.seconds if stats else 0.0,
-                error=done.error,
-                dest=done.peer,
-                epoch=done.epoch,
-                broken_peer=done.broken_channel,
-            )
-        )
+        self.link.send(Pushed(dest=done.peer, **done.report()))
 
     # -- prefill ---------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ freed until ``finish_step`` (a release during the step is deferred)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -27,7 +28,7 @@ from disagg.node.link import CoordinatorLink
 from disagg.node.local_queue import CounterQueue
 from disagg.node.settings import NodeSettings, prepare_process, registration
 from disagg.node.transfers import TransferDone, TransferThreads
-from disagg.protocol.cluster import CoordinatorToNode, Counters, Goodbye, Shutdown
+from disagg.protocol.cluster import CoordinatorToNode, Counters, Goodbye, Role, Shutdown
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +201,13 @@ def start_node(settings: NodeSettings, node_class: type[NodeRuntime]) -> None:
     transfers.close()
     logging.shutdown()
     os._exit(0)
+
+
+def node_main(
+    role: Role, node_class: type[NodeRuntime], description: str, argv: list[str] | None = None
+) -> None:
+    """``python -m prefill_node`` / ``python -m decode_node``: parse the node's command
+    line and run it."""
+    parser = argparse.ArgumentParser(prog=f"python -m {role}_node", description=description)
+    NodeSettings.add_arguments(parser)
+    start_node(NodeSettings.from_args(role, parser.parse_args(argv)), node_class)

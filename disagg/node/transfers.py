@@ -34,6 +34,17 @@ class TransferDone:
     error: str | None = None
     broken_channel: bool = False  # the channel to ``peer`` cannot carry another transfer
 
+    def report(self) -> dict:
+        """The fields a ``Pushed``/``Pulled`` report shares (the caller names the peer)."""
+        return dict(
+            rids=list(self.rids),
+            bytes=self.stats.bytes if self.stats else 0,
+            seconds=self.stats.seconds if self.stats else 0.0,
+            error=self.error,
+            broken_peer=self.broken_channel,
+            epoch=self.epoch,
+        )
+
 
 class TransferThreads:
     """``make_backend(group)`` builds the backend for one pair group."""
