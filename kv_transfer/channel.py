@@ -2,12 +2,20 @@
 backends; subclasses only say how the layers themselves move.
 
     sender                                      receiver
-    header (16 int64)  ─────────────────────►   compare with its own expected header
-    extension (checksums, source ids) ──────►   (taken even when the header was rejected)
+    opening: header (16 int64)  ────────────►   compare with its own expected header
+      + extension (checksums, source ids)       (taken even when the header was rejected)
+      + every layer, if the transfer is small (gloo p2p: ``layers_per_message`` 0)
     layer messages (p2p; none for CUDA IPC) ►   accepted: written (p2p: scattered; CUDA
                                                   IPC: copied from the peer's pool);
                                                 rejected: received and dropped
                        ◄─────────────────────   verdict: OK, MISMATCH(field), CHECKSUM(layer)
+
+Over gloo (control messages on the CPU) the header, the extension and a small transfer's
+layers travel as one *opening message*, into a receive of ``OPENING_MESSAGE_BYTES`` the
+receiver posts before it has built anything else: a small transfer is one message each
+way, and the sender finds its receive already posted (otherwise gloo waits for the
+receiver's notification first). NCCL needs matching sizes: there the header and the
+extension are messages of their exact sizes.
 
 One message back per transfer: the sender does not wait for an acceptance before
 sending, and a receiver that rejects the header still takes exactly the messages the
@@ -41,6 +49,7 @@ from kv_transfer.errors import (
 )
 from kv_transfer.header import (
     CONTROL_WORDS,
+    OPENING_MESSAGE_BYTES,
     Flag,
     HeaderFields,
     RequestId,
@@ -51,13 +60,33 @@ from kv_transfer.header import (
 )
 from kv_transfer.layout import (
     BlockIds,
+    ByteBuffer,
     KVLayers,
     KVLayout,
+    LayerHook,
     StagingBuffers,
     block_id_tensor,
     layer_checksum,
 )
 from kv_transfer.links import Group, PeerLinks, Xfer
+
+
+@dataclass(frozen=True, slots=True)
+class _Opening:
+    """The receive posted for a transfer's first message: over gloo a buffer of
+    ``OPENING_MESSAGE_BYTES`` (uint8), over NCCL the header's exact int64 words."""
+
+    buf: torch.Tensor
+    work: dist.Work
+
+    def words(self, first: int, count: int) -> list[int]:
+        return self.buf.view(torch.int64)[first : first + count].tolist()
+
+    def layers(self, fields: HeaderFields) -> torch.Tensor:
+        """The layers that follow the header and the extension (an inline transfer)."""
+        start = 8 * (CONTROL_WORDS + fields.extension_words)
+        flat = self.buf[start : start + fields.payload_bytes]
+        return flat.view(fields.dtype).view(fields.message_shape(fields.num_layers))
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +109,17 @@ class DistChannelBackend(KVTransferBackend):
         control_device: torch.device,
         *,
         checksums: bool,
+        on_layer_staged: LayerHook | None = None,
     ) -> None:
         self._links = PeerLinks(group)
         self._device = device
         self._control_device = control_device
+        # gloo: header, extension (and small transfers' layers) in one opening message.
+        self._opening_message = control_device.type == "cpu"
         self.checksums = checksums
+        self._on_layer_staged = on_layer_staged
+        self._opening_out: dict[int, ByteBuffer] = {}  # per peer: the last opening sent
+        self._opening_in: dict[int, ByteBuffer] = {}  # per peer: the opening receive
         self._send_seq: dict[int, int] = {}
         self._recv_seq: dict[int, int] = {}
         self._unsent: dict[int, dist.Work] = {}  # per peer: the last verdict, maybe in flight
@@ -96,8 +131,14 @@ class DistChannelBackend(KVTransferBackend):
         return Flag.CHECKSUMS if self.checksums else Flag(0)
 
     def _layers_per_message(self, layout: KVLayout, num_blocks: int) -> int:
-        """How many consecutive layers one payload message carries (0: no payload)."""
+        """How many consecutive layers one payload message carries (0: no layer
+        messages: the layers ride in the opening message if ``_inline``, else the
+        backend moves them another way)."""
         return 0
+
+    def _inline(self, fields: HeaderFields) -> bool:
+        """Whether the layers of this transfer travel in the opening message."""
+        return False
 
     def _payload_messages(self, sender: SenderHeader) -> list[tuple[int, torch.dtype]]:
         """(numel, dtype) of each payload message a sender with this header sends."""
@@ -157,25 +198,33 @@ class DistChannelBackend(KVTransferBackend):
         ids = block_id_tensor(block_ids, layout, num_tokens)
         self._check_source(kv_layers, layout)
         fields = self._header(self._send_seq.get(peer, 0), request_id, layout, num_tokens, ids)
-        mover = BlockMover(kv_layers, layout, ids) if self.checksums else None
-        extension = self._checksums(x, mover, layout, len(ids)) if mover is not None else []
+        inline = self._inline(fields)
+        mover = BlockMover(kv_layers, layout, ids) if self.checksums or inline else None
+        extension = self._checksums(x, mover, layout, len(ids)) if self.checksums else []
         if Flag.SOURCE_IDS in fields.flags:
             extension += ids.tolist()
+        if self._opening_message and 8 * (CONTROL_WORDS + len(extension)) > OPENING_MESSAGE_BYTES:
+            raise InvalidTransferArgument(
+                "block_ids",
+                f"{len(ids)} blocks: the header extension ({len(extension)} words) does not "
+                f"fit in the {OPENING_MESSAGE_BYTES >> 20} MiB opening message",
+            )
         self._before_header(layout)
         self._send_seq[peer] = fields.seq + 1
         with self._exchange(x):
-            sent = [(self._links.isend(self._control(fields.words()), x), "header")]
-            if extension:
-                ext = torch.tensor(extension, dtype=torch.int64, device=self._control_device)
-                sent.append((self._links.isend(ext, x), "header extension"))
-            handshake = time.perf_counter() - x.start  # the header is out, layers follow
-            # Set up while the receiver checks the header.
+            # Posted first, so the receiver's answer never waits for it.
             verdict_buf = self._control()
             w_verdict = self._links.irecv(verdict_buf, x)
-            mover = mover or BlockMover(kv_layers, layout, ids)
-            done = self._send_layers(x, mover, layout, len(ids), fields.layers_per_message)
+            sent = self._send_opening(x, fields, extension, mover if inline else None)
+            handshake = time.perf_counter() - x.start  # the header is out, layers follow
+            done: tuple[float, ...] = ()
+            if not inline:
+                mover = mover or BlockMover(kv_layers, layout, ids)
+                done = self._send_layers(x, mover, layout, len(ids), fields.layers_per_message)
             for work, stage in sent:
                 self._links.wait(work, x, stage)
+            if inline:
+                done = (time.perf_counter() - x.start,) * layout.num_layers
             self._links.wait(w_verdict, x, "verdict")
             verdict = self._verdict(verdict_buf, fields.seq, x)
             verdict.raise_if_failed(request_id, rejected_by_peer=True)
@@ -196,37 +245,35 @@ class DistChannelBackend(KVTransferBackend):
         ids = block_id_tensor(block_ids, layout, num_tokens)
         self._check_destination(x, layout)
         fields = self._header(self._recv_seq.get(peer, 0), request_id, layout, num_tokens, ids)
-        expected = fields.words()
-        mover = BlockMover(kv_layers, layout, ids)  # ready before the header arrives
-        header_buf = self._control()
         with self._exchange(x):
-            self._links.wait(self._links.irecv(header_buf, x), x, "header")
+            opening = self._post_opening(x)  # posted first: the sender rarely waits for it
+            mover = BlockMover(kv_layers, layout, ids)  # built while the opening travels
+            expected = fields.words()
+            self._links.wait(opening.work, x, "header")
             self._recv_seq[peer] = fields.seq + 1
-            got = header_buf.tolist()
+            got = opening.words(0, CONTROL_WORDS)
             bad = first_mismatch(expected, got)
             if bad is not None:
                 rejection = Verdict(Status.MISMATCH, bad, expected[bad], got[bad])
                 self._drain(x, got, rejection)
                 self._answer(x, fields.seq, rejection)
                 rejection.raise_if_failed(request_id, rejected_by_peer=False)
-            ext: list[int] = []
-            if fields.extension_words:
-                ext_buf = torch.empty(
-                    fields.extension_words, dtype=torch.int64, device=self._control_device
-                )
-                self._links.wait(self._links.irecv(ext_buf, x), x, "header extension")
-                ext = ext_buf.tolist()
+            ext = self._extension(x, opening, fields.extension_words)
             handshake = time.perf_counter() - x.start
             n_sums = 2 * layout.num_layers if Flag.CHECKSUMS in fields.flags else 0
-            result = self._recv_layers(
-                x,
-                mover,
-                layout,
-                len(ids),
-                fields.layers_per_message,
-                ext[:n_sums] if n_sums else None,
-                ext[n_sums:] if Flag.SOURCE_IDS in fields.flags else None,
-            )
+            checksums = ext[:n_sums] if n_sums else None
+            if self._inline(fields):
+                result = self._write_inline(x, mover, opening.layers(fields), checksums)
+            else:
+                result = self._recv_layers(
+                    x,
+                    mover,
+                    layout,
+                    len(ids),
+                    fields.layers_per_message,
+                    checksums,
+                    ext[n_sums:] if Flag.SOURCE_IDS in fields.flags else None,
+                )
             # The data is in place: return without waiting for the verdict to be delivered;
             # the next call with this peer (or close) collects that send.
             failure = result.failure
@@ -236,6 +283,62 @@ class DistChannelBackend(KVTransferBackend):
         return make_stats(
             self.name, "recv", x.peer, fields, x.start, handshake, result.layer_done_s
         )
+
+    def _send_opening(
+        self, x: Xfer, fields: HeaderFields, extension: list[int], mover: BlockMover | None
+    ) -> list[tuple[dist.Work, str]]:
+        """Post the header and the extension (and, with ``mover``, every layer)."""
+        if not self._opening_message:  # NCCL: each of its exact size
+            sent = [(self._links.isend(self._control(fields.words()), x), "header")]
+            if extension:
+                ext = torch.tensor(extension, dtype=torch.int64, device=self._control_device)
+                sent.append((self._links.isend(ext, x), "header extension"))
+            return sent
+        words = fields.words() + extension
+        control = 8 * len(words)
+        size = control + (fields.payload_bytes if mover is not None else 0)
+        buf = self._opening_out.setdefault(x.peer, ByteBuffer(self._control_device)).get(size)
+        buf[:control].view(torch.int64).copy_(torch.tensor(words, dtype=torch.int64))
+        if mover is not None:
+            layers = buf[control:].view(fields.dtype).view(fields.message_shape(fields.num_layers))
+            mover.gather(0, layers)
+            self._staged(0, layers)
+        return [(self._links.isend(buf, x), "opening message")]
+
+    def _staged(self, first: int, message: torch.Tensor) -> None:
+        """Test hook: staged layers (p2p: on the sender before they leave; CUDA IPC: on
+        the receiver before their checksums are checked)."""
+        if self._on_layer_staged is not None:
+            for j in range(len(message)):
+                self._on_layer_staged(first + j, message[j])
+
+    def _post_opening(self, x: Xfer) -> _Opening:
+        if self._opening_message:
+            buf = self._opening_in.setdefault(x.peer, ByteBuffer(self._control_device))
+            slot = buf.get(OPENING_MESSAGE_BYTES)
+            return _Opening(slot, self._links.irecv(slot, x))
+        header = self._control()
+        return _Opening(header, self._links.irecv(header, x))
+
+    def _extension(self, x: Xfer, opening: _Opening, words: int) -> list[int]:
+        if not words:
+            return []
+        if self._opening_message:
+            return opening.words(CONTROL_WORDS, words)
+        buf = torch.empty(words, dtype=torch.int64, device=self._control_device)
+        self._links.wait(self._links.irecv(buf, x), x, "header extension")
+        return buf.tolist()
+
+    def _write_inline(
+        self, x: Xfer, mover: BlockMover, layers: torch.Tensor, checksums: list[int] | None
+    ) -> PayloadResult:
+        """Write the layers that came in the opening message, up to the first bad
+        checksum."""
+        failure = first_bad_layer(layers, 0, checksums) if checksums is not None else None
+        good = len(layers) if failure is None else failure.detail
+        if good:
+            mover.scatter(layers[:good], 0)
+        return PayloadResult((time.perf_counter() - x.start,) * len(layers), failure)
 
     @contextmanager
     def _exchange(self, x: Xfer) -> Iterator[None]:
@@ -257,6 +360,8 @@ class DistChannelBackend(KVTransferBackend):
         for staging in self._staging.values():
             staging.release()
         self._staging.clear()
+        self._opening_out.clear()
+        self._opening_in.clear()
 
     def staging(self, peer: int) -> StagingBuffers:
         return self._staging.setdefault(peer, StagingBuffers())
@@ -299,7 +404,7 @@ class DistChannelBackend(KVTransferBackend):
             self._links.mark_broken(x.peer, "received a header this version cannot follow")
             rejection.raise_if_failed(x.request_id, rejected_by_peer=False)
             return
-        if sender.extension_words:
+        if sender.extension_words and not self._opening_message:
             scratch = torch.empty(
                 sender.extension_words, dtype=torch.int64, device=self._control_device
             )

@@ -180,11 +180,12 @@ class CudaIpcBackend(DistChannelBackend):
             raise InvalidTransferArgument(
                 "group", "CUDA IPC sends its control messages over a gloo group"
             )
-        super().__init__(group, device, torch.device("cpu"), checksums=checksums)
+        super().__init__(
+            group, device, torch.device("cpu"), checksums=checksums, on_layer_staged=on_layer_staged
+        )
         self.name = "cuda_ipc"
         self._pool = pool
         self._peer_pools: dict[int, torch.Tensor] = {}
-        self._on_layer_staged = on_layer_staged
         self.chunk_bytes = chunk_bytes
 
     def export_pool(self) -> KVPoolHandle:
@@ -273,9 +274,7 @@ class CudaIpcBackend(DistChannelBackend):
         for first in range(0, layout.num_layers, per_chunk):
             buf = staging[: min(per_chunk, layout.num_layers - first)]
             source.gather(first, buf)  # device to device, from the peer's pool
-            if self._on_layer_staged is not None:
-                for j in range(len(buf)):
-                    self._on_layer_staged(first + j, buf[j])
+            self._staged(first, buf)
             good = len(buf)
             if checksums is not None:
                 failure = first_bad_layer(buf, first, checksums)

@@ -1,8 +1,13 @@
 """The transfer header and the verdicts: fixed-size int64 control messages.
 
-Every control message is ``CONTROL_WORDS`` int64 words, so a receiver can always post its
-receive before it knows anything about the sender, and a garbled or unexpected message
-is caught by its first three words (magic, version, kind). The word layout is in
+Every control message starts with ``CONTROL_WORDS`` int64 words, so a receiver can always
+post its receive before it knows anything about the sender, and a garbled or unexpected
+message is caught by its first three words (magic, version, kind). Over gloo the header
+is the start of the *opening message*, which also carries the extension and, for a
+transfer small enough, every layer (``layers_per_message`` 0): the receiver posts one
+receive of ``OPENING_MESSAGE_BYTES`` before it knows the sender's sizes, since gloo takes
+a shorter message into a longer receive (a longer one would abort the receiving
+process, so no sender's opening message exceeds it). The word layout is in
 ``docs/kv-transfer.md``; ``HEADER_FIELDS`` and ``VERDICT_FIELDS`` name the words.
 """
 
@@ -25,8 +30,11 @@ from kv_transfer.layout import KVLayout
 RequestId = int | str
 
 MAGIC = int.from_bytes(b"DISAGGKV", "big")  # fits in a signed int64: 'D' < 0x80
-VERSION = 1
+VERSION = 2
 CONTROL_WORDS = 16
+# The largest opening message a sender sends over gloo: a wire constant, the size of the
+# receiver's first receive of every transfer.
+OPENING_MESSAGE_BYTES = 8 << 20
 
 HEADER_FIELDS: tuple[str, ...] = (
     "magic",
@@ -149,6 +157,14 @@ class HeaderFields:
             extension_words=extension,
             layers_per_message=layers_per_message,
         )
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.num_layers * self.layer_bytes
+
+    def message_shape(self, layers: int) -> tuple[int, ...]:
+        """A message of ``layers`` consecutive layers: (layers, 2, num_blocks, *block_shape)."""
+        return (layers, 2, self.num_blocks, *self.block_shape)
 
     def words(self) -> list[int]:
         block_size, heads, head_dim = self.block_shape

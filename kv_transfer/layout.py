@@ -146,3 +146,21 @@ class StagingBuffers:
 
     def release(self) -> None:
         self._flat = []
+
+
+class ByteBuffer:
+    """One reusable uint8 buffer, grown to the largest size asked and kept until
+    ``release`` (the opening messages of one peer)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self._flat: torch.Tensor | None = None
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        """The first ``nbytes`` of the buffer (8-byte aligned: any dtype may view it)."""
+        if self._flat is None or self._flat.numel() < nbytes:
+            self._flat = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+        return self._flat[:nbytes]
+
+    def release(self) -> None:
+        self._flat = None

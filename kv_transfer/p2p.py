@@ -4,7 +4,10 @@
 A message carries one layer, (2, n, *block_shape): K's n blocks then V's, or, when a layer
 is smaller than ``MIN_MESSAGE_BYTES``, that many consecutive layers, so that a message's
 fixed cost (a few thread wake-ups on each side) stays small next to its bytes. Both sides
-derive the grouping from the header, which carries it.
+derive the grouping from the header, which carries it. Over gloo, a transfer whose
+layers fit in the opening message with the header (``OPENING_MESSAGE_BYTES``, 8 MiB)
+sends them there and no layer message at all (``layers_per_message`` 0): on a CPU, one
+message of a few MiB costs less than a pipeline's extra messages and round trips.
 
 Pipelining, with ``pipeline_depth`` staging buffers (messages in flight) on each side:
 
@@ -33,7 +36,7 @@ import torch.distributed as dist
 from kv_transfer.blocks import BlockMover
 from kv_transfer.channel import DistChannelBackend, PayloadResult, first_bad_layer
 from kv_transfer.errors import InvalidTransferArgument
-from kv_transfer.header import SenderHeader
+from kv_transfer.header import CONTROL_WORDS, OPENING_MESSAGE_BYTES, HeaderFields, SenderHeader
 from kv_transfer.layout import KVLayout, LayerHook
 from kv_transfer.links import Group, Xfer, group_backend_name
 from kv_transfer.pairs import PairGroup
@@ -82,14 +85,23 @@ class P2PBackend(DistChannelBackend):
             raise InvalidTransferArgument(
                 "group", f"{device.type} caches need a {need} group, this one is {group_backend}"
             )
-        super().__init__(group, device, device, checksums=checksums)
+        super().__init__(
+            group, device, device, checksums=checksums, on_layer_staged=on_layer_staged
+        )
         self.name = need
-        self._on_layer_staged = on_layer_staged
         self.pipeline_depth = pipeline_depth
         self._gatherer: ThreadPoolExecutor | None = None  # CPU: gathers overlap sends
 
     def _layers_per_message(self, layout: KVLayout, num_blocks: int) -> int:
+        if self._opening_message:
+            control = CONTROL_WORDS + (2 * layout.num_layers if self.checksums else 0)
+            payload = layout.num_layers * layout.layer_bytes(num_blocks)
+            if 8 * control + payload <= OPENING_MESSAGE_BYTES:
+                return 0  # every layer rides in the opening message
         return layers_per_message(layout.num_layers, layout.layer_bytes(num_blocks))
+
+    def _inline(self, fields: HeaderFields) -> bool:
+        return self._opening_message and fields.layers_per_message == 0
 
     def _payload_messages(self, sender: SenderHeader) -> list[tuple[int, torch.dtype]]:
         per = sender.layers_per_message
@@ -132,9 +144,7 @@ class P2PBackend(DistChannelBackend):
             if pending is not None:
                 pending.result()
             buf = messages[m]
-            if self._on_layer_staged is not None:
-                for j in range(len(buf)):
-                    self._on_layer_staged(first + j, buf[j])
+            self._staged(first, buf)
             pending = gather(m + 1)  # on the gather thread while this message is written
             in_flight.append((self._links.isend(buf, x), len(buf)))
         while in_flight:

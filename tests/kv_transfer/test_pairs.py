@@ -32,15 +32,17 @@ def transfer(sender: PairGroups, receiver: PairGroups, seed: int, epoch: int = 0
 
     def send():
         group, peer = sender.form(receiver.endpoint, epoch)
-        return make_backend("gloo", group=group).send(
-            "r1", src.layers, [1, 4, 6], peer, num_tokens=40, timeout=10
-        )
+        backend = make_backend("gloo", group=group)
+        stats = backend.send("r1", src.layers, [1, 4, 6], peer, num_tokens=40, timeout=10)
+        backend.close()
+        return stats
 
     def recv():
         group, peer = receiver.form(sender.endpoint, epoch)
-        return make_backend("gloo", group=group).recv(
-            "r1", dst.layers, [0, 2, 7], peer, num_tokens=40, timeout=10
-        )
+        backend = make_backend("gloo", group=group)
+        stats = backend.recv("r1", dst.layers, [0, 2, 7], peer, num_tokens=40, timeout=10)
+        backend.close()  # delivers the verdict the receiver did not wait for
+        return stats
 
     with ThreadPoolExecutor(2) as pool:
         sent, received = pool.submit(send), pool.submit(recv)
@@ -102,3 +104,30 @@ def test_a_broken_channel_is_formed_again_at_the_next_epoch(store):
     assert new is not old and (decode.endpoint, 0) not in prefill._groups
     with pytest.raises(InvalidTransferArgument, match="epoch"):
         prefill.form(decode.endpoint, -1)
+
+
+def test_an_extension_too_long_for_the_opening_message_is_refused_before_sending(
+    store, monkeypatch
+):
+    """The receiver's first receive is OPENING_MESSAGE_BYTES long and gloo aborts a process
+    that gets a longer message, so a sender refuses one (here: checksums on a shrunken
+    limit) before sending anything; the channel still carries the next transfer."""
+    address = f"127.0.0.1:{store.port}"
+    prefill = PairGroups(address, new_endpoint("prefill-0"), "gloo", timeout=10)
+    decode = PairGroups(address, new_endpoint("decode-0"), "gloo", timeout=10)
+    with ThreadPoolExecutor(2) as pool:
+        formed = (
+            pool.submit(prefill.form, decode.endpoint),
+            pool.submit(decode.form, prefill.endpoint),
+        )
+        (group, peer), _ = formed[0].result(timeout=30), formed[1].result(timeout=30)
+    cache = random_cache(tiny_spec(), 8, seed=1)
+    backend = make_backend("gloo", group=group, checksums=True)
+    control_bytes = 8 * (16 + 2 * 4)  # header + two checksum words per layer
+    for module in ("kv_transfer.channel", "kv_transfer.p2p"):
+        monkeypatch.setattr(f"{module}.OPENING_MESSAGE_BYTES", control_bytes - 8)
+    with pytest.raises(InvalidTransferArgument, match="opening message") as err:
+        backend.send("r1", cache.layers, [1, 4, 6], peer, num_tokens=40, timeout=5)
+    assert err.value.field == "block_ids"
+    monkeypatch.undo()
+    transfer(prefill, decode, seed=13)  # nothing was sent: the next transfer goes through

@@ -58,7 +58,7 @@ def header(**change) -> HeaderFields:
 def test_header_is_fixed_size_and_names_every_word():
     words = header().words()
     assert len(words) == len(HEADER_FIELDS) == CONTROL_WORDS
-    assert words[:4] == [MAGIC, 1, Kind.HEADER, 3]
+    assert words[:4] == [MAGIC, 2, Kind.HEADER, 3]  # version 2: the opening message
     named = dict(zip(HEADER_FIELDS, words, strict=True))
     assert named["layer_bytes"] == 2 * 3 * 16 * 2 * 32 * 4
     assert named["dtype"] == dtype_code(torch.float32)
