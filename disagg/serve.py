@@ -77,6 +77,7 @@ class ServeOptions:
     reject_over_slo: float | None = None  # early rejection: predicted TTFT > factor x SLO
     curve_secret_key: str | None = None  # CurveZMQ keypair file: both endpoints encrypted
     restart_nodes: bool = True  # a node process that dies is started again
+    events_log: str | None = None  # each ended request's lifetime events, as JSON lines
 
     def __post_init__(self) -> None:
         if self.policy == "vtc":
@@ -127,6 +128,7 @@ class ServedCluster:
                 slo=o.slo,
                 reject_over_slo=o.reject_over_slo,
                 curve_secret_key=o.curve_secret_key,
+                events_log=o.events_log,
             ),
             access=self.access,
             metrics=self.metrics,

@@ -62,6 +62,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="CurveZMQ keypair (NAME.key_secret): encrypt both endpoints; clients need NAME.key",
     )
     p.add_argument(
+        "--events-log",
+        default=None,
+        metavar="FILE",
+        help="append each finished or failed request's lifetime events and latency breakdown "
+        "to FILE, one JSON line per request (docs/operations.md)",
+    )
+    p.add_argument(
         "--reject-over-slo",
         type=float,
         default=None,
@@ -87,6 +94,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         drain_timeout=args.drain_timeout,
         log_dir=args.log_dir,
         restart_nodes=args.restart_nodes,
+        events_log=args.events_log,
     )
     if args.deployment:
         from disagg.deployment import load_deployment

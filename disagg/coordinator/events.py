@@ -2,7 +2,10 @@
 
 ``RequestEvents`` keeps the events of the last ``capacity`` requests: recording is an
 append (and, past the capacity, dropping the oldest request). ``breakdown`` turns one
-request's events into phase durations; ``dump_jsonl`` writes them all for offline study.
+request's events into phase durations; ``dump_jsonl`` writes them all for offline study,
+and with ``log_path`` each request is appended to that file as one JSON line when it
+finishes or fails (``disagg serve --events-log``), so a running server's breakdowns can
+be read while it serves.
 
 Times are ``clock()`` seconds (monotonic by default): comparable within one process
 only. Each dumped request also carries the wall-clock time of its first event.
@@ -17,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 #: Every event name, in the order a request normally meets them. A request that is
 #: re-dispatched after a node failure meets the middle ones again.
@@ -55,7 +59,13 @@ class RequestRecord:
 class RequestEvents:
     """A bounded log of request lifetime events."""
 
-    def __init__(self, capacity: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        capacity: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        log_path: str | Path | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
@@ -63,6 +73,17 @@ class RequestEvents:
         # Offset from ``clock`` to the Unix epoch, taken once, for the dump.
         self._wall_offset = time.time() - clock()
         self._records: OrderedDict[str, RequestRecord] = OrderedDict()
+        # Line-buffered: a request's line is in the file once its last event is recorded.
+        self._log: TextIO | None = (
+            Path(log_path).open("a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed by close())
+            if log_path
+            else None
+        )
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def record(
         self,
@@ -86,6 +107,8 @@ class RequestEvents:
         elif client_id is not None and rec.client_id is None:
             rec.client_id = client_id
         rec.events.append((event, self._clock() if t is None else t, node_id))
+        if self._log is not None and event in _TERMINAL:
+            self._log.write(json.dumps(self._line(rec)) + "\n")
 
     def get(self, request_id: str) -> RequestRecord | None:
         return self._records.get(request_id)
@@ -133,15 +156,17 @@ class RequestEvents:
         and ``breakdown``. Returns the number of requests written."""
         with Path(path).open("w", encoding="utf-8") as f:
             for rec in self._records.values():
-                line = {
-                    "request_id": rec.request_id,
-                    "client_id": rec.client_id,
-                    "unix_time": rec.events[0][1] + self._wall_offset,
-                    "events": [{"event": e, "t": t, "node_id": n} for e, t, n in rec.events],
-                    "breakdown": self.breakdown(rec.request_id),
-                }
-                f.write(json.dumps(line) + "\n")
+                f.write(json.dumps(self._line(rec)) + "\n")
         return len(self._records)
+
+    def _line(self, rec: RequestRecord) -> dict:
+        return {
+            "request_id": rec.request_id,
+            "client_id": rec.client_id,
+            "unix_time": rec.events[0][1] + self._wall_offset,
+            "events": [{"event": e, "t": t, "node_id": n} for e, t, n in rec.events],
+            "breakdown": self.breakdown(rec.request_id),
+        }
 
 
 def _paired_time(events: list[tuple[str, float, str | None]], start: str, end: str) -> float | None:

@@ -43,6 +43,7 @@ from disagg.coordinator.tracked import Phase, Tracked
 from disagg.engine.model_config import ModelConfig
 from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import (
+    ConfigError,
     InvalidRequestError,
     ProtocolError,
     RequestRejectedError,
@@ -118,6 +119,7 @@ class CoordinatorSettings:
     # With an SLO: refuse a request whose predicted TTFT is over this factor x the TTFT SLO.
     reject_over_slo: float | None = None
     curve_secret_key: str | None = None  # CurveZMQ keypair file: both endpoints encrypted
+    events_log: str | None = None  # append each ended request's events here (JSON lines)
 
 
 class Coordinator:
@@ -134,7 +136,10 @@ class Coordinator:
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.access: ClientAccess = access or OpenAccess(s.fairness.weights)
         self.metrics = metrics
-        self.events = RequestEvents()
+        try:
+            self.events = RequestEvents(log_path=s.events_log)
+        except OSError as e:
+            raise ConfigError("events_log", f"cannot append to {s.events_log}: {e.strerror}") from e
         # (client, total seconds, seconds in model steps) of the last finished requests
         self.finished_log: deque[tuple[str, float, float]] = deque(maxlen=100_000)
         # (prefill endpoint, decode endpoint) -> the epoch of their KV channel
@@ -226,6 +231,7 @@ class Coordinator:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._stopped.set()
+        self.events.close()
         self.clients.close(linger=0)
         self.node_socket.close(linger=0)
         self.ctx.term()

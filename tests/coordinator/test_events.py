@@ -128,3 +128,30 @@ def test_dump_jsonl_writes_one_request_per_line(tmp_path):
     assert first["breakdown"]["total"] == 4.5
     assert lines[1]["unix_time"] - first["unix_time"] == pytest.approx(10.0)
     assert lines[1]["breakdown"] == {}
+
+
+def test_log_path_gets_one_line_per_ended_request_as_it_ends(tmp_path):
+    path = tmp_path / "events.jsonl"
+    log = RequestEvents(log_path=path)
+    play(log, "r1", HAPPY[:-1])
+    assert path.read_text() == ""  # not ended yet
+    log.record("r1", "finished", t=14.5)
+    play(log, "r2", [("arrived", 20.0, None), ("failed", 21.0, None)])
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["request_id"] for x in lines] == ["r1", "r2"]
+    assert lines[0]["breakdown"]["total"] == 4.5 and lines[1]["breakdown"] == {"total": 1.0}
+    assert lines[0]["events"][-1] == {"event": "finished", "t": 14.5, "node_id": None}
+    log.close()
+    again = RequestEvents(log_path=path)  # a restarted server appends
+    play(again, "r3", [("arrived", 1.0, None), ("finished", 2.0, None)])
+    again.close()
+    assert len(path.read_text().splitlines()) == 3
+
+
+def test_an_events_log_that_cannot_be_opened_is_named_before_serving(tmp_path):
+    from disagg.errors import ConfigError
+    from disagg.serve import ServedCluster, ServeOptions
+
+    missing = tmp_path / "no-such-dir" / "events.jsonl"
+    with pytest.raises(ConfigError, match="events_log.*no-such-dir"):
+        ServedCluster(ServeOptions(port=0, events_log=str(missing)))

@@ -26,7 +26,8 @@ def start_cluster(tmp_path, **options) -> ServedCluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    served = start_cluster(tmp_path_factory.mktemp("cluster"))
+    path = tmp_path_factory.mktemp("cluster")
+    served = start_cluster(path, events_log=str(path / "events.jsonl"))
     yield served
     served.stop(drain_timeout=5)
 

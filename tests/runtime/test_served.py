@@ -4,7 +4,9 @@ checked against the offline engine (itself checked against transformers)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -125,6 +127,33 @@ def test_prompt_too_long_and_bad_token_ids_are_refused(cluster):
             client.generate(list(range(5000)), client_id="eve", max_tokens=2)
         with pytest.raises(InvalidRequest, match="prompt"):
             client.generate([1, 2, 10**7], client_id="eve", max_tokens=2)
+
+
+def test_each_finished_request_is_appended_to_the_events_log(cluster):
+    """--events-log: the line is in the file when the client has its completion, with the
+    request's path through both nodes and a breakdown whose phases fit in its total."""
+    with Client(cluster.client_address, timeout=60) as client:
+        done = client.generate("events, please", client_id="dave", max_tokens=5, ignore_eos=True)
+    path = cluster.options.events_log
+    lines = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines()]
+    (line,) = [x for x in lines if x["client_id"] == "dave"]
+    names = [e["event"] for e in line["events"]]
+    assert names == [
+        "arrived",
+        "dispatched",
+        "prefill_start",
+        "prefill_end",
+        "transfer_start",
+        "transfer_end",
+        "decode_start",
+        "decode_end",
+        "finished",
+    ]
+    nodes = {e["event"]: e["node_id"] for e in line["events"]}
+    assert nodes["prefill_start"] == done.nodes.prefill and nodes["decode_end"] == done.nodes.decode
+    b = line["breakdown"]
+    assert 0 < b["prefill"] + b["transfer"] + b["decode"] <= b["total"]
+    assert abs(b["total"] - done.timings.total) < 0.05
 
 
 def test_abort_frees_kv_on_both_nodes(cluster):
