@@ -4,8 +4,9 @@ that says what comes closest and why it fails."""
 
 from __future__ import annotations
 
+import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from disagg.errors import ConfigError, DisaggError
 from disagg.planner.goodput import (
@@ -68,6 +69,9 @@ class PlanResult:
     simulations: int
     stats: SearchStats = field(default_factory=SearchStats)
     at_rate: object | None = None  # Outcome at request.rate, when given
+    # With a rate: the fewest GPUs that serve it, and its Outcome there (None: only the
+    # whole best deployment does).
+    sized: tuple[Deployment, object] | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -182,6 +186,36 @@ def _check_rate(req: PlanRequest, result: PlanResult, evaluator: Evaluator) -> N
             f"{req.cluster.gpus}. Lower --rate, add nodes, or relax the SLOs"
         )
     result.at_rate = evaluator.run(d, rate / d.replicas)
+    result.sized = _fewest_gpus_for_rate(req, result, evaluator)
+
+
+def _fewest_gpus_for_rate(
+    req: PlanRequest, result: PlanResult, evaluator: Evaluator
+) -> tuple[Deployment, object] | None:
+    """The smallest copy of the best layout that serves ``req.rate``: its phase configs
+    with fewer instances (high affinity) or fewer node groups (low affinity), by GPU
+    count, each checked by one simulation at the rate; the most attainment among those
+    of the first GPU count that meets the target. Sizes below rate / (the best goodput
+    per GPU) cannot meet it and are not simulated (10 % slack for the rate grid)."""
+    best, rate = result.best.deployment, req.rate
+    assert rate is not None
+    if best.affinity == "low":
+        smaller = [replace(best, replicas=r) for r in range(1, best.replicas + 1)]
+    else:
+        smaller = [
+            replace(best, n_prefill=n_p, n_decode=n_d)
+            for n_p in range(1, best.n_prefill + 1)
+            for n_d in range(1, best.n_decode + 1)
+        ]
+    least = 0.9 * rate / result.best.per_gpu_goodput
+    smaller = sorted((d for d in smaller if d.gpus >= least), key=lambda d: d.gpus)
+    for _, same_size in itertools.groupby(smaller, key=lambda d: d.gpus):
+        runs = [(evaluator.run(d, rate / d.replicas), d) for d in same_size]
+        meeting = [(o, d) for o, d in runs if o.attainment >= req.slo.attainment]
+        if meeting:
+            outcome, d = max(meeting, key=lambda od: od[0].attainment)
+            return d, outcome
+    return None
 
 
 def _no_layout_fits(req: PlanRequest, excluded: dict[PhaseConfig, str]) -> str:

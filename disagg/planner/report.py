@@ -90,6 +90,18 @@ def to_json(result: PlanResult) -> dict[str, Any]:
             "ttft_p90_s": at.ttft_p90,
             "tpot_p90_s": at.tpot_p90,
         }
+        sized, outcome = result.sized or (d, at)
+        out["for_rate"] = {
+            "rate": req.rate,
+            "description": sized.describe(),
+            "prefill": _layout(sized, "prefill"),
+            "decode": _layout(sized, "decode"),
+            "gpus_used": sized.gpus,
+            "placement": _placement(result, sized),
+            "attainment": outcome.attainment,
+            "ttft_p90_s": outcome.ttft_p90,
+            "tpot_p90_s": outcome.tpot_p90,
+        }
     return out
 
 
@@ -134,10 +146,15 @@ def format_table(result: PlanResult) -> str:
     if j["ratio_to_colocated"] is not None:
         lines.append(f"disaggregated / colocated goodput per GPU: {j['ratio_to_colocated']:.2f}x")
     if "at_rate" in j:
-        a = j["at_rate"]
+        a, f = j["at_rate"], j["for_rate"]
         lines.append(
             f"at {a['rate']:g} req/s: {a['attainment']:.1%} attainment, P90 TTFT "
             f"{_ms(a['ttft_p90_s'])}, P90 TPOT {_ms(a['tpot_p90_s'])}"
+        )
+        lines.append(
+            f"fewest GPUs for {f['rate']:g} req/s: {f['description']} on {f['gpus_used']} "
+            f"GPUs: {f['attainment']:.1%} attainment, P90 TTFT {_ms(f['ttft_p90_s'])}, "
+            f"P90 TPOT {_ms(f['tpot_p90_s'])}"
         )
     lines.append(
         f"searched {j['candidates']} candidates ({j['candidates_simulated']} simulated whole, "
@@ -158,9 +175,11 @@ def _ms(seconds: float | None) -> str:
 
 
 def to_deployment(result: PlanResult, model: str, device: str = "cuda") -> dep.Deployment:
-    """The deployment file for the plan. Each instance must sit on one host: the file
-    names one host per instance."""
+    """The deployment file for the plan (with a rate: for the fewest GPUs that serve
+    it). Each instance must sit on one host: the file names one host per instance."""
     req, d = result.request, result.best.deployment
+    if result.sized is not None:
+        d = result.sized[0]
     nodes = []
     for role, index, gpus in assign_devices(d, req.cluster):
         hosts = sorted({n for n, _ in gpus})
@@ -180,23 +199,32 @@ def to_deployment(result: PlanResult, model: str, device: str = "cuda") -> dep.D
             )
         )
     j = to_json(result)
+    predicted = {
+        "per_gpu_goodput": j["per_gpu_goodput"],
+        "goodput": j["goodput"],
+        "attainment": j["predicted"]["attainment"],
+        "ttft_p90_s": j["predicted"]["ttft_p90_s"],
+        "tpot_p90_s": j["predicted"]["tpot_p90_s"],
+        "colocated_per_gpu_goodput": j["colocated_per_gpu_goodput"],
+        "workload": j["workload"],
+        "gpu": j["gpu"],
+        "latency": j["latency"],
+    }
+    if "for_rate" in j:  # what is predicted for the GPUs written, at the rate asked
+        f = j["for_rate"]
+        predicted.update(
+            rate=f["rate"],
+            attainment=f["attainment"],
+            ttft_p90_s=f["ttft_p90_s"],
+            tpot_p90_s=f["tpot_p90_s"],
+        )
     return dep.Deployment(
         model=model,
         device=device,
         policy=req.policy,
         slo=dep.SLO(ttft_s=req.slo.ttft, tpot_s=req.slo.tpot, attainment=req.slo.attainment),
-        prefill=dep.PhaseLayout(**j["prefill"]),
-        decode=dep.PhaseLayout(**j["decode"]),
+        prefill=dep.PhaseLayout(**_layout(d, "prefill")),
+        decode=dep.PhaseLayout(**_layout(d, "decode")),
         nodes=nodes,
-        predicted={
-            "per_gpu_goodput": j["per_gpu_goodput"],
-            "goodput": j["goodput"],
-            "attainment": j["predicted"]["attainment"],
-            "ttft_p90_s": j["predicted"]["ttft_p90_s"],
-            "tpot_p90_s": j["predicted"]["tpot_p90_s"],
-            "colocated_per_gpu_goodput": j["colocated_per_gpu_goodput"],
-            "workload": j["workload"],
-            "gpu": j["gpu"],
-            "latency": j["latency"],
-        },
+        predicted=predicted,
     )

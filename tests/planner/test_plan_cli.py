@@ -52,6 +52,27 @@ def test_json_and_deployment_file_agree(capsys, tmp_path):
     assert len(devices) == len(set(devices)) == used
 
 
+def test_a_rate_gets_the_fewest_gpus_that_serve_it_and_the_file_has_those(capsys, tmp_path):
+    code, out, err = run(capsys, *BASE, "--json")
+    assert code == 0, err
+    full = json.loads(out)
+    rate = round(full["goodput"] * 0.3, 2)  # about a third of what the 4 GPUs serve
+    path = tmp_path / "deployment.yaml"
+    code, out, err = run(capsys, *BASE, "--json", "--rate", str(rate), "-o", str(path))
+    assert code == 0, err
+    f = json.loads(out)["for_rate"]
+    assert f["rate"] == rate and f["attainment"] >= 0.9
+    assert f["gpus_used"] < full["gpus_used"]
+    # No fewer GPUs than the best goodput per GPU allows (with the grid's slack).
+    assert f["gpus_used"] >= 0.9 * rate / full["per_gpu_goodput"]
+    dep = load_deployment(path)
+    assert dep.prefill.model_dump() == f["prefill"] and dep.decode.model_dump() == f["decode"]
+    assert len(dep.nodes) == f["prefill"]["instances"] + f["decode"]["instances"]
+    assert dep.predicted["rate"] == rate and dep.predicted["attainment"] == f["attainment"]
+    code, out, _ = run(capsys, *BASE, "--rate", str(rate))
+    assert f"fewest GPUs for {rate:g} req/s" in out
+
+
 def test_table_names_the_layout_and_the_baseline(capsys):
     code, out, _ = run(capsys, *BASE, "--rate", "1")
     assert code == 0
