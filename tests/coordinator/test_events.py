@@ -153,5 +153,5 @@ def test_an_events_log_that_cannot_be_opened_is_named_before_serving(tmp_path):
     from disagg.serve import ServedCluster, ServeOptions
 
     missing = tmp_path / "no-such-dir" / "events.jsonl"
-    with pytest.raises(ConfigError, match="events_log.*no-such-dir"):
+    with pytest.raises(ConfigError, match=r"events_log.*no-such-dir"):
         ServedCluster(ServeOptions(port=0, events_log=str(missing)))

@@ -133,10 +133,12 @@ def test_each_finished_request_is_appended_to_the_events_log(cluster):
     """--events-log: the line is in the file when the client has its completion, with the
     request's path through both nodes and a breakdown whose phases fit in its total."""
     with Client(cluster.client_address, timeout=60) as client:
-        done = client.generate("events, please", client_id="dave", max_tokens=5, ignore_eos=True)
+        done = client.generate(
+            "events, please", client_id="events-reader", max_tokens=5, ignore_eos=True
+        )
     path = cluster.options.events_log
     lines = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines()]
-    (line,) = [x for x in lines if x["client_id"] == "dave"]
+    (line,) = [x for x in lines if x["client_id"] == "events-reader"]
     names = [e["event"] for e in line["events"]]
     assert names == [
         "arrived",
