@@ -122,21 +122,30 @@ class ProfileResult:
         lines = [
             f"profiled {self.profile.model_name} on {self.profile.gpu} in {self.seconds:.1f} s: "
             f"{len(self.prefill_samples)} prefill and {len(self.decode_samples)} decode points",
-            f"prefill  T = {_abc(p.prefill)} ms   relative error median "
-            f"{self.prefill_fit.median_error:.1%}, max {self.prefill_fit.max_error:.1%}",
+            *fit_lines(p, self.prefill_fit, self.decode_errors),
         ]
-        for piece in p.decode:
-            bound = "any B" if piece.max_batch is None else f"B <= {piece.max_batch}"
-            lines.append(f"decode   T = {_abc(piece.coef, 'Σctx', 'B')} ms   ({bound})")
-        errors = self.decode_errors
-        lines.append(
-            f"decode   relative error median {statistics.median(errors):.1%}, max {max(errors):.1%}"
-        )
         lines.append(
             f"KV: {self.profile.kv_bytes_per_token} bytes per token, capacity "
             f"{p.kv_capacity_tokens} tokens"
         )
         return "\n".join(lines)
+
+
+def fit_lines(p: TpProfile, prefill_fit: Fit, decode_errors: list[float]) -> list[str]:
+    """The fitted prefill and decode formulas of one tp degree with their relative errors,
+    one line each (``disagg profile`` and ``--from-served`` print them)."""
+    lines = [
+        f"prefill  T = {_abc(p.prefill)} ms   relative error median "
+        f"{prefill_fit.median_error:.1%}, max {prefill_fit.max_error:.1%}"
+    ]
+    for piece in p.decode:
+        bound = "any B" if piece.max_batch is None else f"B <= {piece.max_batch}"
+        lines.append(f"decode   T = {_abc(piece.coef, 'Σctx', 'B')} ms   ({bound})")
+    lines.append(
+        f"decode   relative error median {statistics.median(decode_errors):.1%}, "
+        f"max {max(decode_errors):.1%}"
+    )
+    return lines
 
 
 def _abc(coef: Iterable[float], x: str = "Σl", y: str = "Σl²") -> str:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from disagg.errors import ConfigError
-from disagg.planner.profile import Fit, Sample, fit_decode, nnls_relative
+from disagg.planner.profile import Fit, Sample, fit_decode, fit_lines, nnls_relative
 from disagg.sim.latency import DecodePiece, LatencyProfile
 
 # Decode steps are binned by batch size and mean context (tokens per bin) and each bin's
@@ -130,15 +130,8 @@ class Calibration:
             f"served: {self.prefill_batches} prefill batches, {self.decode_steps} decode steps "
             f"in {self.decode_bins} bins (B <= {self.max_batch}; model time median "
             f"{self.model_share:.0%} of a step's period), {self.handoffs} hand-offs",
-            f"prefill  T = {_abc(p.prefill)} ms   relative error median "
-            f"{self.prefill_fit.median_error:.1%}, max {self.prefill_fit.max_error:.1%}",
+            *fit_lines(p, self.prefill_fit, dec),
         ]
-        for piece in p.decode:
-            bound = "any B" if piece.max_batch is None else f"B <= {piece.max_batch}"
-            lines.append(f"decode   T = {_abc(piece.coef, 'Σctx', 'B')} ms   ({bound})")
-        lines.append(
-            f"decode   relative error median {statistics.median(dec):.1%}, max {max(dec):.1%}"
-        )
         lines.append(
             f"handoff_s {self.handoff_s * 1e3:.1f} ms; ttft_overhead_s "
             f"{(self.dispatch_s + self.return_s) * 1e3:.1f} ms (to an idle prefill node "
@@ -272,11 +265,6 @@ def _idle(runs: list[tuple[float, float]], arrived: float, start: float) -> bool
     """Whether no prefill batch ran between ``arrived`` and ``start`` (other than the
     request's own, which starts at ``start``): its wait was messaging, not queueing."""
     return not any(s < start and e > arrived for s, e in runs)
-
-
-def _abc(coef, x: str = "Σl", y: str = "Σl²") -> str:
-    a, b, c = coef
-    return f"{a:.4g} + {b:.4g}·{x} + {c:.4g}·{y}"
 
 
 def load_served_log(path: str | Path) -> dict[str, Any]:
