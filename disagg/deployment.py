@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from disagg.config_errors import config_error
 from disagg.errors import ConfigError
 
 POLICIES = ("fcfs", "lcf", "rpm", "vtc", "per-stage-vtc", "two-stage-vtc")
@@ -118,25 +119,25 @@ class Deployment(_Strict):
             layout = getattr(self, node.role)
             if node.devices and len(node.devices) != layout.devices_per_instance:
                 raise ConfigError(
-                    f"nodes.{i}.devices",
+                    f"nodes[{i}].devices",
                     f"a {node.role} instance needs tp x pp = {layout.tp} x {layout.pp} = "
                     f"{layout.devices_per_instance} devices, got {len(node.devices)} "
                     f"({node.devices}); give exactly that many, or [] for CPU",
                 )
             if node.devices and self.device == "cpu":
                 raise ConfigError(
-                    f"nodes.{i}.devices", "device is cpu: leave devices empty, or set device: cuda"
+                    f"nodes[{i}].devices", "device is cpu: leave devices empty, or set device: cuda"
                 )
             for d in node.devices:  # two instances on one GPU would fight over its memory
                 other = taken.setdefault((node.host, d), i)
                 if other != i:
                     raise ConfigError(
-                        f"nodes.{i}.devices",
-                        f"device {d} on {node.host} is already given to nodes.{other}",
+                        f"nodes[{i}].devices",
+                        f"device {d} on {node.host} is already given to nodes[{other}]",
                     )
         if self.device == "cuda" and any(not n.devices for n in self.nodes):
             i = next(i for i, n in enumerate(self.nodes) if not n.devices)
-            raise ConfigError(f"nodes.{i}.devices", "device is cuda: list the GPU indices")
+            raise ConfigError(f"nodes[{i}].devices", "device is cuda: list the GPU indices")
         return self
 
 
@@ -147,7 +148,7 @@ def parse_deployment(data: Any, source: str = "<deployment>") -> Deployment:
     try:
         return Deployment.model_validate(data)
     except ValidationError as exc:
-        raise _config_error(exc, source) from None
+        raise config_error(exc, source=source, model=Deployment) from None
 
 
 def load_deployment(path: str | Path) -> Deployment:
@@ -173,22 +174,3 @@ def save_deployment(dep: Deployment, path: str | Path) -> None:
     text = yaml.safe_dump(dep.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
     tmp.write_text(text)
     os.replace(tmp, path)  # a reader never sees half a file
-
-
-def _config_error(exc: ValidationError, source: str) -> ConfigError:
-    errors = exc.errors(include_url=False)
-    # An unknown key first: a misspelt key also makes a required one missing.
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    path = [str(part) for part in first["loc"]]
-    cause = first.get("ctx", {}).get("error")
-    if isinstance(cause, ConfigError):  # raised by _consistent, relative to the root
-        path.append(cause.field)
-        reason = cause.reason
-    elif first["type"] == "extra_forbidden":
-        reason = "unknown field"
-    elif first["type"] == "missing":
-        reason = "required"
-    else:
-        reason = f"{first['msg']}, got {first.get('input')!r}"
-    more = f", and {len(errors) - 1} more problems" if len(errors) > 1 else ""
-    return ConfigError(".".join(path) or source, f"{reason} ({source}{more})")

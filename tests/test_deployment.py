@@ -88,16 +88,17 @@ _DELETE = object()
         ("device", "tpu", "device", "cpu"),
         ("prefill.tp", 0, "prefill.tp", "greater than or equal to 1"),
         ("decode.instances", 3, "nodes", "2 decode node(s) listed but decode.instances is 3"),
-        ("nodes.0.devices", [0], "nodes.0.devices", "tp x pp = 2 x 1 = 2 devices"),
-        ("nodes.2.devices", [2], "nodes.2.devices", "already given to nodes.1"),
-        ("nodes.1.role", "router", "nodes.1.role", "prefill"),
+        ("nodes.0.devices", [0], "nodes[0].devices", "tp x pp = 2 x 1 = 2 devices"),
+        ("nodes.2.devices", [2], "nodes[2].devices", "already given to nodes[1]"),
+        ("nodes.1.role", "router", "nodes[1].role", "prefill"),
         ("nodes.2.index", 5, "nodes", "indices must be 0..1"),
-        ("nodes.1.devices", [], "nodes.1.devices", "list the GPU indices"),
+        ("nodes.1.devices", [], "nodes[1].devices", "list the GPU indices"),
         ("coordinator", {"client_port": 70000}, "coordinator.client_port", "65535"),
         ("coordinator", {"node_port": 5555}, "coordinator.node_port", "differ"),
         ("colour", "red", "colour", "unknown field"),
         ("prefill", _DELETE, "prefill", "required"),
-        ("slo", {"ttft_s": 1, "tpot_s": 1, "p": 9}, "slo.p", "unknown field"),
+        ("slo", {"ttft_s": 1, "tpot_s": 1, "p": 9}, "slo.p", "allowed: ttft_s, tpot_s"),
+        ("nodes.1.colour", "red", "nodes[1].colour", "allowed: role, index, host, devices"),
     ],
 )
 def test_every_bad_field_is_named(path, value, field, words):
@@ -113,7 +114,7 @@ def test_devices_on_cpu_are_refused():
     data["device"] = "cpu"
     with pytest.raises(ConfigError) as info:
         parse_deployment(data)
-    assert info.value.field == "nodes.0.devices"
+    assert info.value.field == "nodes[0].devices"
 
 
 def test_file_errors_name_the_file(tmp_path):

@@ -28,6 +28,7 @@ import zmq
 import zmq.auth
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from disagg.config_errors import config_error
 from disagg.errors import AuthenticationError, ConfigError
 from disagg.protocol.messages import MAX_API_KEY_CHARS, MAX_ID_CHARS
 
@@ -121,8 +122,7 @@ class ApiKeys:
         try:
             parsed = _KeyFile.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ConfigError(_field_path(err["loc"]), f"{err['msg']} (in {source})") from None
+            raise config_error(exc, source=source, model=_KeyFile) from None
         by_digest: dict[bytes, ClientIdentity] = {}
         key_at: dict[bytes, int] = {}
         client_at: dict[str, tuple[int, ClientIdentity]] = {}
@@ -255,17 +255,6 @@ def _parse_text(text: str, path: Path) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError("api_key_file", f"{path} is not valid YAML: {exc}") from exc
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    """pydantic's ``('keys', 2, 'weight')`` → ``keys[2].weight``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else part
-    return out or "api_key_file"
 
 
 # -- nodes -----------------------------------------------------------------------------

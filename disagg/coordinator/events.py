@@ -43,10 +43,14 @@ _PHASES = ("prefill", "transfer", "decode")
 
 @dataclass(slots=True)
 class RequestRecord:
-    """One request's events as ``(name, time, node_id)`` in the order recorded."""
+    """One request's events as ``(name, time, node_id)`` in the order recorded.
+    ``request_id`` is the coordinator's own id (unique while it runs);
+    ``client_request_id`` the id the client chose (``Completion.request_id``; unique per
+    connection only)."""
 
     request_id: str
     client_id: str | None
+    client_request_id: str | None = None
     events: list[tuple[str, float, str | None]] = field(default_factory=list)
 
     def first(self, name: str) -> float | None:
@@ -91,21 +95,26 @@ class RequestEvents:
         event: str,
         *,
         client_id: str | None = None,
+        client_request_id: str | None = None,
         node_id: str | None = None,
         t: float | None = None,
     ) -> None:
         """Append ``event`` for ``request_id`` at time ``t`` (now by default). The first
-        event of a request (normally ``arrived``, with its ``client_id``) opens its record,
-        evicting the oldest request when full."""
+        event of a request (normally ``arrived``, with its ``client_id`` and the client's
+        own ``client_request_id``) opens its record, evicting the oldest request when
+        full."""
         if event not in _EVENT_SET:
             raise ValueError(f"unknown request event {event!r}; known: {', '.join(EVENTS)}")
         rec = self._records.get(request_id)
         if rec is None:
-            rec = self._records[request_id] = RequestRecord(request_id, client_id)
+            rec = self._records[request_id] = RequestRecord(
+                request_id, client_id, client_request_id
+            )
             if len(self._records) > self.capacity:
                 self._records.popitem(last=False)
-        elif client_id is not None and rec.client_id is None:
-            rec.client_id = client_id
+        else:
+            rec.client_id = rec.client_id or client_id
+            rec.client_request_id = rec.client_request_id or client_request_id
         rec.events.append((event, self._clock() if t is None else t, node_id))
         if self._log is not None and event in _TERMINAL:
             self._log.write(json.dumps(self._line(rec)) + "\n")
@@ -152,7 +161,7 @@ class RequestEvents:
 
     def dump_jsonl(self, path: str | Path) -> int:
         """Write one JSON object per request, oldest first: ``request_id``, ``client_id``,
-        ``unix_time`` (of its first event), ``events`` (``[{"event", "t", "node_id"}]``)
+        ``client_request_id``, ``unix_time`` (of its first event), ``events`` (``[{"event", "t", "node_id"}]``)
         and ``breakdown``. Returns the number of requests written."""
         with Path(path).open("w", encoding="utf-8") as f:
             for rec in self._records.values():
@@ -163,6 +172,7 @@ class RequestEvents:
         return {
             "request_id": rec.request_id,
             "client_id": rec.client_id,
+            "client_request_id": rec.client_request_id,
             "unix_time": rec.events[0][1] + self._wall_offset,
             "events": [{"event": e, "t": t, "node_id": n} for e, t, n in rec.events],
             "breakdown": self.breakdown(rec.request_id),

@@ -367,7 +367,13 @@ class Coordinator:
         self.ttft_predictor.add(t.num_prompt_tokens)
         t.in_prefill_backlog = True
         self.in_flight_per_client[client] = self.in_flight_per_client.get(client, 0) + 1
-        self.events.record(str(t.rid), "arrived", client_id=client, t=t.arrival_time)
+        self.events.record(
+            str(t.rid),
+            "arrived",
+            client_id=client,
+            client_request_id=t.request_id,
+            t=t.arrival_time,
+        )
         if self.metrics:
             self.metrics.request_arrived(client)
         self._reply(

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from disagg.config_errors import config_error
 from disagg.errors import ConfigError
 from disagg.sim.presets import GpuSpec, ModelShape
 
@@ -190,21 +191,21 @@ class TpProfile(_FileModel):
     @field_validator("decode")
     @classmethod
     def _pieces_cover_every_batch(cls, pieces: list[DecodePiece]) -> list[DecodePiece]:
-        # Raised as ConfigError with a path relative to this field; _config_error joins them.
+        # Raised as ConfigError with a path relative to this field; config_error joins them.
         previous = 0
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             if piece.max_batch is None and not last:
-                raise ConfigError(f"{i}.max_batch", "only the last piece may be null (unbounded)")
+                raise ConfigError(f"[{i}].max_batch", "only the last piece may be null (unbounded)")
             if piece.max_batch is not None and last:
                 raise ConfigError(
-                    f"{i}.max_batch",
+                    f"[{i}].max_batch",
                     "the last piece must be null (unbounded) so every batch size has coefficients",
                 )
             if piece.max_batch is not None:
                 if piece.max_batch <= previous:
                     raise ConfigError(
-                        f"{i}.max_batch", f"must exceed the previous piece's {previous}"
+                        f"[{i}].max_batch", f"must exceed the previous piece's {previous}"
                     )
                 previous = piece.max_batch
         return pieces
@@ -270,7 +271,7 @@ def parse_profile(data: Any, source: str = "<profile>") -> LatencyProfile:
     try:
         return LatencyProfile.model_validate(data)
     except ValidationError as exc:
-        raise _config_error(exc, source) from None
+        raise config_error(exc, source=source, model=LatencyProfile) from None
 
 
 def load_profile(path: str | Path) -> LatencyProfile:
@@ -291,22 +292,6 @@ def save_profile(profile: LatencyProfile, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(profile.model_dump(mode="json"), indent=2) + "\n")
     os.replace(tmp, path)  # a reader never sees half a file
-
-
-def _config_error(exc: ValidationError, source: str) -> ConfigError:
-    errors = exc.errors()
-    first = errors[0]
-    path = [str(part) for part in first["loc"] if part != "[key]"]  # a bad key: name the key
-    cause = first.get("ctx", {}).get("error")
-    if isinstance(cause, ConfigError):  # raised by a validator above, relative to its field
-        path.append(cause.field)
-        reason = cause.reason
-    elif isinstance(cause, ValueError):
-        reason = str(cause)
-    else:
-        reason = first["msg"]
-    more = f", and {len(errors) - 1} more problems" if len(errors) > 1 else ""
-    return ConfigError(".".join(path) or source, f"{reason} ({source}{more})")
 
 
 # --- Analytic model -------------------------------------------------------------------

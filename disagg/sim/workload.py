@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from disagg.config_errors import config_error, short_repr
 from disagg.errors import ConfigError
 
 ARRIVALS = ("poisson", "uniform", "gamma", "on_off", "ramp")
@@ -142,24 +143,7 @@ def _validate(model: type[BaseModel], data: Any, where: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        errors = e.errors(include_url=False)
-        err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
-        field = ".".join(([where] if where else []) + [str(part) for part in err["loc"]])
-        kind, got = err["type"], _short(err.get("input"))
-        if kind == "missing":
-            reason = "required"
-        elif kind == "extra_forbidden":
-            reason = f"unknown field; allowed: {', '.join(model.model_fields)}"
-        elif kind in ("model_type", "dict_type"):
-            reason = f"must be a JSON object, got {got}"
-        else:
-            reason = f"{err['msg'].replace('Input should', 'must', 1)}, got {got}"
-        raise ConfigError(field or "spec", reason) from None
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+        raise config_error(e, where=where, model=model) from None
 
 
 def _length(value: Any, where: str) -> int | _Length:
@@ -169,11 +153,11 @@ def _length(value: Any, where: str) -> int | _Length:
         return value
     if not isinstance(value, dict):
         raise ConfigError(
-            where, f"must be an integer or an object with 'dist', got {_short(value)}"
+            where, f"must be an integer or an object with 'dist', got {short_repr(value)}"
         )
     dist = value.get("dist")
     if not isinstance(dist, str) or dist not in _LENGTHS:
-        got = "nothing" if dist is None else _short(dist)
+        got = "nothing" if dist is None else short_repr(dist)
         raise ConfigError(f"{where}.dist", f"must be one of {', '.join(DISTS)}; got {got}")
     spec = _validate(_LENGTHS[dist], value, where)
     if isinstance(spec, _UniformLength) and spec.high < spec.low:
@@ -326,13 +310,13 @@ def workload_from_spec(spec: dict, base_dir: Path | None = None) -> Workload:
         raise ConfigError("clients", "must list at least one client")
     if s.duration is None:
         raise ConfigError("duration", "required")
-    plans = [_plan(raw, f"clients.{i}", s.duration) for i, raw in enumerate(s.clients)]
+    plans = [_plan(raw, f"clients[{i}]", s.duration) for i, raw in enumerate(s.clients)]
     first: dict[str, int] = {}
     for i, p in enumerate(plans):
         j = first.setdefault(p.client.id, i)
         if j != i:
             raise ConfigError(
-                f"clients.{i}.id", f"duplicate client id {p.client.id!r} (clients.{j})"
+                f"clients[{i}].id", f"duplicate client id {p.client.id!r} (clients[{j}])"
             )
     return Workload(
         duration=s.duration,

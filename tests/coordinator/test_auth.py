@@ -160,8 +160,8 @@ def test_two_keys_for_one_client_are_allowed_when_they_agree():
         ("keys.json", "{", "api_key_file"),
         ("keys.yaml", "", "api_key_file"),
         ("keys.yaml", "- a\n- b\n", "api_key_file"),
-        ("keys.yaml", "clients: []\n", "keys"),
-        ("keys.yaml", "keys: []\nextra: 1\n", "keys"),
+        ("keys.yaml", "clients: []\n", "clients"),  # the unknown key, before the missing one
+        ("keys.yaml", "keys: []\nextra: 1\n", "extra"),
     ],
 )
 def test_unreadable_files_are_config_errors(tmp_path, name, text, field):

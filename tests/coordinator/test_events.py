@@ -116,7 +116,7 @@ def test_default_times_come_from_the_clock():
 def test_dump_jsonl_writes_one_request_per_line(tmp_path):
     log = RequestEvents()
     play(log, "r1", HAPPY)
-    log.record("r2", "arrived", client_id="bob", t=20.0)
+    log.record("r2", "arrived", client_id="bob", client_request_id="bob-7", t=20.0)
     path = tmp_path / "events.jsonl"
     assert log.dump_jsonl(path) == 2
     lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -128,6 +128,7 @@ def test_dump_jsonl_writes_one_request_per_line(tmp_path):
     assert first["breakdown"]["total"] == 4.5
     assert lines[1]["unix_time"] - first["unix_time"] == pytest.approx(10.0)
     assert lines[1]["breakdown"] == {}
+    assert (first["client_request_id"], lines[1]["client_request_id"]) == (None, "bob-7")
 
 
 def test_log_path_gets_one_line_per_ended_request_as_it_ends(tmp_path):

@@ -119,16 +119,16 @@ def _broken(edit):
 @pytest.mark.parametrize(
     ("edit", "field"),
     [
-        (lambda d: d["tp"]["2"]["decode"][0].update(coef=[1.0, 2.0]), "tp.2.decode.0.coef"),
-        (lambda d: d["tp"]["1"]["prefill"].__setitem__(1, -0.1), "tp.1.prefill.1"),
-        (lambda d: d["tp"]["1"]["prefill"].__setitem__(2, float("nan")), "tp.1.prefill.2"),
-        (lambda d: d["tp"]["1"]["decode"][0].update(max_batch=None), "tp.1.decode.0.max_batch"),
-        (lambda d: d["tp"]["1"]["decode"][1].update(max_batch=500), "tp.1.decode.1.max_batch"),
+        (lambda d: d["tp"]["2"]["decode"][0].update(coef=[1.0, 2.0]), "tp.2.decode[0].coef"),
+        (lambda d: d["tp"]["1"]["prefill"].__setitem__(1, -0.1), "tp.1.prefill[1]"),
+        (lambda d: d["tp"]["1"]["prefill"].__setitem__(2, float("nan")), "tp.1.prefill[2]"),
+        (lambda d: d["tp"]["1"]["decode"][0].update(max_batch=None), "tp.1.decode[0].max_batch"),
+        (lambda d: d["tp"]["1"]["decode"][1].update(max_batch=500), "tp.1.decode[1].max_batch"),
         (
             lambda d: d["tp"]["1"]["decode"].insert(1, {"max_batch": 50, "coef": [1, 1, 1]}),
-            "tp.1.decode.1.max_batch",
+            "tp.1.decode[1].max_batch",
         ),
-        (lambda d: d["tp"]["1"]["decode"][0].update(max_batch="94"), "tp.1.decode.0.max_batch"),
+        (lambda d: d["tp"]["1"]["decode"][0].update(max_batch="94"), "tp.1.decode[0].max_batch"),
         (lambda d: d["tp"]["1"].update(bogus=1), "tp.1.bogus"),
         (
             lambda d: d["tp"]["1"]["kv_capacity_tokens_by_pp"].update({"1": 5}),

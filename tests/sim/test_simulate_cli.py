@@ -143,11 +143,11 @@ def bad_spec(**client_changes) -> dict:
 
 
 BAD_SPECS = {
-    "unknown field": (bad_spec(colour="red"), ["clients.0.colour", "unknown field", "arrival"]),
-    "negative rate": (bad_spec(rate=-1), ["clients.0.rate", "greater than 0", "-1"]),
+    "unknown field": (bad_spec(colour="red"), ["clients[0].colour", "unknown field", "arrival"]),
+    "negative rate": (bad_spec(rate=-1), ["clients[0].rate", "greater than 0", "-1"]),
     "unknown distribution": (
         bad_spec(input_len={"dist": "zipf", "low": 1, "high": 2}),
-        ["clients.0.input_len.dist", "uniform, lognormal, normal", "zipf"],
+        ["clients[0].input_len.dist", "uniform, lognormal, normal", "zipf"],
     ),
 }
 

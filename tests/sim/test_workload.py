@@ -418,68 +418,68 @@ BAD_SPECS = [
     ({"seed": -1}, "seed"),
     ({"clients": []}, "clients"),
     ({"clients": None}, "clients"),
-    ({"clients": [7]}, "clients.0"),
+    ({"clients": [7]}, "clients[0]"),
     ({"weights": {"a": 2}}, "weights"),
-    ({"clients": [client(colour="red")]}, "clients.0.colour"),
-    ({"clients": [client(rate=0)]}, "clients.0.rate"),
-    ({"clients": [client(rate=-1.5)]}, "clients.0.rate"),
-    ({"clients": [client(rate=float("nan"))]}, "clients.0.rate"),
-    ({"clients": [client(rate=1e12)]}, "clients.0.rate"),
-    ({"clients": [client(arrival="bursty")]}, "clients.0.arrival"),
-    ({"clients": [client(arrival="gamma")]}, "clients.0.cv"),
-    ({"clients": [client(arrival="on_off")]}, "clients.0.period"),
-    ({"clients": [client(arrival="ramp")]}, "clients.0.rate_end"),
-    ({"clients": [client(cv=2.0)]}, "clients.0.cv"),
-    ({"clients": [client(arrival="gamma", cv=0)]}, "clients.0.cv"),
-    ({"clients": [client(arrival="gamma", cv=1e200)]}, "clients.0.cv"),
-    ({"clients": [client(arrival="ramp", rate_end=-1)]}, "clients.0.rate_end"),
-    ({"clients": [client(start=50.0, end=50.0)]}, "clients.0.end"),
-    ({"clients": [client(start=60.0, end=10.0)]}, "clients.0.end"),
-    ({"clients": [client(start=100.0)]}, "clients.0.start"),
-    ({"clients": [client(start=-1.0)]}, "clients.0.start"),
-    ({"clients": [client("a"), client("a")]}, "clients.1.id"),
-    ({"clients": [client("")]}, "clients.0.id"),
-    ({"clients": [client(weight=0)]}, "clients.0.weight"),
-    ({"clients": [client(weight=-2)]}, "clients.0.weight"),
+    ({"clients": [client(colour="red")]}, "clients[0].colour"),
+    ({"clients": [client(rate=0)]}, "clients[0].rate"),
+    ({"clients": [client(rate=-1.5)]}, "clients[0].rate"),
+    ({"clients": [client(rate=float("nan"))]}, "clients[0].rate"),
+    ({"clients": [client(rate=1e12)]}, "clients[0].rate"),
+    ({"clients": [client(arrival="bursty")]}, "clients[0].arrival"),
+    ({"clients": [client(arrival="gamma")]}, "clients[0].cv"),
+    ({"clients": [client(arrival="on_off")]}, "clients[0].period"),
+    ({"clients": [client(arrival="ramp")]}, "clients[0].rate_end"),
+    ({"clients": [client(cv=2.0)]}, "clients[0].cv"),
+    ({"clients": [client(arrival="gamma", cv=0)]}, "clients[0].cv"),
+    ({"clients": [client(arrival="gamma", cv=1e200)]}, "clients[0].cv"),
+    ({"clients": [client(arrival="ramp", rate_end=-1)]}, "clients[0].rate_end"),
+    ({"clients": [client(start=50.0, end=50.0)]}, "clients[0].end"),
+    ({"clients": [client(start=60.0, end=10.0)]}, "clients[0].end"),
+    ({"clients": [client(start=100.0)]}, "clients[0].start"),
+    ({"clients": [client(start=-1.0)]}, "clients[0].start"),
+    ({"clients": [client("a"), client("a")]}, "clients[1].id"),
+    ({"clients": [client("")]}, "clients[0].id"),
+    ({"clients": [client(weight=0)]}, "clients[0].weight"),
+    ({"clients": [client(weight=-2)]}, "clients[0].weight"),
     (
         {"clients": [{"id": "a", "arrival": "poisson", "rate": 1, "output_len": 8}]},
-        "clients.0.input_len",
+        "clients[0].input_len",
     ),
-    ({"clients": [client(input_len=0)]}, "clients.0.input_len"),
-    ({"clients": [client(input_len=25.5)]}, "clients.0.input_len"),
-    ({"clients": [client(input_len=True)]}, "clients.0.input_len"),
-    ({"clients": [client(input_len={"low": 1, "high": 2})]}, "clients.0.input_len.dist"),
-    ({"clients": [client(input_len={"dist": ["uniform"]})]}, "clients.0.input_len.dist"),
-    ({"clients": [client(input_len=2**40)]}, "clients.0.input_len"),
+    ({"clients": [client(input_len=0)]}, "clients[0].input_len"),
+    ({"clients": [client(input_len=25.5)]}, "clients[0].input_len"),
+    ({"clients": [client(input_len=True)]}, "clients[0].input_len"),
+    ({"clients": [client(input_len={"low": 1, "high": 2})]}, "clients[0].input_len.dist"),
+    ({"clients": [client(input_len={"dist": ["uniform"]})]}, "clients[0].input_len.dist"),
+    ({"clients": [client(input_len=2**40)]}, "clients[0].input_len"),
     (
         {"clients": [client(input_len={"dist": "uniform", "low": 1, "high": 10**30})]},
-        "clients.0.input_len.high",
+        "clients[0].input_len.high",
     ),
-    ({"clients": [client(output_len={"dist": "zipf"})]}, "clients.0.output_len.dist"),
-    ({"clients": [client(input_len={"dist": "uniform", "low": 5})]}, "clients.0.input_len.high"),
+    ({"clients": [client(output_len={"dist": "zipf"})]}, "clients[0].output_len.dist"),
+    ({"clients": [client(input_len={"dist": "uniform", "low": 5})]}, "clients[0].input_len.high"),
     (
         {"clients": [client(input_len={"dist": "uniform", "low": 5, "high": 4})]},
-        "clients.0.input_len.high",
+        "clients[0].input_len.high",
     ),
     (
         {"clients": [client(input_len={"dist": "uniform", "low": 0, "high": 4})]},
-        "clients.0.input_len.low",
+        "clients[0].input_len.low",
     ),
     (
         {"clients": [client(input_len={"dist": "normal", "mean": 5, "std": -1})]},
-        "clients.0.input_len.std",
+        "clients[0].input_len.std",
     ),
     (
         {"clients": [client(input_len={"dist": "normal", "mean": 5, "sd": 1})]},
-        "clients.0.input_len.sd",
+        "clients[0].input_len.sd",
     ),
     (
         {"clients": [client(input_len={"dist": "lognormal", "sigma": 1})]},
-        "clients.0.input_len.median",
+        "clients[0].input_len.median",
     ),
     (
         {"clients": [client(input_len={"dist": "lognormal", "sigma": 1, "mean": 2, "median": 7})]},
-        "clients.0.input_len.median",
+        "clients[0].input_len.median",
     ),
     (
         {
@@ -487,7 +487,7 @@ BAD_SPECS = [
                 client(input_len={"dist": "normal", "mean": 5, "std": 1, "min": 9, "max": 3})
             ]
         },
-        "clients.0.input_len.max",
+        "clients[0].input_len.max",
     ),
     (
         {
@@ -496,7 +496,7 @@ BAD_SPECS = [
                 client("b", output_len={"dist": "normal", "mean": 1, "std": 1, "min": 0}),
             ]
         },
-        "clients.1.output_len.min",
+        "clients[1].output_len.min",
     ),
     ({"trace": "t.jsonl", "clients": [client()]}, "clients"),
     ({"trace": "t.jsonl", "clients": None, "seed": 3}, "seed"),
@@ -549,7 +549,7 @@ def test_spec_file_error_names_the_file(tmp_path):
     path.write_text(json.dumps(spec(client(rate=-1))))
     with pytest.raises(ConfigError, match=str(path)) as info:
         load_workload(path)
-    assert info.value.field == "clients.0.rate"
+    assert info.value.field == "clients[0].rate"
 
 
 def test_spec_with_missing_trace(tmp_path):
