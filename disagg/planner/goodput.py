@@ -117,6 +117,18 @@ class LatencySource:
         measured = self.profile.ttft_overhead_s if self.profile is not None else None
         return measured or 0.0
 
+    @property
+    def prefill_gap_s(self) -> float:
+        """A served prefill node's turnaround between batches (the profile's, or 0)."""
+        measured = self.profile.prefill_gap_s if self.profile is not None else None
+        return measured or 0.0
+
+    @property
+    def prefill_jitter(self) -> float:
+        """Spread of served prefill batch times around the fit (the profile's, or 0)."""
+        measured = self.profile.prefill_jitter if self.profile is not None else None
+        return measured or 0.0
+
     def instance(self, config: PhaseConfig) -> InstanceLatency | str:
         """The latency of one instance, or a sentence saying why there is none."""
         if config not in self._cache:
@@ -259,10 +271,12 @@ class Evaluator:
             decode = self.latency.instance(d.decode)
             assert not isinstance(decode, str)
             bandwidth, latency_s = self.transfer_bandwidth(d), self.latency.handoff_s
+            gap, jitter = self.latency.prefill_gap_s, self.latency.prefill_jitter
             if check == "ttft":
                 decode, bandwidth, latency_s = _Free(), _BIG_BANDWIDTH, 0.0
             elif check == "tpot":
                 prefill, bandwidth, latency_s = _Free(), _BIG_BANDWIDTH, 0.0
+                gap = jitter = 0.0
             spec = ClusterSpec(
                 kind="disagg",
                 prefill=d.n_prefill,
@@ -271,6 +285,8 @@ class Evaluator:
                 max_batch_size=self.max_batch_size,
                 transfer_bandwidth=bandwidth,
                 transfer_latency=latency_s,
+                prefill_gap=gap,
+                prefill_jitter=jitter,
             )
             sim = Simulator(w, spec, policy=self.policy, latency=prefill, decode_latency=decode)
         pp = 1 if check == "tpot" else d.prefill.pp

@@ -10,7 +10,9 @@ Two parts:
   clock is the host's) and when its first token reached the coordinator. ``log()``
   returns it as plain JSON (the *served log*).
 - :func:`calibrate` refits a profile's prefill and decode coefficients on a served log
-  and sets its ``handoff_s`` and ``ttft_overhead_s`` (docs/latency-model.md).
+  and sets what service adds to them: ``handoff_s``, ``ttft_overhead_s``, the prefill
+  node's turnaround between batches (``prefill_gap_s``) and the spread of its batch
+  times around the fit (``prefill_jitter``) (docs/latency-model.md).
 
 Why the step *period* and not the node's reported model time for decode: between two
 steps a decode node sends tokens, takes pulls and admissions, and shares the core with
@@ -122,6 +124,9 @@ class Calibration:
     return_s: float
     handoff_s: float
     handoffs: int
+    prefill_gap_s: float | None  # None: no batch followed another with work waiting
+    prefill_gaps: int
+    prefill_jitter: float
 
     def summary(self) -> str:
         p = self.profile.tp["1"]
@@ -136,6 +141,16 @@ class Calibration:
             f"handoff_s {self.handoff_s * 1e3:.1f} ms; ttft_overhead_s "
             f"{(self.dispatch_s + self.return_s) * 1e3:.1f} ms (to an idle prefill node "
             f"{self.dispatch_s * 1e3:.1f}, first token back {self.return_s * 1e3:.1f})"
+        )
+        gap = (
+            f"{self.prefill_gap_s * 1e3:.2f} ms (median of {self.prefill_gaps} back-to-back "
+            f"batches)"
+            if self.prefill_gap_s is not None
+            else "not measured (no batch found work waiting)"
+        )
+        lines.append(
+            f"prefill_gap_s {gap}; prefill_jitter {self.prefill_jitter:.3f} "
+            f"(sd of ln(served / fitted batch time))"
         )
         return "\n".join(lines)
 
@@ -159,6 +174,8 @@ def calibrate(
     coef = nnls_relative(x, ms)
     errors = [float(e) for e in np.abs(x @ coef - ms) / ms]
     prefill_fit = Fit((float(coef[0]), float(coef[1]), float(coef[2])), errors)
+    # The fit is the batches' central time; the simulator draws each batch around it.
+    prefill_jitter = float(np.std(np.log(ms / np.maximum(x @ coef, 1e-9))))
 
     periods, shares = _decode_periods(log.get("decode", []))
     bins: dict[tuple[int, int], list[tuple[int, float]]] = defaultdict(list)
@@ -194,6 +211,8 @@ def calibrate(
         raise ConfigError(
             "served log", "no requests with a KV hand-off; serve a disaggregated plan"
         )
+    gaps = _turnarounds(prefill, requests)
+    prefill_gap_s = max(0.0, statistics.median(gaps)) if gaps else None
     dispatch_s = max(0.0, statistics.median(dispatch)) if dispatch else 0.0
     return_s = max(0.0, statistics.median(back))
     handoff_s = max(0.0, statistics.median(handoffs))
@@ -218,13 +237,17 @@ def calibrate(
     sources["served"] = (
         f"tp.{tp}.prefill and tp.{tp}.decode refitted on {len(prefill)} served prefill batches "
         f"(model time) and {len(periods)} decode step periods (B <= {max_batch}); handoff_s and "
-        f"ttft_overhead_s medians over {len(requests)} served requests"
+        f"ttft_overhead_s medians over {len(requests)} served requests; prefill_gap_s the "
+        f"median over {len(gaps)} back-to-back batches, prefill_jitter the sd of ln(served / "
+        f"fitted) over the prefill batches"
     )
     profile = base.model_copy(
         update={
             "tp": {**base.tp, tp: new_entry},
             "handoff_s": handoff_s,
             "ttft_overhead_s": dispatch_s + return_s,
+            "prefill_gap_s": prefill_gap_s,
+            "prefill_jitter": prefill_jitter,
             "sources": sources,
         }
     )
@@ -241,6 +264,9 @@ def calibrate(
         return_s=return_s,
         handoff_s=handoff_s,
         handoffs=len(handoffs),
+        prefill_gap_s=prefill_gap_s,
+        prefill_gaps=len(gaps),
+        prefill_jitter=prefill_jitter,
     )
 
 
@@ -259,6 +285,22 @@ def _decode_periods(rows: list[list[Any]]) -> tuple[list[tuple[int, int, float]]
                 periods.append((int(row[3]), int(row[4]), period))
                 shares.append(min(1.0, row[2] / period))
     return periods, shares
+
+
+def _turnarounds(prefill: list[list[float]], requests: list[list[Any]]) -> list[float]:
+    """Seconds from a prefill batch's end to the next batch's start, for each next batch
+    that had a request waiting when the previous one ended (so the node went straight
+    on: the time between is its turnaround, not idleness)."""
+    first_arrival: dict[float, float] = {}  # batch start -> its earliest arrival
+    for arrived, start, *_ in requests:
+        first_arrival[start] = min(first_arrival.get(start, arrived), arrived)
+    batches = sorted(prefill)
+    out = []
+    for prev, nxt in itertools.pairwise(batches):
+        end = prev[0] + prev[1]
+        if first_arrival.get(nxt[0], end) < end and nxt[0] >= end:
+            out.append(nxt[0] - end)
+    return out
 
 
 def _idle(runs: list[tuple[float, float]], arrived: float, start: float) -> bool:

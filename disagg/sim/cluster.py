@@ -33,7 +33,14 @@ class ClusterSpec:
     as the engine does; ``reserve`` admits only when prompt + all its output fit, so no
     request is ever preempted (S-LoRA's and the VTC artifact's rule, which knows each
     request's output length). ``publish_interval`` (two-stage VTC) is how often the
-    merged counters reach the pools; None means they see them live."""
+    merged counters reach the pools; None means they see them live.
+
+    What a served prefill node adds to its batch times (disaggregated only; measured by
+    ``disagg profile --from-served``): ``prefill_gap`` seconds from one batch's end to
+    the next one's start (the node's turnaround: results out, next batch in), and
+    ``prefill_jitter``, the standard deviation of ln(batch time / modelled time): each
+    batch's time is the model's times ``exp(jitter · z)``, z drawn from a standard
+    normal by a generator seeded with ``jitter_seed`` (so a run is repeatable)."""
 
     kind: Literal["colocated", "disagg"] = "colocated"
     instances: int = 1
@@ -46,6 +53,9 @@ class ClusterSpec:
     transfer_latency: float = 1e-3
     publish_interval: float | None = None
     admission: Literal["optimistic", "reserve"] = "optimistic"
+    prefill_gap: float = 0.0
+    prefill_jitter: float = 0.0
+    jitter_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.admission not in ("optimistic", "reserve"):
@@ -66,6 +76,10 @@ class ClusterSpec:
             raise ConfigError("transfer_bandwidth", f"must be > 0, got {self.transfer_bandwidth!r}")
         if self.publish_interval is not None and not self.publish_interval > 0:
             raise ConfigError("publish_interval", f"must be > 0, got {self.publish_interval!r}")
+        for name in ("prefill_gap", "prefill_jitter"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 <= value < float("inf")):
+                raise ConfigError(name, f"must be a finite number >= 0, got {value!r}")
 
 
 @dataclass(slots=True)

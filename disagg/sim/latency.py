@@ -233,6 +233,11 @@ class LatencyProfile(_FileModel):
     # ttft_overhead_s: fixed messaging in every TTFT that no batch time holds: the
     # request reaching an idle prefill node, and its first token coming back.
     ttft_overhead_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    # prefill_gap_s: a served prefill node's turnaround from one batch's end to the next
+    # one's start when work was waiting.
+    prefill_gap_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    # prefill_jitter: the standard deviation of ln(served batch time / fitted time).
+    prefill_jitter: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     sources: dict[str, str] = {}  # what each number is and where it came from
 
     @property

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -93,6 +95,7 @@ class Simulator:
         self._order = itertools.count()
         self.requests: list[SimRequest] = []
         self.rejected: list[SimRequest] = []
+        self._jitter = random.Random(cluster.jitter_seed)
         if cluster.kind == "colocated":
             self.policy = make_policy(policy, fairness)
             self.pools = None
@@ -311,9 +314,10 @@ class Simulator:
         if not batch:
             node.busy = False
             return
-        self._run(
-            node, prefill_duration(node.latency, batch), lambda: self._end_prefill(node, batch)
-        )
+        duration = prefill_duration(node.latency, batch)
+        if self.cluster.prefill_jitter:
+            duration *= math.exp(self.cluster.prefill_jitter * self._jitter.gauss(0.0, 1.0))
+        self._run(node, duration, lambda: self._end_prefill(node, batch))
 
     def _end_prefill(self, node: _Node, batch: list[SimRequest]) -> None:
         assert self.pools is not None
@@ -324,7 +328,10 @@ class Simulator:
                 self.pools.decode.add(r)  # held here until a decode node pulls it
             else:
                 self.log.pending(self.now, r.client_id, -1)
-        self._start(node)
+        if self.cluster.prefill_gap:  # the node's turnaround before its next batch
+            self._run(node, self.cluster.prefill_gap, lambda: self._start(node))
+        else:
+            self._start(node)
         self._wake(self.decode_nodes)
 
     def _start_decode(self, node: _Node) -> None:

@@ -5,6 +5,7 @@ simulator charges what the profile measured."""
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +21,7 @@ from disagg.sim.latency import DecodePiece, LatencyProfile, TpProfile, load_prof
 
 PREFILL = (4.0, 0.05, 2e-5)  # ms
 DECODE = (3.0, 2e-3, 0.4)  # ms
-DISPATCH, RETURN, HANDOFF = 0.002, 0.001, 0.009  # s
+DISPATCH, RETURN, HANDOFF, GAP = 0.002, 0.001, 0.009, 0.0013  # s
 KV_BYTES = 2048
 BANDWIDTH = 1e9
 
@@ -38,17 +39,20 @@ def _base() -> LatencyProfile:
     )  # fmt: skip
 
 
-def _served_log() -> dict:
-    """Prefill batches spaced so that every second request finds the node idle; decode
-    steps back to back with exact periods, and an idle gap after a batch that finished."""
+def _served_log(jitter: tuple[float, ...] = (1.0,)) -> dict:
+    """Prefill batches spaced so that every second request finds the node idle (the
+    others queued during the batch before and start GAP after it); each batch's time is
+    the model's times the next factor of ``jitter``, in turn; decode steps back to back
+    with exact periods, and an idle gap after a batch that finished."""
     prefill, requests = [], []
     t = 0.0
     for i, (b, n) in enumerate((b, n) for b in (1, 2, 3) for n in (16, 64, 200, 400)):
         seconds = (PREFILL[0] + PREFILL[1] * b * n + PREFILL[2] * b * n * n) / 1e3
-        arrived = t
-        t += DISPATCH
+        seconds *= jitter[i % len(jitter)]
         if i % 2:  # this one arrived while the previous batch ran: it queued
-            arrived = prefill[-1][0]
+            arrived, t = prefill[-1][0], requests[-1][2] + GAP
+        else:
+            arrived, t = t, t + DISPATCH
         prefill.append([t, seconds, b * n, b * n * n, b])
         end = t + seconds
         requests.append(
@@ -77,6 +81,8 @@ def test_calibration_recovers_step_times_and_messaging():
     assert c.profile.handoff_s == pytest.approx(HANDOFF)
     assert c.profile.ttft_overhead_s == pytest.approx(DISPATCH + RETURN)
     assert c.dispatch_s == pytest.approx(DISPATCH)  # the queued half is left out
+    assert c.profile.prefill_gap_s == pytest.approx(GAP)  # measured on the queued half
+    assert c.prefill_gaps == 6 and c.profile.prefill_jitter == pytest.approx(0.0, abs=1e-6)
     # Only steps after a step that left sequences running have a period.
     assert c.decode_steps == 15 * 3
     assert entry.kv_capacity_tokens == 1 << 16  # capacity is the isolated profile's
@@ -84,6 +90,15 @@ def test_calibration_recovers_step_times_and_messaging():
     assert entry.fit_error["served_decode_max"] < 1e-3
     assert "served" in c.profile.sources
     assert "handoff_s 9.0 ms" in c.summary()
+    assert "prefill_gap_s 1.30 ms" in c.summary()
+
+
+def test_calibration_measures_the_spread_of_served_prefill_batches():
+    spread = 0.1
+    c = calibrate(_base(), _served_log(jitter=(math.exp(spread), math.exp(-spread))), BANDWIDTH)
+    # Twelve batches: the refit leans a little towards the pattern, and takes up some of it.
+    assert 0.85 * spread < c.profile.prefill_jitter <= spread
+    assert c.profile.prefill_gap_s == pytest.approx(GAP)  # the gaps are timed, not scaled
 
 
 def test_too_little_service_is_refused_with_the_reason():
@@ -176,3 +191,17 @@ def test_simulator_charges_the_measured_overhead_and_hand_off():
     late = late_ev.run(d, 2.0)
     assert late.ttft_p90 == pytest.approx(plain.ttft_p90)
     assert late.tpot_p90 > plain.tpot_p90 + 0.2 / 200  # spread over at most ~200 tokens
+
+
+def test_simulator_charges_the_prefill_nodes_turnaround_and_spread():
+    base = _base().model_copy(update={"tp": {"1": _base().tp["1"].model_copy(
+        update={"prefill": list(PREFILL), "decode": [DecodePiece(max_batch=None, coef=list(DECODE))]}
+    )}})  # fmt: skip
+    plain_ev, d = _evaluator(base)
+    rate = 40.0  # prefill batches often find the next request waiting
+    plain = plain_ev.run(d, rate)
+    gap_ev, _ = _evaluator(base.model_copy(update={"prefill_gap_s": 0.01}))
+    assert gap_ev.run(d, rate).ttft_p90 > plain.ttft_p90 + 0.005
+    assert gap_ev.run(d, rate, "tpot") == plain_ev.run(d, rate, "tpot")  # decode alone
+    spread_ev, _ = _evaluator(base.model_copy(update={"prefill_jitter": 0.3}))
+    assert spread_ev.run(d, rate).ttft_p90 > plain.ttft_p90  # a long tail of batch times

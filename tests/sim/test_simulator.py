@@ -4,7 +4,9 @@ preemption, and the fairness the shared policy objects deliver through it."""
 
 from __future__ import annotations
 
+import math
 import random
+import statistics
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import disagg.sim.simulator as simulator_module
+from disagg.errors import ConfigError
 from disagg.scheduling import FairnessConfig, LinearCost
 from disagg.sim.cli import CapacityOverride
 from disagg.sim.cluster import ClusterSpec
@@ -511,6 +514,38 @@ def test_prefill_instance_prefills_back_to_back_while_its_queue_is_full():
     assert max(r.first_token_time for r in result.requests) == pytest.approx(
         10 * LIN.prefill_time(800, 0, 2)
     )
+
+
+def test_a_served_prefill_gap_delays_the_next_batch_not_the_first_token():
+    gap = 0.0031
+    arrivals = [Arrival(0.0, "a", 400, 2) for _ in range(20)] + [Arrival(50.0, "b", 400, 2)]
+    spec = ClusterSpec(kind="disagg", max_batch_tokens=1000, prefill_gap=gap)
+    result = simulate(workload(arrivals, 1000.0), spec)
+    batch = LIN.prefill_time(800, 0, 2)
+    firsts = sorted({r.first_token_time for r in result.requests if r.client_id == "a"})
+    assert firsts == pytest.approx([k * batch + (k - 1) * gap for k in range(1, 11)])
+    (late,) = [r for r in result.requests if r.client_id == "b"]  # found the node idle
+    assert late.first_token_time == pytest.approx(50.0 + LIN.prefill_time(400, 0, 1))
+
+
+def test_prefill_jitter_spreads_batch_times_around_the_model_repeatably():
+    arrivals = [Arrival(0.0, "a", 400, 2) for _ in range(400)]
+    w = workload(arrivals, 10_000.0)
+
+    def batch_times(seed: int) -> list[float]:
+        spec = ClusterSpec(
+            kind="disagg", max_batch_tokens=400, prefill_jitter=0.2, jitter_seed=seed
+        )
+        firsts = sorted(r.first_token_time for r in simulate(w, spec).requests)
+        return [b - a for a, b in zip([0.0, *firsts[:-1]], firsts, strict=True)]
+
+    times = batch_times(0)
+    logs = [math.log(t / LIN.prefill_time(400, 0, 1)) for t in times]
+    assert statistics.pstdev(logs) == pytest.approx(0.2, abs=0.03)
+    assert abs(statistics.fmean(logs)) < 0.04  # centred on the model's time
+    assert batch_times(0) == times and batch_times(1) != times
+    with pytest.raises(ConfigError, match="prefill_jitter"):
+        ClusterSpec(kind="disagg", prefill_jitter=float("nan"))
 
 
 # -- preemption ----------------------------------------------------------------------
