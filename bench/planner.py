@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -203,6 +204,47 @@ def run_shares(log: dict, runs: int, requests: int) -> list[tuple[float, float]]
     return shares
 
 
+def step_ratios(log: dict, runs: int, requests: int, prefill, decode) -> list[tuple[float, ...]]:
+    """Per run: served prefill batch time and decode step period over what the profile
+    predicts for the same batches (sums over the run), and the decode ratio of the run's
+    worst second (of those with >= 5 steps). A ratio that moves within a run is the
+    machine, not the model: the profile was fitted once."""
+    served = log.get("served", {})
+    arrivals = sorted(row[0] for row in served.get("requests", []))
+    out = []
+    for k in range(runs):
+        first = k * (WARMUP_REQUESTS + requests) + WARMUP_REQUESTS
+        if first >= len(arrivals):
+            out.append((float("nan"),) * 3)
+            continue
+        lo = arrivals[first]
+        nxt = first + requests + WARMUP_REQUESTS
+        hi = arrivals[nxt] if nxt < len(arrivals) else float("inf")
+        batches = [b for b in served.get("prefill", []) if lo <= b[0] < hi]
+        modelled = sum(prefill.prefill_time(int(b[2]), int(b[3]), int(b[4])) for b in batches)
+        pre = sum(b[1] for b in batches) / modelled if modelled else float("nan")
+        by_node: dict[str, list[list]] = {}
+        for row in sorted(served.get("decode", []), key=lambda r: r[1]):
+            if lo <= row[1] < hi:
+                by_node.setdefault(row[0], []).append(row)
+        timed = [  # (second of the run, period, modelled step time)
+            (int(row[1] - lo), row[1] - prev[1], decode.decode_time(int(row[3]), int(row[4])))
+            for rows in by_node.values()
+            for prev, row in itertools.pairwise(rows)
+            if prev[5] and row[1] > prev[1]  # the node went straight on: a period
+        ]
+        dec = sum(t[1] for t in timed) / sum(t[2] for t in timed) if timed else float("nan")
+        seconds: dict[int, list[tuple[float, float]]] = {}
+        for sec, period, model in timed:
+            seconds.setdefault(sec, []).append((period, model))
+        worst = max(
+            (sum(p for p, _ in v) / sum(m for _, m in v) for v in seconds.values() if len(v) >= 5),
+            default=float("nan"),
+        )
+        out.append((pre, dec, worst))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ttft-slo", type=float, default=0.25, help="seconds")
@@ -333,6 +375,11 @@ def main() -> None:
         deployment, tmp, "evaluation", workload, [(rate, k) for k, (_, rate) in enumerate(rows)]
     )
     extra = run_shares(log, len(rows), len(workload))
+    main_source = LatencySource(model, CPU_NODE, profile)
+    ratios = step_ratios(
+        log, len(rows), len(workload), main_source.instance(d.prefill),
+        main_source.instance(d.decode) if d.decode else main_source.instance(d.prefill),
+    )  # fmt: skip
 
     print()
     print(f"served: {d.describe()}; predictions by the {', '.join(evaluators)} profile(s)")
@@ -357,6 +404,11 @@ def main() -> None:
             f"{_rel(meas.tpot_p90, main_pred.tpot_p90):>9} "
             f"{(meas.attainment - main_pred.attainment) * 100:>+8.1f}pp"
         )
+    print()
+    print(f"served step time / the {main_name} profile's model, per run (1.00: as fitted)")
+    for (_, rate), (pre, dec, worst) in zip(rows, ratios, strict=True):
+        print(f"  {rate:.2f} req/s: prefill batches {pre:.2f}, decode steps {dec:.2f} "
+              f"(worst second {worst:.2f})")  # fmt: skip
     print()
     print("CPU cores used during each run (this machine has", os.cpu_count(), "cores)")
     for (_, rate), (_, cores) in zip(rows, measured_runs, strict=True):
