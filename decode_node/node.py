@@ -68,6 +68,9 @@ class DecodeNode(NodeRuntime):
         self.running: dict[int, Decoding] = {}
         self.watermark = watermark(self.worker.kv_cache.num_blocks)
         self.stepping: dict[int, Decoding] = {}  # the batch on the model thread
+        # rid -> (peer, blocks) of a receive given up on (its source died): the blocks
+        # stay with the transfer until it ends, then are freed.
+        self.abandoned: dict[int, tuple[str, list[int]]] = {}
 
     # -- messages --------------------------------------------------------------------
 
@@ -119,14 +122,25 @@ class DecodeNode(NodeRuntime):
         self.transfers.recv(tuple(msg.rids), blocks, msg.source, msg.epoch)
 
     def _source_lost(self, rid: int) -> None:
+        """``rid``'s KV source is gone: recompute it here. A receive already under way
+        may wait on the dead peer until its timeout (forming a pair with a process that
+        died blocks until then), so the request does not wait for it: the blocks the
+        receive may still write stay with it, and the request is admitted again into
+        fresh ones."""
         waiting = self.waiting.get(rid)
         if waiting is not None:
             waiting.source = None
-        d = self.pulling.get(rid)
-        if d is not None and not d.receiving:
-            del self.pulling[rid]
-            d.source = None
+        d = self.pulling.pop(rid, None)
+        if d is None:
+            return
+        source, d.source = d.source, None
+        if not d.receiving:
             self.recompute[rid] = d
+            return
+        self.abandoned[rid] = (source or "", d.seq.block_table)
+        d.seq.block_table, d.receiving = [], False
+        if not d.released:
+            self.waiting.push(d)
 
     def _release(self, rid: int) -> None:
         if self.waiting.remove(rid) is not None:
@@ -151,6 +165,11 @@ class DecodeNode(NodeRuntime):
     def on_transfer(self, done: TransferDone) -> None:
         self.link.send(Pulled(source=done.peer, **done.report()))
         for rid in done.rids:
+            abandoned = self.abandoned.get(rid)
+            if abandoned is not None and abandoned[0] == done.peer:
+                del self.abandoned[rid]
+                self.worker.allocator.free(abandoned[1])
+                continue
             d = self.pulling.get(rid)
             if d is None or not d.receiving:
                 continue

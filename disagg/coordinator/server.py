@@ -724,7 +724,9 @@ class Coordinator:
                 continue
             if t.kv_node == node.node_id:
                 t.kv_node = None
-                if t.phase is Phase.DECODING and not t.pull_started and t.decode_node:
+                # Also when its pull is under way: a receive from a dead process can wait
+                # out the transfer timeout, and the decode node goes on without it.
+                if t.phase is Phase.DECODING and t.decode_node:
                     decoder = self.nodes.get(t.decode_node)
                     if decoder is not None and decoder.alive:
                         self._send_node(decoder, SourceLost(rid=rid))

@@ -207,6 +207,35 @@ def test_pull_of_a_request_not_held_is_answered_with_source_lost(running):
     decode.close()
 
 
+def test_a_source_lost_with_its_pull_under_way_is_told_to_the_decode_node(running):
+    """The prefill node holding a request's KV dies after the pull started: the decode
+    node is told at once (its receive may otherwise wait out the transfer timeout) and
+    the request completes from its recompute there."""
+    from disagg.protocol.cluster import PullGo, PullRequest
+
+    prefill = FakeNode(running.node_address, "prefill-0", "prefill")
+    decode = FakeNode(running.node_address, "decode-0", "decode")
+    result = generate_in_background(running.client_address, max_tokens=2, temperature=0)
+    task = prefill.recv()
+    prefill.send(
+        Prefilled(results=[PrefillResult(rid=task.rid, first_token=4, prefill_start=0.0, prefill_s=0.001)])
+    )  # fmt: skip
+    work = decode.recv()
+    decode.send(PullRequest(rids=[work.rid]))
+    assert isinstance(decode.recv(), PullGo)
+    assert isinstance(prefill.recv(skip=("counters",)), Push)
+    prefill.close()  # killed mid-transfer; a new incarnation declares the old one gone
+    again = FakeNode(running.node_address, "prefill-0", "prefill", endpoint="prefill-0@0b")
+    lost = decode.recv(skip=("counters",))
+    assert isinstance(lost, SourceLost) and lost.rid == work.rid
+    decode.send(
+        StepTokens(items=[TokenItem(rid=work.rid, index=1, token_ids=[5], finish_reason="length")])
+    )  # fmt: skip
+    assert result.result(timeout=20).token_ids == [4, 5]
+    again.close()
+    decode.close()
+
+
 def test_a_broken_kv_channel_moves_to_the_next_epoch_and_is_given_up_after_three(running):
     """Each break reported by a side moves the pair to the next epoch (the next Push and
     PullGo carry it, so both sides form a fresh channel); after MAX_PAIR_EPOCHS breaks the
