@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from disagg.errors import ConfigError, DisaggError
 from disagg.planner.goodput import (
@@ -167,6 +167,7 @@ def plan(req: PlanRequest) -> PlanResult:
     )
     if req.rate is not None:
         _check_rate(req, result, evaluator)
+        result.sized = _fewest_gpus_for_rate(req, result, scorer, disagg)
         result.search_seconds = time.perf_counter() - t0
     return result
 
@@ -186,32 +187,36 @@ def _check_rate(req: PlanRequest, result: PlanResult, evaluator: Evaluator) -> N
             f"{req.cluster.gpus}. Lower --rate, add nodes, or relax the SLOs"
         )
     result.at_rate = evaluator.run(d, rate / d.replicas)
-    result.sized = _fewest_gpus_for_rate(req, result, evaluator)
 
 
 def _fewest_gpus_for_rate(
-    req: PlanRequest, result: PlanResult, evaluator: Evaluator
+    req: PlanRequest, result: PlanResult, scorer: Scorer, candidates: list[Deployment]
 ) -> tuple[Deployment, object] | None:
-    """The smallest copy of the best layout that serves ``req.rate``: its phase configs
-    with fewer instances (high affinity) or fewer node groups (low affinity), by GPU
-    count, each checked by one simulation at the rate; the most attainment among those
-    of the first GPU count that meets the target. Sizes below rate / (the best goodput
-    per GPU) cannot meet it and are not simulated (10 % slack for the rate grid)."""
-    best, rate = result.best.deployment, req.rate
+    """The deployment with the fewest GPUs that serves ``req.rate``, over the whole
+    search space (any phase configs, instance counts and, at low affinity, node groups),
+    smallest GPU count first; among those of the first count that meet the target, the
+    one with the most attainment. A candidate is simulated whole only if its fluid
+    capacity reaches the rate and each phase meets its SLO alone (cached per phase
+    config and count). Sizes below rate / (the best goodput per GPU) cannot meet it and
+    are not tried (10 % slack for the rate grid)."""
+    rate = req.rate
     assert rate is not None
-    if best.affinity == "low":
-        smaller = [replace(best, replicas=r) for r in range(1, best.replicas + 1)]
-    else:
-        smaller = [
-            replace(best, n_prefill=n_p, n_decode=n_d)
-            for n_p in range(1, best.n_prefill + 1)
-            for n_d in range(1, best.n_decode + 1)
-        ]
     least = 0.9 * rate / result.best.per_gpu_goodput
-    smaller = sorted((d for d in smaller if d.gpus >= least), key=lambda d: d.gpus)
-    for _, same_size in itertools.groupby(smaller, key=lambda d: d.gpus):
-        runs = [(evaluator.run(d, rate / d.replicas), d) for d in same_size]
-        meeting = [(o, d) for o, d in runs if o.attainment >= req.slo.attainment]
+    sized = sorted((d for d in candidates if d.gpus >= least), key=lambda d: d.gpus)
+    for _, same_size in itertools.groupby(sized, key=lambda d: d.gpus):
+        meeting = []
+        for d in same_size:
+            copy_rate = rate / d.replicas
+            if scorer.capacity(d) < copy_rate * (1 - 1e-12):
+                continue
+            if not (
+                scorer.phase_meets(d.prefill, d.n_prefill, "ttft", copy_rate)
+                and scorer.phase_meets(d.decode or d.prefill, d.n_decode, "tpot", copy_rate)
+            ):
+                continue
+            outcome = scorer.evaluator.run(d, copy_rate)
+            if outcome.attainment >= req.slo.attainment:
+                meeting.append((outcome, d))
         if meeting:
             outcome, d = max(meeting, key=lambda od: od[0].attainment)
             return d, outcome

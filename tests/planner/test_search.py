@@ -3,6 +3,7 @@ pieces it stands on (pipeline latency, strict attainment, the grid) behave."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from disagg.planner.goodput import (
     SLOTarget,
     lowest_feasible,
 )
-from disagg.planner.plan import PlanRequest, phase_configs
+from disagg.planner.plan import PlanRequest, phase_configs, plan
 from disagg.planner.presets import load_plan_workload, resolve_gpu, resolve_model
 from disagg.planner.search import Scorer, SearchStats, branch_and_bound, exhaustive, top_rate
 from disagg.planner.space import (
@@ -154,3 +155,33 @@ def test_grid_and_bisection():
     assert lowest_feasible(feasible, 0, grid.size - 1) == 17
     assert len(calls) <= 2 + grid.size.bit_length()
     assert lowest_feasible(lambda k: False, 0, 10) is None
+
+
+@pytest.mark.parametrize(
+    ("cluster", "profile", "model", "gpu", "slo", "workload"),
+    [
+        (Cluster(2, 4), PROFILE, "opt-13b", "a100-80g", SLOTarget(0.25, 0.1, 0.9), "chatbot-like"),
+        (Cluster(2, 4), None, "llama-3-8b", "a10g", SLOTarget(0.5, 0.06, 0.8), "code-completion-like"),
+    ],
+    ids=["opt13b-profile", "llama3-a10g"],
+)  # fmt: skip
+def test_the_fewest_gpus_for_a_rate_equal_a_brute_force_over_the_space(
+    cluster, profile, model, gpu, slo, workload
+):
+    """``--rate`` sizing: the smallest GPU count at which any deployment of the space
+    (any phase configs) has the fluid capacity for the rate and meets the target there
+    in simulation — what trying every candidate finds."""
+    w = load_plan_workload(workload, 80)
+    req = PlanRequest(resolve_model(model), resolve_gpu(gpu), cluster, slo, w, "fcfs")
+    full = plan(req)
+    rate = round(full.best.per_gpu_goodput * full.best.deployment.gpus * 0.3, 3)
+    sized, outcome = plan(replace(req, rate=rate)).sized
+    scorer, deps, _ = _setup(model, gpu, cluster, slo, workload, profile, full.affinity, 80)
+
+    def serves(d) -> bool:
+        copy_rate = rate / d.replicas
+        return scorer.capacity(d) >= copy_rate and scorer.evaluator.meets(d, copy_rate)
+
+    assert min(d.gpus for d in deps if serves(d)) == sized.gpus
+    assert sized.gpus < full.best.deployment.gpus and outcome.attainment >= slo.attainment
+    assert scorer.capacity(sized) >= rate / sized.replicas  # a finite run cannot hide a queue
