@@ -204,19 +204,11 @@ def _fewest_gpus_for_rate(
     least = 0.9 * rate / result.best.per_gpu_goodput
     sized = sorted((d for d in candidates if d.gpus >= least), key=lambda d: d.gpus)
     for _, same_size in itertools.groupby(sized, key=lambda d: d.gpus):
-        meeting = []
-        for d in same_size:
-            copy_rate = rate / d.replicas
-            if scorer.capacity(d) < copy_rate * (1 - 1e-12):
-                continue
-            if not (
-                scorer.phase_meets(d.prefill, d.n_prefill, "ttft", copy_rate)
-                and scorer.phase_meets(d.decode or d.prefill, d.n_decode, "tpot", copy_rate)
-            ):
-                continue
-            outcome = scorer.evaluator.run(d, copy_rate)
-            if outcome.attainment >= req.slo.attainment:
-                meeting.append((outcome, d))
+        meeting = [
+            (scorer.evaluator.run(d, rate / d.replicas), d)  # cached by serves()
+            for d in same_size
+            if scorer.serves(d, rate / d.replicas)
+        ]
         if meeting:
             outcome, d = max(meeting, key=lambda od: od[0].attainment)
             return d, outcome

@@ -100,13 +100,11 @@ class Scorer:
 
     # -- the score --------------------------------------------------------------------
 
-    def feasible(self, d: Deployment, k: int) -> bool:
-        """Whether ``d`` scores at least grid rate ``k``: within its fluid capacity,
-        each phase meeting its own SLO alone, and the whole meeting both."""
-        per_gpu = self.grid.rate(k)
-        if per_gpu > self.capacity(d) / d.unit_gpus * (1 + 1e-12):
+    def serves(self, d: Deployment, rate: float) -> bool:
+        """Whether ``d``'s simulated copy serves ``rate`` req/s: within its fluid
+        capacity, each phase meeting its own SLO alone, and the whole meeting both."""
+        if rate > self.capacity(d) * (1 + 1e-12):
             return False
-        rate = per_gpu * d.unit_gpus
         decode = d.decode or d.prefill
         n_d = d.n_decode if d.decode is not None else d.n_prefill
         return (
@@ -114,6 +112,10 @@ class Scorer:
             and self.phase_meets(decode, n_d, "tpot", rate)
             and self.evaluator.meets(d, rate)
         )
+
+    def feasible(self, d: Deployment, k: int) -> bool:
+        """Whether ``d`` scores at least grid rate ``k`` (per GPU)."""
+        return self.serves(d, self.grid.rate(k) * d.unit_gpus)
 
     def score(self, d: Deployment, lo: int, hi: int | None = None) -> Scored | None:
         """``d``'s goodput if its grid index is in [lo, hi] (default: anywhere)."""

@@ -122,6 +122,22 @@ def generate_in_background(address: str, **kwargs):
     return pool.submit(run)
 
 
+def prefilled(rid: int, first_token: int) -> Prefilled:
+    """The prefill node's report of ``rid`` prefilled, its first token not the last."""
+    return Prefilled(
+        results=[
+            PrefillResult(rid=rid, first_token=first_token, prefill_start=0.0, prefill_s=0.001)
+        ]
+    )
+
+
+def last_token(rid: int, token: int) -> StepTokens:
+    """A decode step that produces ``rid``'s second and last token."""
+    return StepTokens(
+        items=[TokenItem(rid=rid, index=1, token_ids=[token], finish_reason="length")]
+    )
+
+
 def test_a_request_failing_on_every_attempt_ends_in_request_failed(running):
     node = FakeNode(running.node_address, "prefill-0", "prefill")
     result = generate_in_background(running.client_address, max_tokens=4)
@@ -187,9 +203,7 @@ def test_pull_of_a_request_not_held_is_answered_with_source_lost(running):
     decode = FakeNode(running.node_address, "decode-0", "decode")
     result = generate_in_background(running.client_address, max_tokens=2, temperature=0)
     task = prefill.recv()
-    prefill.send(
-        Prefilled(results=[PrefillResult(rid=task.rid, first_token=4, prefill_start=0.0, prefill_s=0.001)])
-    )  # fmt: skip
+    prefill.send(prefilled(task.rid, 4))
     work = decode.recv()
     from disagg.protocol.cluster import PullGo, PullRequest
 
@@ -199,9 +213,7 @@ def test_pull_of_a_request_not_held_is_answered_with_source_lost(running):
     assert any(isinstance(m, Release) and m.rid == 999_999 for m in replies)
     push = prefill.recv()
     assert isinstance(push, Push) and push.rids == [work.rid] and push.dest == "decode-0@0a"
-    decode.send(
-        StepTokens(items=[TokenItem(rid=work.rid, index=1, token_ids=[5], finish_reason="length")])
-    )  # fmt: skip
+    decode.send(last_token(work.rid, 5))
     assert result.result(timeout=20).token_ids == [4, 5]
     prefill.close()
     decode.close()
@@ -217,9 +229,7 @@ def test_a_source_lost_with_its_pull_under_way_is_told_to_the_decode_node(runnin
     decode = FakeNode(running.node_address, "decode-0", "decode")
     result = generate_in_background(running.client_address, max_tokens=2, temperature=0)
     task = prefill.recv()
-    prefill.send(
-        Prefilled(results=[PrefillResult(rid=task.rid, first_token=4, prefill_start=0.0, prefill_s=0.001)])
-    )  # fmt: skip
+    prefill.send(prefilled(task.rid, 4))
     work = decode.recv()
     decode.send(PullRequest(rids=[work.rid]))
     assert isinstance(decode.recv(), PullGo)
@@ -228,9 +238,7 @@ def test_a_source_lost_with_its_pull_under_way_is_told_to_the_decode_node(runnin
     again = FakeNode(running.node_address, "prefill-0", "prefill", endpoint="prefill-0@0b")
     lost = decode.recv(skip=("counters",))
     assert isinstance(lost, SourceLost) and lost.rid == work.rid
-    decode.send(
-        StepTokens(items=[TokenItem(rid=work.rid, index=1, token_ids=[5], finish_reason="length")])
-    )  # fmt: skip
+    decode.send(last_token(work.rid, 5))
     assert result.result(timeout=20).token_ids == [4, 5]
     again.close()
     decode.close()
@@ -251,9 +259,7 @@ def test_a_broken_kv_channel_moves_to_the_next_epoch_and_is_given_up_after_three
         # (a finished request's Release may reach the prefill node before its Pushed)
         task = prefill.recv(skip=("counters", "release"))
         assert isinstance(task, PrefillTask), task
-        prefill.send(
-            Prefilled(results=[PrefillResult(rid=task.rid, first_token=4, prefill_start=0.0, prefill_s=0.001)])
-        )  # fmt: skip
+        prefill.send(prefilled(task.rid, 4))
         work = decode.recv()
         assert isinstance(work, DecodeTask)
         if attempt < MAX_PAIR_EPOCHS:
@@ -277,9 +283,7 @@ def test_a_broken_kv_channel_moves_to_the_next_epoch_and_is_given_up_after_three
             while isinstance(release, Release) and release.rid != work.rid:
                 release = prefill.recv()
             assert isinstance(release, Release) and release.rid == work.rid
-        decode.send(
-            StepTokens(items=[TokenItem(rid=work.rid, index=1, token_ids=[5], finish_reason="length")])
-        )  # fmt: skip
+        decode.send(last_token(work.rid, 5))
         assert result.result(timeout=20).token_ids == [4, 5]
     assert running.coordinator.pair_epochs[("prefill-0@0a", "decode-0@0a")] == MAX_PAIR_EPOCHS
     prefill.close()
