@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from kernels import gather_blocks, scatter_blocks
+from disagg_kernels import gather_blocks, scatter_blocks
 from kv_transfer.layout import KVLayers, KVLayout
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from disagg.engine.attention_metadata import AttentionMetadata
 from disagg.engine.model_config import ModelConfig
 from disagg.engine.rope import RotaryEmbedding
-from kernels import paged_decode_attention, prefill_attention, store_kvcache
+from disagg_kernels import paged_decode_attention, prefill_attention, store_kvcache
 
 KVLayer = tuple[
     torch.Tensor, torch.Tensor

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from kernels._triton import HAS_TRITON, interpreter_enabled
+from disagg_kernels._triton import HAS_TRITON, interpreter_enabled
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Under the interpreter Triton runs on CPU tensors; on a GPU it needs CUDA tensors.

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kernels.backend import ENV_VAR, set_kernel_backend
+from disagg_kernels.backend import ENV_VAR, set_kernel_backend
 
 
 @pytest.fixture(autouse=True)

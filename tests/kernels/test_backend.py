@@ -5,9 +5,9 @@ from importlib import import_module
 import pytest
 import torch
 
-import kernels
-from kernels._triton import HAS_TRITON
-from kernels.backend import ENV_VAR, get_kernel_backend, kernel_backend, resolve, set_kernel_backend
+import disagg_kernels
+from disagg_kernels._triton import HAS_TRITON
+from disagg_kernels.backend import ENV_VAR, get_kernel_backend, kernel_backend, resolve, set_kernel_backend
 
 CPU = torch.zeros(1)
 
@@ -73,17 +73,17 @@ def test_package_exports() -> None:
         "resolve",
         "KernelBackend",
     ]:
-        assert hasattr(kernels, name), name
+        assert hasattr(disagg_kernels, name), name
 
 
 # Each dispatcher must route to the implementation the backend names: (module, name, arity).
-# import_module, because `kernels.store_kvcache` is the re-exported function, not the module.
+# import_module, because `disagg_kernels.store_kvcache` is the re-exported function, not the module.
 DISPATCH = [
-    ("kernels.store_kvcache", "store_kvcache", 5),
-    ("kernels.paged_attention", "paged_decode_attention", 6),
-    ("kernels.prefill_attention", "prefill_attention", 6),
-    ("kernels.block_copy", "gather_blocks", 2),
-    ("kernels.block_copy", "scatter_blocks", 3),
+    ("disagg_kernels.store_kvcache", "store_kvcache", 5),
+    ("disagg_kernels.paged_attention", "paged_decode_attention", 6),
+    ("disagg_kernels.prefill_attention", "prefill_attention", 6),
+    ("disagg_kernels.block_copy", "gather_blocks", 2),
+    ("disagg_kernels.block_copy", "scatter_blocks", 3),
 ]
 
 

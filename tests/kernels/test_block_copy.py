@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import gather_blocks, kernel_backend, scatter_blocks
-from kernels.block_copy import gather_blocks_torch, scatter_blocks_torch
+from disagg_kernels import gather_blocks, kernel_backend, scatter_blocks
+from disagg_kernels.block_copy import gather_blocks_torch, scatter_blocks_torch
 from tests.kernels._reference import DEVICE, TRITON_RUNNABLE
 
 needs_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason="triton cannot run here")

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from kernels import kernel_backend, prefill_attention
-from kernels.prefill_attention import prefill_attention_torch, prefill_attention_triton
+from disagg_kernels import kernel_backend, prefill_attention
+from disagg_kernels.prefill_attention import prefill_attention_torch, prefill_attention_triton
 from tests.kernels._reference import DEVICE, TOL, TRITON_RUNNABLE, cu_seqlens_of, naive_attention
 
 needs_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason="triton cannot run here")

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import kernel_backend, store_kvcache
-from kernels.store_kvcache import store_kvcache_torch
+from disagg_kernels import kernel_backend, store_kvcache
+from disagg_kernels.store_kvcache import store_kvcache_torch
 from tests.kernels._reference import DEVICE, TRITON_RUNNABLE, naive_store
 
 needs_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason="triton cannot run here")

@@ -1,4 +1,4 @@
-"""Optional Triton import: ``import kernels`` must work on machines without Triton.
+"""Optional Triton import: ``import disagg_kernels`` must work on machines without Triton.
 
 Kernel modules define their ``@triton.jit`` functions under ``if HAS_TRITON:``. The
 interpreter flag (``TRITON_INTERPRET``) is read by ``triton.jit`` at decoration time, so it

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import HAS_TRITON, tl, triton
-from kernels.backend import resolve
+from disagg_kernels._triton import HAS_TRITON, tl, triton
+from disagg_kernels.backend import resolve
 
 # Elements each Triton program copies; a block of (16, 8, 128) takes 16 programs.
 _COPY_BLOCK = 1024

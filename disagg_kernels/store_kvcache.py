@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import HAS_TRITON, next_power_of_2, tl, triton
-from kernels.backend import resolve
+from disagg_kernels._triton import HAS_TRITON, next_power_of_2, tl, triton
+from disagg_kernels.backend import resolve
 
 
 def _check(

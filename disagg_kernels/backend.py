@@ -15,7 +15,7 @@ from typing import Literal, get_args
 
 import torch
 
-from kernels._triton import HAS_TRITON, interpreter_enabled
+from disagg_kernels._triton import HAS_TRITON, interpreter_enabled
 
 KernelBackend = Literal["auto", "triton", "torch"]
 ResolvedBackend = Literal["triton", "torch"]
@@ -73,6 +73,6 @@ def resolve(tensor: torch.Tensor) -> ResolvedBackend:
         raise RuntimeError(
             f"kernel backend 'triton' was requested for a {tensor.device.type} tensor; "
             "Triton runs on CPU only in its interpreter: set TRITON_INTERPRET=1 before "
-            "importing kernels, or use backend 'torch'/'auto'"
+            "importing disagg_kernels, or use backend 'torch'/'auto'"
         )
     return "triton"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import HAS_TRITON, next_power_of_2, tl, triton
-from kernels.backend import resolve
+from disagg_kernels._triton import HAS_TRITON, next_power_of_2, tl, triton
+from disagg_kernels.backend import resolve
 
 
 def _check(
