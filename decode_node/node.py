@@ -34,7 +34,7 @@ from disagg.protocol.cluster import (
     TaskFailed,
     TokenItem,
 )
-from disagg.scheduling.admission import watermark
+from disagg.scheduling.admission import Limits, take_in_order, watermark
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class DecodeNode(NodeRuntime):
         self._admit()  # pulls start while a step runs
 
     def room(self) -> dict[str, int]:
-        queued = sum(blocks_for_tokens(d.seq.num_tokens, self.block_size) for d in self.waiting)
+        queued = sum(self._blocks_needed(d) for d in self.waiting)
         free = self.worker.allocator.num_free - queued - self.watermark
         return {
             "free_tokens": max(0, free) * self.block_size,
@@ -205,25 +205,25 @@ class DecodeNode(NodeRuntime):
 
     def _admit(self) -> None:
         allocator = self.worker.allocator
+        limits = Limits(
+            free=allocator.num_free,
+            max_seqs=self.settings.max_num_seqs,
+            running=self._in_flight(),
+            watermark=self.watermark,
+        )
         pulls: list[int] = []
-        for d in list(self.waiting.ordered()):
-            need = blocks_for_tokens(d.seq.num_tokens, self.block_size)
-            if self._in_flight() >= self.settings.max_num_seqs:
-                break
-            if allocator.num_free - need < self.watermark and self._in_flight():
-                break  # the head that does not fit is not overtaken
-            if not allocator.can_allocate(need):
-                break
-            self.waiting.remove(d.rid)
-            d.seq.block_table = allocator.allocate(need)
+        for d in take_in_order(self.waiting, limits, self._blocks_needed):
+            d.seq.block_table = allocator.allocate(self._blocks_needed(d))
             if d.source is not None:
                 self.pulling[d.rid] = d
                 pulls.append(d.rid)
             else:
-                d.source = None
                 self.recompute[d.rid] = d
         if pulls:  # one message; the coordinator batches them per prefill node
             self.link.send(PullRequest(rids=pulls))
+
+    def _blocks_needed(self, d: Decoding) -> int:
+        return blocks_for_tokens(d.seq.num_tokens, self.block_size)
 
     def prepare_step(self) -> DecodeBatch | None:
         if self.recompute:  # resumed, preempted or failed pulls: prefill their KV here
@@ -298,16 +298,12 @@ class DecodeNode(NodeRuntime):
         running request of the most-served client while blocks are short."""
         allocator = self.worker.allocator
         preempted: list[int] = []
-        counters = self.waiting.counters
         for d in sorted(self.running.values(), key=lambda d: (d.arrival, d.rid)):
             if d.rid not in self.running:
                 continue
             need = blocks_for_tokens(d.seq.num_tokens, self.block_size) - len(d.seq.block_table)
             while need > 0 and not allocator.can_allocate(need):
-                victim = max(
-                    self.running.values(),
-                    key=lambda v: (max(v.counter, counters.get(v.client_id, 0.0)), v.arrival),
-                )
+                victim = self.waiting.preemption_victim(list(self.running.values()))
                 del self.running[victim.rid]
                 allocator.free(victim.seq.block_table)
                 victim.seq.block_table = []

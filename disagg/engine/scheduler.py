@@ -1,6 +1,7 @@
 """Colocated continuous batching: each step is either a prefill batch (new prompts, under
 a token budget) or a decode step over every running sequence. Prefill goes first when a
-prompt fits; when decode needs a block and none is free, the policy's victim is
+prompt fits (by the shared rule, disagg.scheduling.admission: in the policy's order, and a
+head that does not fit blocks); when decode needs a block and none is free, the policy's victim is
 preempted and later recomputed from its tokens."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from disagg.engine.block_allocator import BlockAllocator
 from disagg.engine.sequence import Sequence, SequenceStatus, blocks_for_tokens
 from disagg.scheduling import SchedulingPolicy
+from disagg.scheduling.admission import Limits, take_in_order
 
 
 @dataclass(slots=True)
@@ -58,30 +60,28 @@ class Scheduler:
         return self._schedule_decode()
 
     def _schedule_prefill(self) -> ScheduledBatch:
-        admitted: list[Sequence] = []
-        tokens = 0
-        while len(self.running) + len(admitted) < self.max_num_seqs:
-            seq = self.policy.peek()
-            if seq is None:
-                break
-            if admitted and tokens + seq.num_tokens > self.max_num_batched_tokens:
-                break
-            needed = blocks_for_tokens(seq.num_tokens, self.block_size)
-            reserve = self.watermark_blocks if (self.running or admitted) else 0
-            # The head waits when it does not fit; no one overtakes it, so the policy's
-            # order is the admission order (a large prompt is never starved).
-            if not self.allocator.can_allocate(needed + reserve):
-                break
-            self.policy.pop()
-            seq.block_table = self.allocator.allocate(needed)
-            seq.status = SequenceStatus.RUNNING
-            # Service is the prompt, charged once: recomputing a preempted request's
-            # tokens is the system's cost, not the client's.
-            self.policy.on_admitted(seq, seq.num_prompt_tokens if seq.num_preemptions == 0 else 0)
-            admitted.append(seq)
-            tokens += seq.num_tokens
+        limits = Limits(
+            free=self.allocator.num_free,
+            max_seqs=self.max_num_seqs,
+            running=len(self.running),
+            token_budget=self.max_num_batched_tokens,
+            watermark=self.watermark_blocks,
+        )
+        admitted = take_in_order(
+            self.policy, limits, self._blocks_needed, _num_tokens, on_take=self._admit
+        )
         self.running.extend(admitted)
         return ScheduledBatch(is_prefill=True, seqs=admitted)
+
+    def _blocks_needed(self, seq: Sequence) -> int:
+        return blocks_for_tokens(seq.num_tokens, self.block_size)
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.block_table = self.allocator.allocate(self._blocks_needed(seq))
+        seq.status = SequenceStatus.RUNNING
+        # Service is the prompt, charged once: recomputing a preempted request's
+        # tokens is the system's cost, not the client's.
+        self.policy.on_admitted(seq, seq.num_prompt_tokens if seq.num_preemptions == 0 else 0)
 
     def _schedule_decode(self) -> ScheduledBatch:
         scheduled: list[Sequence] = []
@@ -131,3 +131,7 @@ class Scheduler:
         seq.block_table = []
         seq.status = SequenceStatus.FINISHED
         self.policy.on_finished(seq)
+
+
+def _num_tokens(seq: Sequence) -> int:
+    return seq.num_tokens
