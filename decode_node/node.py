@@ -34,7 +34,7 @@ from disagg.protocol.cluster import (
     TaskFailed,
     TokenItem,
 )
-from disagg.scheduling.admission import Limits, take_in_order, watermark
+from disagg.scheduling.admission import Limits, make_room, take_in_order, watermark
 
 log = logging.getLogger(__name__)
 
@@ -294,25 +294,26 @@ class DecodeNode(NodeRuntime):
         self.link.send(StepTokens(items=items, preempted=step.preempted, step_s=step_s))
 
     def _make_room(self) -> list[int]:
-        """Gives every running sequence the block its next token needs, preempting the
-        running request of the most-served client while blocks are short."""
+        """Gives every running sequence the blocks its next token needs, preempting the
+        running request of the most-served client while blocks are short (the shared
+        rule, :func:`disagg.scheduling.admission.make_room`)."""
         allocator = self.worker.allocator
-        preempted: list[int] = []
-        for d in sorted(self.running.values(), key=lambda d: (d.arrival, d.rid)):
-            if d.rid not in self.running:
-                continue
-            need = blocks_for_tokens(d.seq.num_tokens, self.block_size) - len(d.seq.block_table)
-            while need > 0 and not allocator.can_allocate(need):
-                victim = self.waiting.preemption_victim(list(self.running.values()))
-                del self.running[victim.rid]
-                allocator.free(victim.seq.block_table)
-                victim.seq.block_table = []
-                victim.seq.num_preemptions += 1
-                victim.source = None
-                self.waiting.push(victim)
-                preempted.append(victim.rid)
-                if victim is d:
-                    break
-            if d.rid in self.running and need > 0:
-                d.seq.block_table += allocator.allocate(need)
-        return preempted
+        order = sorted(self.running.values(), key=lambda d: (d.arrival, d.rid))
+        _, evicted = make_room(
+            order,
+            lambda d: blocks_for_tokens(d.seq.num_tokens, self.block_size) - len(d.seq.block_table),
+            lambda: allocator.num_free,
+            self.waiting.preemption_victim,
+            self._preempt,
+            lambda d, n: d.seq.block_table.extend(allocator.allocate(n)),
+        )
+        return [d.rid for d in evicted]
+
+    def _preempt(self, d: Decoding) -> None:
+        """Frees ``d``'s blocks and queues it again, to recompute its KV when readmitted."""
+        del self.running[d.rid]
+        self.worker.allocator.free(d.seq.block_table)
+        d.seq.block_table = []
+        d.seq.num_preemptions += 1
+        d.source = None
+        self.waiting.push(d)

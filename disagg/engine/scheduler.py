@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from disagg.engine.block_allocator import BlockAllocator
 from disagg.engine.sequence import Sequence, SequenceStatus, blocks_for_tokens
 from disagg.scheduling import SchedulingPolicy
-from disagg.scheduling.admission import Limits, take_in_order
+from disagg.scheduling.admission import Limits, make_room, take_in_order
 
 
 @dataclass(slots=True)
@@ -84,34 +84,23 @@ class Scheduler:
         self.policy.on_admitted(seq, seq.num_prompt_tokens if seq.num_preemptions == 0 else 0)
 
     def _schedule_decode(self) -> ScheduledBatch:
-        scheduled: list[Sequence] = []
-        preempted: list[Sequence] = []
-        candidates = list(self.running)
-        while candidates:
-            seq = candidates.pop(0)
-            while not self._reserve_slot(seq):
-                # The victim is chosen among every running sequence, those already given
-                # their slot this step included: running order is admission order, which
-                # need not be the policy's order (re-admissions, out-of-order arrivals).
-                victim = self.policy.preemption_victim(scheduled + candidates + [seq])
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-                (scheduled if victim in scheduled else candidates).remove(victim)
-            else:
-                scheduled.append(seq)
+        scheduled, preempted = make_room(
+            self.running,
+            self._slot_needed,
+            lambda: self.allocator.num_free,
+            self.policy.preemption_victim,
+            self._preempt,
+            self._grant,
+        )
         self.running = list(scheduled)  # finishing a sequence edits running, not the batch
         return ScheduledBatch(is_prefill=False, seqs=scheduled, preempted=preempted)
 
-    def _reserve_slot(self, seq: Sequence) -> bool:
-        """Makes sure the block for the token at position ``num_tokens - 1`` exists."""
-        if len(seq.block_table) * self.block_size >= seq.num_tokens:
-            return True
-        if not self.allocator.can_allocate(1):
-            return False
-        seq.block_table.extend(self.allocator.allocate(1))
-        return True
+    def _slot_needed(self, seq: Sequence) -> int:
+        """Blocks missing for the token at position ``num_tokens - 1`` (0 or 1)."""
+        return 0 if len(seq.block_table) * self.block_size >= seq.num_tokens else 1
+
+    def _grant(self, seq: Sequence, blocks: int) -> None:
+        seq.block_table.extend(self.allocator.allocate(blocks))
 
     def _preempt(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_table)

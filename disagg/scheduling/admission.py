@@ -99,3 +99,38 @@ def take_in_order(
         if on_take is not None:
             on_take(head)
     return taken
+
+
+def make_room(
+    running: list[T],
+    need: Callable[[T], int],
+    free: Callable[[], int],
+    victim: Callable[[list[T]], T],
+    evict: Callable[[T], None],
+    grant: Callable[[T, int], None],
+) -> tuple[list[T], list[T]]:
+    """The other half of the rule: gives each running request, in ``running``'s order,
+    the memory its next step needs, evicting the policy's ``victim`` while memory is
+    short. The victim is chosen among every request still running, those already
+    granted included (running order need not be the policy's order), and may be the
+    request being served, which then goes without. ``evict`` frees a victim's memory
+    (``free`` then counts it); ``grant`` gives a request the ``need`` it was found to
+    have. Returns the requests kept, in order, and those evicted, in eviction order."""
+    kept: list[T] = []
+    evicted: list[T] = []
+    pending = list(running)
+    while pending:
+        request = pending.pop(0)
+        n = need(request)
+        while n > free():
+            chosen = victim(kept + pending + [request])
+            evict(chosen)
+            evicted.append(chosen)
+            if chosen is request:
+                break
+            (kept if chosen in kept else pending).remove(chosen)
+        else:
+            if n > 0:
+                grant(request, n)
+            kept.append(request)
+    return kept, evicted

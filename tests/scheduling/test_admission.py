@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from disagg.scheduling import FCFS, CounterOrdered, ServiceLedger
-from disagg.scheduling.admission import Limits, take_in_order, watermark
+from disagg.scheduling.admission import Limits, make_room, take_in_order, watermark
 from tests.scheduling.helpers import Req
 
 
@@ -137,3 +137,38 @@ def test_fcfs_blocks_behind_a_large_head():
 
 def test_watermark_is_a_share_of_the_capacity():
     assert watermark(1000) == 10 and watermark(50) == 0
+
+
+@dataclass(eq=False)
+class Running:
+    rank: int  # the policy's preference to evict: the highest goes first
+    held: int
+    need: int
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 30), st.integers(0, 3)), min_size=1, max_size=10),
+    st.integers(0, 12),
+)
+def test_make_room_evicts_the_policys_victims_only_while_memory_is_short(specs, free0):
+    running = [Running(rank, held, need) for rank, (held, need) in enumerate(specs)]
+    free = [free0]
+
+    def evict(r: Running) -> None:
+        free[0] += r.held
+
+    def grant(r: Running, n: int) -> None:
+        assert n == r.need and n <= free[0]  # never more than is free
+        free[0] -= n
+
+    kept, evicted = make_room(
+        running, lambda r: r.need, lambda: free[0],
+        lambda rs: max(rs, key=lambda r: r.rank), evict, grant,
+    )  # fmt: skip
+    assert [r for r in running if r not in evicted] == kept  # order kept, nothing lost
+    by_rank = sorted(running, key=lambda r: -r.rank)
+    assert evicted == by_rank[: len(evicted)]  # always the victim among those left
+    if sum(r.need for r in running) <= free0:
+        assert evicted == []  # nothing is evicted while everything fits
+    assert free[0] >= 0
