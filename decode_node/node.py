@@ -15,8 +15,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from disagg.engine.sampler import sample
 from disagg.engine.sequence import Sequence, blocks_for_tokens
 from disagg.node.local_queue import CounterQueue
@@ -88,23 +86,7 @@ class DecodeNode(NodeRuntime):
             log.warning("decode node ignores %s", msg.type)
 
     def _decoding(self, t: DecodeTask) -> Decoding:
-        params = t.sampling.to_params()
-        seq = Sequence(
-            seq_id=t.rid,
-            prompt_token_ids=t.prompt_token_ids,
-            params=params,
-            arrival_time=t.arrival,
-            client_id=t.client_id,
-            output_token_ids=list(t.output_token_ids),
-        )
-        if params.seed is not None:
-            seq.generator = torch.Generator(self.worker.device).manual_seed(params.seed)
-            if not params.greedy:  # the draws the earlier tokens took, so the stream goes on
-                vocab = self.worker.model_config.vocab_size
-                for _ in t.output_token_ids:
-                    torch.empty(vocab, device=self.worker.device).exponential_(
-                        1, generator=seq.generator
-                    )
+        seq = self.sequence(t, t.output_token_ids)
         return Decoding(t.rid, t.client_id, t.counter, t.arrival, seq, t.source)
 
     def _pull(self, msg: PullGo) -> None:

@@ -9,8 +9,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from disagg.engine.sampler import sample
 from disagg.engine.sequence import Sequence, blocks_for_tokens
 from disagg.node.local_queue import CounterQueue
@@ -148,17 +146,7 @@ class PrefillNode(NodeRuntime):
             return None
         seqs = []
         for w in batch:
-            t = w.task
-            params = t.sampling.to_params()
-            seq = Sequence(
-                seq_id=t.rid,
-                prompt_token_ids=t.prompt_token_ids,
-                params=params,
-                arrival_time=t.arrival,
-                client_id=t.client_id,
-            )
-            if params.seed is not None:
-                seq.generator = torch.Generator(self.worker.device).manual_seed(params.seed)
+            seq = self.sequence(w.task)
             seq.block_table = self.worker.allocator.allocate(_blocks(w, bs))
             seqs.append(seq)
         return seqs

@@ -104,3 +104,28 @@ def test_decode_preemption_victim_is_the_most_served_clients_latest_request():
     # 1 gets the free block; 2 needs one and is itself the victim; its 3 blocks let 3 go on.
     assert step.preempted == [2] and [x.rid for x in step.items] == [1, 3]
     assert 2 in d.waiting and d.waiting.get(2).seq.block_table == []
+
+
+def test_a_seeded_resume_goes_on_with_the_offline_stream():
+    """A decode task resumed after 3 streamed tokens (recomputed here) samples the next
+    ones as the offline engine did: its generator is advanced past the earlier draws."""
+    from disagg import LLM, SamplingParams
+    from disagg.protocol.cluster import StepTokens
+
+    prompt = list(range(10, 30))
+    params = SamplingParams(max_tokens=7, temperature=0.9, top_p=0.9, seed=11, ignore_eos=True)
+    ref = LLM("tiny", num_blocks=64).generate([prompt], params)[0].token_ids
+    d = node(DecodeNode, "decode", num_blocks=64)
+    d.handle(DecodeTask(
+        task=1, rid=1, client_id="a", prompt_token_ids=prompt, output_token_ids=ref[:3],
+        sampling=Sampling.from_params(params), counter=0.0, arrival=0.0, source=None,
+    ))  # fmt: skip
+    d.between_steps()
+    streamed: list[int] = []
+    while (step := d.prepare_step()) is not None:
+        d.finish_step(step, d.execute(step))
+        for msg in d.link.sent:
+            if isinstance(msg, StepTokens):
+                streamed += [t for item in msg.items for t in item.token_ids]
+        d.link.sent.clear()
+    assert streamed == ref[3:]
