@@ -159,8 +159,10 @@ def admit_prefill_batch(
         if first_time:
             log.input(now, head)
 
+    def need(r: SimRequest) -> int:
+        return instance.need(r, r.prefill_tokens)
+
     limits = instance.limits(running, instance.spec.max_batch_tokens)
-    need = lambda r: instance.need(r, r.prefill_tokens)  # noqa: E731
     return take_in_order(policy, limits, need, _prefill_tokens, on_take=take)
 
 
