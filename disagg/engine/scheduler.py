@@ -1,8 +1,9 @@
 """Colocated continuous batching: each step is either a prefill batch (new prompts, under
 a token budget) or a decode step over every running sequence. Prefill goes first when a
-prompt fits (by the shared rule, disagg.scheduling.admission: in the policy's order, and a
-head that does not fit blocks); when decode needs a block and none is free, the policy's victim is
-preempted and later recomputed from its tokens."""
+prompt fits; when decode needs a block and none is free, the policy's victim is
+preempted and later recomputed from its tokens. Both are the rules every batcher shares
+(:mod:`disagg.scheduling.admission`): admission in the policy's order, where a head that
+does not fit blocks, and ``make_room`` for the blocks of the next decode step."""
 
 from __future__ import annotations
 
