@@ -62,6 +62,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("num_blocks", "kv_cache_memory", "max_model_len"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

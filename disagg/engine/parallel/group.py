@@ -92,7 +92,7 @@ class RankGroup:
         """Sends the plan to every rank; returns the driver's answer."""
         self._send_all(plan)
         results = [self._expect(m, StepResult) for m in self._collect()]
-        driver = [r for r in results if r.token_ids is not None or r.logits is not None]
+        driver = [r for r in results if r.token_ids is not None or r.logits_bytes is not None]
         assert len(driver) == 1, f"{len(driver)} ranks answered step {plan.step} with output"
         return driver[0]
 

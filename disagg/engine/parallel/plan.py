@@ -6,8 +6,10 @@ parameters; for a decode, its last token; always its length and block table. A r
 keeps each sequence's sampling state (parameters, seeded generator) from its prefill
 until the leader lists it in ``released``.
 
-All messages are these slotted dataclasses (and tensors only in ``StepResult.logits``,
-on request), sent over the leader's pipe to each rank.
+All messages are these slotted dataclasses of plain values, sent over the leader's
+pipe to each rank; logits, when asked for, travel as raw float32 bytes (a pickled
+tensor would go through torch's shared-memory reductions, which need a
+multiprocessing parent).
 """
 
 from __future__ import annotations
@@ -45,7 +47,20 @@ class StepResult:
     step: int
     rank: int
     token_ids: tuple[int, ...] | None = None
-    logits: torch.Tensor | None = None
+    logits_bytes: bytes | None = None  # (B, vocab) float32, row-major
+    vocab: int = 0
+
+    @classmethod
+    def with_logits(cls, step: int, rank: int, logits: torch.Tensor) -> StepResult:
+        data = logits.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        return cls(step, rank, logits_bytes=data, vocab=logits.shape[-1])
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        if self.logits_bytes is None:
+            return None
+        flat = torch.frombuffer(bytearray(self.logits_bytes), dtype=torch.float32)
+        return flat.view(-1, self.vocab)  # (B, vocab)
 
 
 @dataclass(frozen=True, slots=True)

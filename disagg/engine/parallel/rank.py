@@ -168,7 +168,7 @@ class RankWorker:
         if not self.shard.is_driver:
             return StepResult(plan.step, self.shard.rank)
         if plan.return_logits:
-            return StepResult(plan.step, self.shard.rank, logits=logits.cpu())
+            return StepResult.with_logits(plan.step, self.shard.rank, logits)
         tokens = sample(logits, seqs, self.generator)  # type: ignore[arg-type]
         return StepResult(plan.step, self.shard.rank, token_ids=tuple(tokens))
 
