@@ -88,13 +88,19 @@ class RankGroup:
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
-    def run(self, plan: StepPlan) -> StepResult:
-        """Sends the plan to every rank; returns the driver's answer."""
-        self._send_all(plan)
-        results = [self._expect(m, StepResult) for m in self._collect()]
-        driver = [r for r in results if r.token_ids is not None or r.logits_bytes is not None]
-        assert len(driver) == 1, f"{len(driver)} ranks answered step {plan.step} with output"
-        return driver[0]
+    def run_many(self, plans: list[StepPlan]) -> list[StepResult]:
+        """Sends every plan to every rank before reading any answer (so pipeline
+        stages overlap on consecutive plans); returns the driver's answer to each."""
+        for plan in plans:
+            self._send_all(plan)
+        out = []
+        for plan in plans:
+            results = [self._expect(m, StepResult) for m in self._collect()]
+            driver = [r for r in results if r.token_ids is not None or r.logits_bytes is not None]
+            assert len(driver) == 1, f"{len(driver)} ranks answered step {plan.step} with output"
+            assert driver[0].step == plan.step
+            out.append(driver[0])
+        return out
 
     def stats(self) -> list[RankStats]:
         self._send_all(StatsQuery())

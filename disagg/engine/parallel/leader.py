@@ -84,7 +84,10 @@ class ParallelModelWorker(ModelWorker):
         self.kv_cache = None
         self.runner = None
         self._step = 0
-        self._released: list[int] = []
+        self.decode_micro_batches = layout.pp  # 1 turns decode micro-batching off
+        # Sequences the driver keeps sampling state for; a finished one (stopped or
+        # aborted) is named in the next plan's ``released``.
+        self._on_driver: dict[int, Sequence] = {}
 
     @property
     def kv_shards(self) -> list[KVShardInfo]:
@@ -95,22 +98,30 @@ class ParallelModelWorker(ModelWorker):
         self, seqs: list[Sequence], is_prefill: bool, generator: torch.Generator | None = None
     ) -> list[int]:
         """Runs one batch on the ranks; the driver rank samples (with its own stream
-        seeded like the engine's, so ``generator`` is not used)."""
-        result = self.group.run(self._plan(seqs, is_prefill, return_logits=False))
-        assert result.token_ids is not None
-        return list(result.token_ids)
+        seeded like the engine's, so ``generator`` is not used).
+
+        With ``pp > 1`` a decode batch goes as up to ``decode_micro_batches``
+        micro-batches, all sent before any answer is awaited: stage 0 starts the second
+        while stage 1 runs the first, so the stages work at the same time (DistServe's
+        reason to serve decode with pp). Greedy and seeded rows sample exactly as in one
+        batch; unseeded rows draw from the driver's stream one micro-batch at a time."""
+        chunks = [seqs]
+        if not is_prefill and self.decode_micro_batches > 1 and len(seqs) > 1:
+            n = min(self.decode_micro_batches, len(seqs))
+            size = -(-len(seqs) // n)
+            chunks = [seqs[i : i + size] for i in range(0, len(seqs), size)]
+        plans = [self._plan(c, is_prefill, return_logits=False) for c in chunks]
+        tokens: list[int] = []
+        for result in self.group.run_many(plans):
+            assert result.token_ids is not None
+            tokens.extend(result.token_ids)
+        return tokens
 
     def logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """(B, vocab) float32 logits of one batch, without sampling (tests, profiling)."""
-        result = self.group.run(self._plan(seqs, is_prefill, return_logits=True))
+        (result,) = self.group.run_many([self._plan(seqs, is_prefill, return_logits=True)])
         assert result.logits is not None
         return result.logits
-
-    def finish_reason(self, seq: Sequence, token: int) -> str | None:
-        reason = super().finish_reason(seq, token)
-        if reason is not None:
-            self._released.append(seq.seq_id)  # the driver drops its sampling state
-        return reason
 
     def close(self) -> None:
         self.group.close()
@@ -127,7 +138,11 @@ class ParallelModelWorker(ModelWorker):
             )
             for s in seqs
         )
-        released, self._released = tuple(self._released), []
+        released = tuple(i for i, s in self._on_driver.items() if s.is_finished)
+        for i in released:
+            del self._on_driver[i]
+        if is_prefill:
+            self._on_driver.update((s.seq_id, s) for s in seqs)
         return StepPlan(self._step, is_prefill, entries, released, return_logits)
 
 
