@@ -25,7 +25,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.worker = worker = _make_worker(config)
+        self.worker = worker = make_worker(config)
         self.model_dir = worker.model_dir
         self.model_config = worker.model_config
         self.device = worker.device
@@ -130,7 +130,9 @@ class LLMEngine:
         return self.worker.output_text(seq)
 
 
-def _make_worker(config: EngineConfig) -> ModelWorker:
+def make_worker(config: EngineConfig) -> ModelWorker:
+    """The worker a config asks for: one process, or a leader of tp x pp rank processes
+    (close it to stop them)."""
     if config.world_size == 1:
         return ModelWorker(config)
     from disagg.engine.parallel.leader import ParallelModelWorker  # spawns rank processes

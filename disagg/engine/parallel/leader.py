@@ -85,8 +85,8 @@ class ParallelModelWorker(ModelWorker):
         self.runner = None
         self._step = 0
         self.decode_micro_batches = layout.pp  # 1 turns decode micro-batching off
-        # Sequences the driver keeps sampling state for; a finished one (stopped or
-        # aborted) is named in the next plan's ``released``.
+        # Sequences the driver keeps sampling state for (ids are unique per leader); a
+        # finished one (stopped or aborted) is named in the next plan's ``released``.
         self._on_driver: dict[int, Sequence] = {}
 
     @property
@@ -127,6 +127,8 @@ class ParallelModelWorker(ModelWorker):
         self.group.close()
 
     def _plan(self, seqs: list[Sequence], is_prefill: bool, *, return_logits: bool) -> StepPlan:
+        """A sequence's parameters go with every prefill and with the first plan that
+        names it (a decode of a sequence prefilled elsewhere, e.g. a pulled one)."""
         self._step += 1
         entries = tuple(
             ScheduledSeq(
@@ -134,15 +136,14 @@ class ParallelModelWorker(ModelWorker):
                 token_ids=tuple(s.token_ids) if is_prefill else (s.last_token_id,),
                 num_tokens=s.num_tokens,
                 block_table=tuple(s.block_table),
-                params=s.params if is_prefill else None,
+                params=s.params if is_prefill or self._on_driver.get(s.seq_id) is not s else None,
             )
             for s in seqs
         )
         released = tuple(i for i, s in self._on_driver.items() if s.is_finished)
         for i in released:
             del self._on_driver[i]
-        if is_prefill:
-            self._on_driver.update((s.seq_id, s) for s in seqs)
+        self._on_driver.update((s.seq_id, s) for s in seqs)
         return StepPlan(self._step, is_prefill, entries, released, return_logits)
 
 

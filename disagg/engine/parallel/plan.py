@@ -2,8 +2,9 @@
 
 The leader schedules; a rank runs exactly what a :class:`StepPlan` says. Plans carry
 only what the ranks cannot know: for a prefill, each sequence's tokens and sampling
-parameters; for a decode, its last token; always its length and block table. A rank
-keeps each sequence's sampling state (parameters, seeded generator) from its prefill
+parameters; for a decode, its last token (and its parameters the first time the
+sequence is named); always its length and block table. The driver keeps each
+sequence's sampling state (parameters, seeded generator) from the first plan naming it
 until the leader lists it in ``released``.
 
 All messages are these slotted dataclasses of plain values, sent over the leader's
@@ -27,7 +28,8 @@ class ScheduledSeq:
     token_ids: tuple[int, ...]  # prefill: the whole sequence so far; decode: its last token
     num_tokens: int
     block_table: tuple[int, ...]
-    params: SamplingParams | None = None  # with every prefill, None for decodes
+    # With every prefill and the first plan naming the sequence; None otherwise.
+    params: SamplingParams | None = None
 
 
 @dataclass(frozen=True, slots=True)

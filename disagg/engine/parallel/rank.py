@@ -182,7 +182,7 @@ class RankWorker:
             # A re-prefill after preemption sends the parameters again; the generator
             # carries on where it was, as it does in the single-device engine.
             if s.seq_id not in self._sampling:
-                assert s.params is not None, f"decode of sequence {s.seq_id} never prefilled here"
+                assert s.params is not None, f"sequence {s.seq_id} first named without parameters"
                 gen = None
                 if s.params.seed is not None:
                     gen = torch.Generator(self.device).manual_seed(s.params.seed)
