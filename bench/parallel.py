@@ -78,8 +78,8 @@ def _start(model: str, name: str, batch: int, context: int, steps: int, rounds: 
         num_blocks=blocks,
         max_num_seqs=batch,
     )
-    if tp * pp > 1 and not micro:
-        llm.engine.worker.decode_micro_batches = 1
+    if tp * pp > 1:
+        llm.engine.worker.decode_micro_batches = pp if micro else 1
     vocab = llm.engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(1)
     params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)

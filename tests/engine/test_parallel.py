@@ -66,6 +66,7 @@ def parallel(request, checkpoints):
         num_blocks=NUM_BLOCKS,
         seed=SEED,
     ) as llm:
+        llm.engine.worker.decode_micro_batches = pp  # on CPU off by default; tested here
         yield request.param, llm
 
 

@@ -84,7 +84,10 @@ class ParallelModelWorker(ModelWorker):
         self.kv_cache = None
         self.runner = None
         self._step = 0
-        self.decode_micro_batches = layout.pp  # 1 turns decode micro-batching off
+        # Micro-batches overlap stages that have a device each (CUDA: one GPU per rank).
+        # CPU ranks share the machine's cores, where bench/parallel.py measured them
+        # no faster (tiny) to 1.4-1.6x slower (106 M parameters) on 2 shared cores: off.
+        self.decode_micro_batches = layout.pp if self.device.type == "cuda" else 1
         # Sequences the driver keeps sampling state for (ids are unique per leader); a
         # finished one (stopped or aborted) is named in the next plan's ``released``.
         self._on_driver: dict[int, Sequence] = {}
