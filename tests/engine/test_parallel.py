@@ -6,6 +6,8 @@ and tp = 2 x pp = 2. Each group of rank processes is started once per layout."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,7 +69,10 @@ def parallel(request, checkpoints):
         seed=SEED,
     ) as llm:
         llm.engine.worker.decode_micro_batches = pp  # on CPU off by default; tested here
+        pids = llm.engine.worker.group.pids
         yield request.param, llm
+    # Leaving the with block stopped (and reaped) every rank.
+    assert [p for p in pids if Path(f"/proc/{p}").exists()] == []
 
 
 def test_greedy_matches_transformers_under_preemption(parallel, expected):

@@ -91,16 +91,28 @@ class RankGroup:
     def run_many(self, plans: list[StepPlan]) -> list[StepResult]:
         """Sends every plan to every rank before reading any answer (so pipeline
         stages overlap on consecutive plans); returns the driver's answer to each."""
-        for plan in plans:
-            self._send_all(plan)
-        out = []
-        for plan in plans:
-            results = [self._expect(m, StepResult) for m in self._collect()]
-            driver = [r for r in results if r.token_ids is not None or r.logits_bytes is not None]
-            assert len(driver) == 1, f"{len(driver)} ranks answered step {plan.step} with output"
-            assert driver[0].step == plan.step
-            out.append(driver[0])
-        return out
+        try:
+            for plan in plans:
+                self._send_all(plan)
+            out = []
+            for plan in plans:
+                results = [self._expect(m, StepResult) for m in self._collect()]
+                driver = [
+                    r for r in results if r.token_ids is not None or r.logits_bytes is not None
+                ]
+                assert len(driver) == 1, (
+                    f"{len(driver)} ranks answered step {plan.step} with output"
+                )
+                assert driver[0].step == plan.step
+                out.append(driver[0])
+            return out
+        except RankFailedError:
+            raise
+        except BaseException as exc:  # e.g. Ctrl-C mid-step: answers would arrive out of step
+            self._failure = RankFailedError(-1, f"a step was interrupted ({exc!r})")
+            self._grace["seconds"] = 0.0
+            self.close()
+            raise
 
     def stats(self) -> list[RankStats]:
         self._send_all(StatsQuery())
