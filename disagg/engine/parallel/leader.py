@@ -51,6 +51,10 @@ class ParallelModelWorker(ModelWorker):
         self.devices = _rank_devices(config.device, layout.world_size)
         self.dtype = self._resolve_dtype()
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        if self.tokenizer is None:
+            log.warning(
+                "%s has no tokenizer.json: only token-id prompts can be served", self.model_dir
+            )
         self.eos_token_ids = eos_token_ids(self.model_dir, self.model_config.eos_token_ids)
         context = self.model_config.max_context
         max_len = config.max_model_len or context
