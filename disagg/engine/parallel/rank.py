@@ -51,6 +51,8 @@ from disagg.sampling_params import SamplingParams
 # peer is noticed by the leader (process sentinels) long before this.
 DIST_TIMEOUT = timedelta(minutes=10)
 _PR_SET_PDEATHSIG = 1
+# Share of a GPU a rank leaves for activations when sizing its KV pool (not profiled).
+CUDA_ACTIVATION_RESERVE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +211,9 @@ class RankWorker:
         else:
             free, total = torch.cuda.mem_get_info(self.device)
             # Activations are not profiled here (that would be a collective forward);
-            # a tenth of the device is held back for them.
-            budget = int(total * (cfg.gpu_memory_utilization - 0.1)) - (total - free)
+            # a share of the device is held back for them instead.
+            reserve = CUDA_ACTIVATION_RESERVE
+            budget = int(total * (cfg.gpu_memory_utilization - reserve)) - (total - free)
             if budget <= 0:
                 raise ConfigError(
                     "gpu_memory_utilization",
