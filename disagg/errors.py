@@ -131,3 +131,14 @@ class AuthenticationError(RequestRejectedError):
     def __init__(self, message: str) -> None:
         super().__init__("unauthorized", message)
         self.message = message
+
+
+class RankFailedError(DisaggError):
+    """A rank process of a tensor/pipeline-parallel group died or raised; the group is
+    stopped and unusable. ``rank`` is the failed rank (global index), ``reason`` what
+    happened to it (its exception, or how the process ended)."""
+
+    def __init__(self, rank: int, reason: str) -> None:
+        super().__init__(f"rank {rank} failed: {reason}")
+        self.rank = rank
+        self.reason = reason

@@ -21,6 +21,7 @@ from disagg.engine.config import DEFAULT_CPU_KV_MEMORY, EngineConfig
 from disagg.engine.kv_cache import KVCache, KVCacheSpec
 from disagg.engine.model_config import DTYPES, ModelConfig
 from disagg.engine.runner import ModelRunner
+from disagg.engine.sampler import sample
 from disagg.engine.sequence import Sequence
 from disagg.engine.tokenizer import Tokenizer, eos_token_ids
 from disagg.errors import CheckpointError, ConfigError, InvalidRequestError
@@ -91,6 +92,16 @@ class ModelWorker:
             use_cuda_graphs=not config.enforce_eager,
         )
 
+    def execute(
+        self, seqs: list[Sequence], is_prefill: bool, generator: torch.Generator | None
+    ) -> list[int]:
+        """Runs one batch and samples each sequence's next token."""
+        logits = self.runner.prefill(seqs) if is_prefill else self.runner.decode(seqs)
+        return sample(logits, seqs, generator)
+
+    def close(self) -> None:
+        """Nothing to stop in one process (a parallel worker stops its ranks)."""
+
     # -- prompts -------------------------------------------------------------------
 
     def prompt_token_ids(self, prompt: Prompt) -> list[int]:
@@ -121,7 +132,7 @@ class ModelWorker:
                 "prompt", f"must be a string or a list of token ids, got {type(prompt).__name__}"
             )
         if len(ids) >= self.max_model_len:
-            pool = self.kv_cache.num_blocks * self.config.block_size
+            pool = self.allocator.num_blocks * self.config.block_size
             raise InvalidRequestError(
                 field,
                 f"{len(ids)} tokens leave no room to generate: max_model_len is {self.max_model_len} "
