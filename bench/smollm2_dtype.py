@@ -45,9 +45,7 @@ def main() -> None:
 
     template = load_chat_template(MODEL)
     assert template is not None
-    prompts = [
-        template.render([{"role": "user", "content": q}]) for q in QUESTIONS[: args.batch]
-    ]
+    prompts = [template.render([{"role": "user", "content": q}]) for q in QUESTIONS[: args.batch]]
     llms = {name: LLM(MODEL, dtype=name) for name in ("float32", "bfloat16")}
     prefill_only = SamplingParams(temperature=0, max_tokens=1)
     decode = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)

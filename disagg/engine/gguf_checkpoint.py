@@ -202,7 +202,9 @@ def converted_dir(path: Path) -> Path:
     stat = path.stat()
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|v{CONVERTER_VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    out = cache_dir() / "gguf" / f"{path.stem}-{digest}"
+    # The file's own name last, so that whatever names a model by its directory (the
+    # profiler, logs) shows "SmolLM2-135M-Instruct.Q4_1", not a digest.
+    out = cache_dir() / "gguf" / digest / path.stem
     # Non-empty means complete: the directory only ever appears by an atomic rename.
     if out.is_dir() and any(out.iterdir()):
         return out

@@ -59,14 +59,11 @@ def locate_model(model: str | Path) -> Path:
     if path.is_dir():
         return path
     known = ", ".join([TINY, *REGISTRY_MODELS])
-    if path.exists():
-        raise CheckpointError(
-            str(path), "not a model: pass a Hugging Face model directory or a .gguf file"
-        )
+    what = "exists but is" if path.exists() else "does not exist, so it is"
     raise CheckpointError(
         str(path),
-        f"no such file or directory: pass a local Hugging Face model directory, a .gguf file, "
-        f"or one of {known}",
+        f"{what} not a directory or a .gguf file: pass a local Hugging Face model "
+        f"directory, a .gguf file, or one of {known} (nothing is downloaded)",
     )
 
 

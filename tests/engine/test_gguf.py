@@ -191,7 +191,7 @@ def test_unsupported_pre_tokenizer_and_broken_files_are_refused(tmp_path):
     broken.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 20)
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
         resolve_model_dir(str(broken))
-    with pytest.raises(CheckpointError, match="no such file"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         resolve_model_dir(str(tmp_path / "absent.gguf"))
 
 
@@ -218,3 +218,15 @@ def test_missing_metadata_is_refused_by_key(tmp_path):
 
     with pytest.raises(CheckpointError, match="block_count"):
         hf_config(meta, {t.name for t in reader.tensors}, str(path))
+
+
+def test_add_bos_token_in_the_file_prefixes_every_text_with_bos(tmp_path):
+    from disagg.engine.gguf_tokenizer import build_tokenizer
+
+    hf_dir = make_hf_checkpoint("llama", tmp_path / "hf")
+    path = gguf_from_hf(hf_dir, tmp_path / "m.gguf", "llama")
+    meta = read_metadata(open_gguf(path))
+    plain = build_tokenizer(meta, str(path)).encode("the and").ids
+    with_bos = build_tokenizer({**meta, "tokenizer.ggml.add_bos_token": True}, str(path))
+    assert with_bos.encode("the and").ids == [1, *plain]
+    assert with_bos.encode("the and", add_special_tokens=False).ids == plain
