@@ -14,7 +14,7 @@ from disagg.engine.model_source import registry_model_file
 from disagg.errors import ModelNotInstalledError
 
 MODEL = "smollm2-135m-instruct"
-MAX_NEW = 20
+MAX_NEW = 16
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [
@@ -54,7 +54,8 @@ def reference(gguf_file):
 
 @pytest.fixture(scope="module")
 def llm(gguf_file):
-    return LLM(MODEL, dtype="float32")
+    # A small KV pool: zeroing the default 1 GiB costs seconds and three chats need little.
+    return LLM(MODEL, dtype="float32", num_blocks=64)
 
 
 def test_chat_prompts_render_as_transformers_renders_them(reference):
