@@ -4,8 +4,10 @@ GGUF stores the vocabulary (``tokenizer.ggml.tokens``), the BPE merges, a type p
 (normal, control, user-defined, ...) and the name of the pre-tokenizer llama.cpp applies
 (``tokenizer.ggml.pre``), whose split rules live in llama.cpp's source rather than the
 file. Byte-level BPE (``tokenizer.ggml.model == "gpt2"``, used by Llama 3, Qwen2, SmolLM
-and most recent models) is supported, with the pre-tokenizers listed in
-:data:`PRE_TOKENIZERS`; others are refused by name.
+and most recent models) is supported with the pre-tokenizers listed in
+:data:`PRE_TOKENIZERS`, and SentencePiece BPE (``"llama"``: Llama 2, Mistral, TinyLlama);
+others are refused by name. Both are built as transformers builds them from a GGUF file
+(the tests compare the two).
 """
 
 from __future__ import annotations
@@ -55,31 +57,24 @@ def build_tokenizer(meta: dict[str, Any], source: str) -> Tokenizer | None:
     if not tokens:
         return None
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise CheckpointError(
-            source, f"tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')"
-        )
-    pre = str(meta.get("tokenizer.ggml.pre", "default"))
-    if pre not in PRE_TOKENIZERS:
+    if kind == "gpt2":
+        tokenizer = _byte_level(meta, tokens, source)
+    elif kind == "llama":
+        tokenizer = _sentencepiece(meta, tokens, source)
+        # llama.cpp (and transformers) add BOS to SentencePiece text unless told not to.
+        meta = {"tokenizer.ggml.add_bos_token": True, **meta}
+    else:
         raise CheckpointError(
             source,
-            f"pre-tokenizer {pre!r} is not supported; supported: {', '.join(sorted(PRE_TOKENIZERS))}",
+            f"tokenizer model {kind!r} is not supported (supported: 'gpt2' byte-level BPE, "
+            "'llama' SentencePiece BPE)",
         )
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    vocab = {token: index for index, token in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise CheckpointError(source, "tokenizer.ggml.tokens lists a token twice")
-    tokenizer = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
-    )
-    tokenizer.pre_tokenizer = _pre_tokenizer(PRE_TOKENIZERS[pre])
-    tokenizer.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>, <|endoftext|>) are matched whole and skipped when
     # decoding; user-defined ones (<think>) are matched whole but kept in the text.
     types = list(meta.get("tokenizer.ggml.token_type") or [])
     if types and len(types) != len(tokens):
         raise CheckpointError(source, "tokenizer.ggml.token_type and tokens differ in length")
-    kinds = list(zip(tokens, types, strict=True))
+    kinds = list(zip(tokens, types, strict=True)) if types else []
     tokenizer.add_special_tokens(
         [AddedToken(t, normalized=False, special=True) for t, k in kinds if k == CONTROL]
     )
@@ -90,6 +85,76 @@ def build_tokenizer(meta: dict[str, Any], source: str) -> Tokenizer | None:
     if post is not None:
         tokenizer.post_processor = post
     return tokenizer
+
+
+def _vocab(tokens: list[str], source: str) -> dict[str, int]:
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise CheckpointError(source, "tokenizer.ggml.tokens lists a token twice")
+    return vocab
+
+
+def _byte_level(meta: dict[str, Any], tokens: list[str], source: str) -> Tokenizer:
+    pre = str(meta.get("tokenizer.ggml.pre", "default"))
+    if pre not in PRE_TOKENIZERS:
+        raise CheckpointError(
+            source,
+            f"pre-tokenizer {pre!r} is not supported; supported: {', '.join(sorted(PRE_TOKENIZERS))}",
+        )
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    tokenizer = Tokenizer(
+        models.BPE(vocab=_vocab(tokens, source), merges=merges, fuse_unk=False, byte_fallback=False)
+    )
+    tokenizer.pre_tokenizer = _pre_tokenizer(PRE_TOKENIZERS[pre])
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _sentencepiece(meta: dict[str, Any], tokens: list[str], source: str) -> Tokenizer:
+    """SentencePiece BPE (Llama 2, Mistral, TinyLlama): words marked with "▁", bytes
+    outside the vocabulary spelled as <0xNN> tokens. Files without merges carry a score
+    per token instead; the merges are every split of a token into two tokens, the
+    highest-scoring result first (SentencePiece merges the best-scoring pair)."""
+    vocab = _vocab(tokens, source)
+    listed = meta.get("tokenizer.ggml.merges")
+    if listed:
+        merges = [tuple(m.split(" ", 1)) for m in listed]
+    else:
+        scores = list(meta.get("tokenizer.ggml.scores") or [])
+        if len(scores) != len(tokens):
+            raise CheckpointError(source, "a SentencePiece vocabulary needs tokenizer.ggml.scores")
+        merges = _merges_from_scores(tokens, scores, vocab)
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    )
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if prefix else "never", split=False
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tokenizer.decoder = decoders.Sequence(steps)
+    return tokenizer
+
+
+def _merges_from_scores(
+    tokens: list[str], scores: list[float], vocab: dict[str, int]
+) -> list[tuple[str, str]]:
+    ranked: list[tuple[float, int, int, int, int, str, str]] = []
+    for merged, score in zip(tokens, scores, strict=True):
+        for cut in range(1, len(merged)):
+            left, right = merged[:cut], merged[cut:]
+            if left in vocab and right in vocab:
+                # Best score first; among equals, longer left then right pieces, then
+                # vocabulary order.
+                ranked.append(
+                    (-score, -len(left), -len(right), vocab[left], vocab[right], left, right)
+                )
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
 
 
 def tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:

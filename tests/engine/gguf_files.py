@@ -59,6 +59,20 @@ def vocabulary(size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
+SPM_PIECES = ["▁", "e", "t", "h", "a", "n", "d", "o", "r", "s", "▁t", "he", "▁the", "an",
+              "▁an", "▁and", "nd", "▁h", "▁hand", "er", "or", "▁s", "▁so", "▁or"]  # fmt: skip
+
+
+def sentencepiece_vocabulary(size: int) -> tuple[list[str], list[int]]:
+    """<unk>, <s>, </s>, the 256 byte tokens <0xNN>, then word pieces."""
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *SPM_PIECES]
+    types = [2, 3, 3, *[6] * 256, *[1] * len(SPM_PIECES)]
+    while len(tokens) < size:
+        tokens.append(f"<unused{len(tokens)}>")
+        types.append(5)
+    return tokens, types
+
+
 def gguf_name(hf_name: str) -> str:
     if hf_name in _GGUF_NAMES:
         return _GGUF_NAMES[hf_name]
@@ -83,6 +97,7 @@ def write_gguf(
     qtype: str = "F32",
     metadata: dict[str, Any] | None = None,
     tokenizer: bool = True,
+    sentencepiece: bool = False,
 ) -> Path:
     """Writes ``tensors`` (Hugging Face names and layout) as llama.cpp would: GGUF names,
     q/k permuted for ``llama``, 2-D weights quantised as ``qtype`` (norms stay F32)."""
@@ -101,7 +116,17 @@ def write_gguf(
     writer.add_rope_freq_base(float(theta or 10000.0))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_vocab_size(config["vocab_size"])
-    if tokenizer:
+    if tokenizer and sentencepiece:
+        tokens, types = sentencepiece_vocabulary(config["vocab_size"])
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        # Unique scores, best first: the merges are derived from them.
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])
+        writer.add_unk_token_id(0)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+    elif tokenizer:
         tokens, types = vocabulary(config["vocab_size"])
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("smollm")

@@ -185,8 +185,8 @@ def test_unsupported_pre_tokenizer_and_broken_files_are_refused(tmp_path):
 
     with pytest.raises(CheckpointError, match="pre-tokenizer 'made-up'"):
         build_tokenizer({**meta, **config_meta}, str(path))
-    with pytest.raises(CheckpointError, match="tokenizer model 'llama'"):
-        build_tokenizer({**meta, "tokenizer.ggml.model": "llama"}, str(path))
+    with pytest.raises(CheckpointError, match="tokenizer model 'bert'"):
+        build_tokenizer({**meta, "tokenizer.ggml.model": "bert"}, str(path))
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 20)
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
@@ -230,3 +230,17 @@ def test_add_bos_token_in_the_file_prefixes_every_text_with_bos(tmp_path):
     with_bos = build_tokenizer({**meta, "tokenizer.ggml.add_bos_token": True}, str(path))
     assert with_bos.encode("the and").ids == [1, *plain]
     assert with_bos.encode("the and", add_special_tokens=False).ids == plain
+
+
+def test_sentencepiece_tokenizer_equals_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    hf_dir = make_hf_checkpoint("llama", tmp_path / "hf")
+    path = gguf_from_hf(hf_dir, tmp_path / "m.gguf", "llama", sentencepiece=True)
+    reference = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    llm = LLM(str(path))
+    for text in ["the and hand", " so or the\nhé  and", "x", "</s>the<s> 東"]:
+        ids = llm.tokenizer.encode(text)
+        assert ids == reference(text).input_ids, text
+        assert ids[0] == 1  # BOS, as llama.cpp adds it to SentencePiece text
+        assert llm.tokenizer.decode(ids) == reference.decode(ids, skip_special_tokens=True)
