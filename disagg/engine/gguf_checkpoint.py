@@ -101,6 +101,13 @@ def hf_name(gguf_name: str) -> str | None:
 
 def hf_config(meta: dict[str, Any], tensor_names: set[str], source: str) -> dict[str, Any]:
     """The ``config.json`` the file's metadata describes."""
+    try:
+        return _hf_config(meta, tensor_names, source)
+    except (TypeError, ValueError, ZeroDivisionError) as exc:  # a string where a count belongs
+        raise CheckpointError(source, f"a metadata value is invalid ({exc})") from exc
+
+
+def _hf_config(meta: dict[str, Any], tensor_names: set[str], source: str) -> dict[str, Any]:
     arch = str(meta.get("general.architecture", "<none>"))
     if arch not in ARCHITECTURES:
         raise UnsupportedArchitectureError(arch, list(ARCHITECTURES))
@@ -122,6 +129,12 @@ def hf_config(meta: dict[str, Any], tensor_names: set[str], source: str) -> dict
     eos = [
         meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta
     ]
+    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
+    rotary = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    if rotary != head_dim:
+        raise CheckpointError(
+            source, f"partial RoPE ({rotary} of {head_dim} dimensions) is not supported"
+        )
     file_type = int(meta.get("general.file_type", 0))
     config: dict[str, Any] = {
         "architectures": [ARCHITECTURES[arch][0]],
@@ -132,7 +145,7 @@ def hf_config(meta: dict[str, Any], tensor_names: set[str], source: str) -> dict
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
+        "head_dim": head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),

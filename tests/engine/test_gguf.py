@@ -216,8 +216,16 @@ def test_missing_metadata_is_refused_by_key(tmp_path):
     del meta["llama.block_count"]
     from disagg.engine.gguf_checkpoint import hf_config
 
+    names = {t.name for t in reader.tensors}
     with pytest.raises(CheckpointError, match="block_count"):
-        hf_config(meta, {t.name for t in reader.tensors}, str(path))
+        hf_config(meta, names, str(path))
+    meta = read_metadata(reader)
+    with pytest.raises(CheckpointError, match="metadata value is invalid"):
+        hf_config({**meta, "llama.attention.head_count": "nine"}, names, str(path))
+    with pytest.raises(CheckpointError, match="partial RoPE"):
+        hf_config({**meta, "llama.rope.dimension_count": 2}, names, str(path))
+    with pytest.raises(CheckpointError, match="rope_freqs"):
+        hf_config(meta, {*names, "rope_freqs.weight"}, str(path))
 
 
 def test_add_bos_token_in_the_file_prefixes_every_text_with_bos(tmp_path):
