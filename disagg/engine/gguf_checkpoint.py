@@ -39,7 +39,7 @@ from disagg.errors import (
 
 log = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 # GGUF ``general.architecture`` -> (Hugging Face architecture, q/k rows permuted for RoPE).
 ARCHITECTURES: dict[str, tuple[str, bool]] = {
@@ -70,6 +70,7 @@ _PER_LAYER = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+ROPE_FREQS = "rope_freqs.weight"
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -99,12 +100,66 @@ def hf_name(gguf_name: str) -> str | None:
     return f"model.layers.{layer}.{_PER_LAYER[part]}.{kind}"
 
 
-def hf_config(meta: dict[str, Any], tensor_names: set[str], source: str) -> dict[str, Any]:
-    """The ``config.json`` the file's metadata describes."""
+def hf_config(
+    meta: dict[str, Any],
+    tensor_names: set[str],
+    source: str,
+    rope_freqs: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """The ``config.json`` the file's metadata describes; ``rope_freqs`` is the file's
+    ``rope_freqs.weight`` tensor when it has one (Llama 3.1's RoPE scaling)."""
     try:
-        return _hf_config(meta, tensor_names, source)
+        config = _hf_config(meta, tensor_names, source)
     except (TypeError, ValueError, ZeroDivisionError) as exc:  # a string where a count belongs
         raise CheckpointError(source, f"a metadata value is invalid ({exc})") from exc
+    if rope_freqs is not None:
+        config["rope_scaling"] = _llama3_rope_scaling(
+            np.asarray(rope_freqs, dtype=np.float64).reshape(-1), config, source
+        )
+    return config
+
+
+def _llama3_rope_scaling(
+    factors: np.ndarray, config: dict[str, Any], source: str
+) -> dict[str, Any]:
+    """Llama 3's RoPE scaling parameters that reproduce the file's per-frequency
+    divisors. llama.cpp's converter stores only the divisors (1 for short wavelengths,
+    ``factor`` for long ones, a smooth band between), so the band's edges are recovered
+    from the band (low_freq_factor fixed at 1, as in every Llama 3 release) or taken to
+    be Llama 3.1's; whatever is found must reproduce every divisor, else it is refused."""
+    import torch
+
+    from disagg.engine.model_config import RopeScaling
+    from disagg.engine.rope import inverse_frequencies
+
+    head_dim, theta = config["head_dim"], config["rope_theta"]
+    base = inverse_frequencies(head_dim, theta, None).double().numpy()
+    if factors.shape != base.shape:
+        raise CheckpointError(source, f"rope_freqs has {factors.size} values, not {base.size}")
+    factor = float(factors.max())
+    wavelen = 2 * np.pi / base
+    band = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    candidates = [(1.0, 4.0, 8192)]
+    if band.sum() >= 2:
+        # In the band, 1/divisor = (1 - s)/factor + s with s = orig/wavelen - low over
+        # (high - low): linear in 1/wavelen.
+        smooth = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelen[band], smooth, 1)
+        if intercept < 0:
+            high = 1 - 1 / intercept
+            candidates.insert(0, (1.0, float(high), round(slope * (high - 1))))
+    for low, high, original in candidates:
+        scaling = RopeScaling(factor, low, high, int(original))
+        scaled = inverse_frequencies(head_dim, theta, scaling).to(torch.float64).numpy()
+        if np.allclose(base / scaled, factors, rtol=1e-4, atol=0):
+            return {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": round(high, 6),
+                "original_max_position_embeddings": int(original),
+            }
+    raise CheckpointError(source, "rope_freqs is not a Llama 3 RoPE scaling this loader recovers")
 
 
 def _hf_config(meta: dict[str, Any], tensor_names: set[str], source: str) -> dict[str, Any]:
@@ -118,11 +173,8 @@ def _hf_config(meta: dict[str, Any], tensor_names: set[str], source: str) -> dic
         return meta[f"{arch}.{key}"]
 
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling not in ("none", None) or "rope_freqs.weight" in tensor_names:
-        raise CheckpointError(
-            source,
-            f"RoPE scaling ({scaling if scaling != 'none' else 'rope_freqs'}) is not supported",
-        )
+    if scaling not in ("none", None):
+        raise CheckpointError(source, f"RoPE scaling {scaling!r} is not supported")
     hidden = int(need("embedding_length"))
     heads = int(need("attention.head_count"))
     tokens = meta.get("tokenizer.ggml.tokens") or []
@@ -172,6 +224,8 @@ def hf_tensors(
 
     permute = ARCHITECTURES[config["model_type"]][1]
     for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS:
+            continue  # read into the config (rope_scaling), not a weight
         name = hf_name(tensor.name)
         if name is None:
             raise CheckpointError(source, f"tensor {tensor.name!r} has no counterpart in the model")
@@ -250,7 +304,8 @@ def write_converted(path: Path, out: Path) -> None:
     source = str(path)
     reader = open_gguf(path)
     meta = read_metadata(reader)
-    config = hf_config(meta, {t.name for t in reader.tensors}, source)
+    rope_freqs = next((t.data for t in reader.tensors if t.name == ROPE_FREQS), None)
+    config = hf_config(meta, {t.name for t in reader.tensors}, source, rope_freqs)
     tensors = {
         name: torch.from_numpy(values) for name, values in hf_tensors(reader, config, source)
     }

@@ -98,6 +98,7 @@ def write_gguf(
     metadata: dict[str, Any] | None = None,
     tokenizer: bool = True,
     sentencepiece: bool = False,
+    rope_freqs: np.ndarray | None = None,
 ) -> Path:
     """Writes ``tensors`` (Hugging Face names and layout) as llama.cpp would: GGUF names,
     q/k permuted for ``llama``, 2-D weights quantised as ``qtype`` (norms stay F32)."""
@@ -151,11 +152,31 @@ def write_gguf(
             writer.add_tensor(gguf_name(name), quantize(w, qt), raw_dtype=qt)
         else:
             writer.add_tensor(gguf_name(name), w)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def llama3_rope_freqs(head_dim: int, theta: float, scaling: dict[str, Any]) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's converter writes as ``rope_freqs`` for a
+    Llama 3 RoPE scaling (Meta's published formula)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * np.pi * theta ** (i / head_dim)
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def gguf_from_hf(hf_dir: Path, path: Path, arch: str, **kwargs: Any) -> Path:

@@ -6,6 +6,7 @@ is refused by name."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -22,7 +23,7 @@ from disagg.errors import (
     UnsupportedArchitectureError,
     UnsupportedQuantizationError,
 )
-from tests.engine.gguf_files import gguf_from_hf, write_gguf
+from tests.engine.gguf_files import gguf_from_hf, llama3_rope_freqs, write_gguf
 from tests.engine.hf_models import hf_greedy, make_hf_checkpoint
 
 gguf = pytest.importorskip("gguf")
@@ -224,8 +225,8 @@ def test_missing_metadata_is_refused_by_key(tmp_path):
         hf_config({**meta, "llama.attention.head_count": "nine"}, names, str(path))
     with pytest.raises(CheckpointError, match="partial RoPE"):
         hf_config({**meta, "llama.rope.dimension_count": 2}, names, str(path))
-    with pytest.raises(CheckpointError, match="rope_freqs"):
-        hf_config(meta, {*names, "rope_freqs.weight"}, str(path))
+    with pytest.raises(CheckpointError, match="rope_freqs is not a Llama 3"):
+        hf_config(meta, names, str(path), rope_freqs=np.linspace(1, 3, 2) ** 2)
 
 
 def test_add_bos_token_in_the_file_prefixes_every_text_with_bos(tmp_path):
@@ -252,3 +253,30 @@ def test_sentencepiece_tokenizer_equals_transformers(tmp_path):
         assert ids == reference(text).input_ids, text
         assert ids[0] == 1  # BOS, as llama.cpp adds it to SentencePiece text
         assert llm.tokenizer.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+
+
+def test_llama3_rope_scaling_from_rope_freqs_matches_transformers(tmp_path):
+    """Llama 3.1-style files carry RoPE scaling only as per-frequency divisors
+    (rope_freqs); the loader recovers the parameters and the output is transformers'."""
+    import transformers as tf
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 256}  # fmt: skip
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=384, hidden_size=128, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+        initializer_range=0.15, bos_token_id=1, eos_token_id=2, rope_theta=10000.0,
+        rope_scaling=scaling,
+    )  # fmt: skip
+    hf_dir = tmp_path / "hf"
+    tf.LlamaForCausalLM(cfg).eval().save_pretrained(hf_dir)
+    freqs = llama3_rope_freqs(64, 10000.0, scaling)
+    assert ((freqs > 1) & (freqs < 8)).sum() >= 2  # the smooth band is sampled
+    path = gguf_from_hf(hf_dir, tmp_path / "m.gguf", "llama", rope_freqs=freqs)
+    converted = json.loads((resolve_model_dir(str(path)) / "config.json").read_text())
+    assert converted["rope_scaling"]["original_max_position_embeddings"] == 256
+    prompt = list(range(3, 300))  # long: the scaled low frequencies matter
+    expected = hf_greedy(hf_dir, prompt, MAX_NEW)
+    out = LLM(str(path)).generate([prompt], SamplingParams(temperature=0, max_tokens=MAX_NEW))
+    assert out[0].token_ids == expected
