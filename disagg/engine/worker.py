@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from pathlib import Path
 
 import torch
 
@@ -20,30 +19,18 @@ from disagg.engine.checkpoint import load_model
 from disagg.engine.config import DEFAULT_CPU_KV_MEMORY, EngineConfig
 from disagg.engine.kv_cache import KVCache, KVCacheSpec
 from disagg.engine.model_config import DTYPES, ModelConfig
+from disagg.engine.model_source import resolve_model_dir
 from disagg.engine.runner import ModelRunner
 from disagg.engine.sampler import sample
 from disagg.engine.sequence import Sequence
 from disagg.engine.tokenizer import Tokenizer, eos_token_ids
-from disagg.errors import CheckpointError, ConfigError, InvalidRequestError
+from disagg.errors import ConfigError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
 
-
-def resolve_model_dir(model: str) -> Path:
-    """'tiny' is the embedded model (written once into the cache); anything else must be
-    a local Hugging Face model directory. Nothing is ever downloaded."""
-    if model == "tiny":
-        from disagg.engine.tiny_model import tiny_model_path
-
-        return tiny_model_path()
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(
-            str(path), "not a directory: pass a local Hugging Face model directory or 'tiny'"
-        )
-    return path
+__all__ = ["ModelWorker", "Prompt", "resolve_model_dir"]
 
 
 class ModelWorker:
