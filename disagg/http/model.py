@@ -1,0 +1,70 @@
+"""What the gateway knows of the served model: its name, its chat template, its
+tokenizer (for chat prompts) and its context length. Read once at start-up from the
+same ``--model`` the nodes load; the gateway never loads weights.
+
+``load_chat_template`` (GGUF files and model names as well as directories) is used
+when ``disagg.engine.chat_template`` has it; otherwise the directory's template.
+This is the one place the gateway looks a model's template up.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from disagg.engine.chat_template import ChatTemplate
+from disagg.engine.model_config import ModelConfig
+from disagg.engine.worker import resolve_model_dir
+from disagg.errors import CheckpointError
+
+
+def load_template(model: str) -> ChatTemplate | None:
+    from disagg.engine import chat_template
+
+    loader = getattr(chat_template, "load_chat_template", None)
+    if loader is not None:
+        return loader(model)
+    return ChatTemplate.from_model_dir(resolve_model_dir(model))
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str  # the id clients put in "model"
+    template: ChatTemplate | None
+    tokenizer: Any  # tokenizers.Tokenizer, or None for a model without tokenizer.json
+    max_context: int
+    created: int
+
+    @classmethod
+    def load(cls, model: str, name: str | None = None) -> ServedModel:
+        model_dir = resolve_model_dir(model)
+        return cls(
+            name=name or model,
+            template=load_template(model),
+            tokenizer=_load_tokenizer(model_dir),
+            max_context=ModelConfig.from_dir(model_dir).max_context,
+            created=int(time.time()),
+        )
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The token ids of ``messages`` rendered by the template. Tokenised here without
+        adding special tokens, as transformers' ``apply_chat_template`` does: a template
+        writes its own BOS, and the tokenizer would add a second one."""
+        assert self.template is not None and self.tokenizer is not None
+        text = self.template.render(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def _load_tokenizer(model_dir: Path) -> Any:
+    # The tokenizers library directly: disagg's Tokenizer.encode always adds special tokens.
+    from tokenizers import Tokenizer
+
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust library raises a bare Exception on bad files
+        raise CheckpointError(str(path), f"not a valid tokenizer file ({exc})") from exc
