@@ -11,10 +11,9 @@ identity and fairness are decided where they are for ZeroMQ clients.
 - ``metrics.py`` — the gateway's Prometheus metrics
 - ``app.py`` — the FastAPI application; ``server.py`` — uvicorn; ``process.py`` — the
   child process ``disagg serve --http-port`` starts
+
+Import from the modules (``from disagg.http.app import create_app``): this package
+imports nothing, so ``disagg`` commands that never serve HTTP do not load FastAPI.
 """
 
 from __future__ import annotations
-
-from disagg.http.app import GatewaySettings, create_app
-
-__all__ = ["GatewaySettings", "create_app"]

@@ -12,8 +12,10 @@ import argparse
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
-from disagg.http.app import GatewaySettings, create_app
+if TYPE_CHECKING:  # FastAPI is imported when a gateway starts, not by every `disagg` command
+    from disagg.http.app import GatewaySettings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
+    from disagg.http.app import GatewaySettings
+
     return GatewaySettings(
         coordinator=args.coordinator,
         model=args.model,
@@ -44,6 +48,8 @@ def run_gateway(
 ) -> int:
     """Serves until SIGINT/SIGTERM (uvicorn's graceful shutdown: open requests finish)."""
     import uvicorn
+
+    from disagg.http.app import create_app
 
     logging.basicConfig(level=os.environ.get("DISAGG_LOG_LEVEL", "WARNING"))
     app = create_app(settings)
