@@ -351,7 +351,12 @@ class ServedCluster:
         log_file = Path(o.log_dir) / "http.log" if o.log_dir else None
         try:
             self.gateway = GatewayProcess(
-                self.client_address, o.model, host=o.host, port=o.http_port or 0, log_file=log_file
+                self.client_address,
+                str(self.model_dir),
+                host=o.host,
+                port=o.http_port or 0,
+                log_file=log_file,
+                extra_args=["--served-model-name", o.model],
             ).wait_ready()
         except BaseException:
             self.stop(drain_timeout=0)

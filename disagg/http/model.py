@@ -9,15 +9,26 @@ This is the one place the gateway looks a model's template up.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from disagg.engine.chat_template import ChatTemplate
-from disagg.engine.model_config import ModelConfig
-from disagg.engine.worker import resolve_model_dir
 from disagg.errors import CheckpointError
+
+
+def model_dir_of(model: str) -> Path:
+    """A directory as it is; anything else ('tiny', a name, a file) as the engine
+    resolves it. Only then is the engine imported (it brings torch, seconds to load),
+    so a gateway given a directory — as ``disagg serve`` gives it — starts fast."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    from disagg.engine.worker import resolve_model_dir
+
+    return resolve_model_dir(model)
 
 
 def load_template(model: str) -> ChatTemplate | None:
@@ -26,7 +37,7 @@ def load_template(model: str) -> ChatTemplate | None:
     loader = getattr(chat_template, "load_chat_template", None)
     if loader is not None:
         return loader(model)
-    return ChatTemplate.from_model_dir(resolve_model_dir(model))
+    return ChatTemplate.from_model_dir(model_dir_of(model))
 
 
 @dataclass(frozen=True)
@@ -34,17 +45,17 @@ class ServedModel:
     name: str  # the id clients put in "model"
     template: ChatTemplate | None
     tokenizer: Any  # tokenizers.Tokenizer, or None for a model without tokenizer.json
-    max_context: int
+    max_context: int | None  # None: not known here (the nodes cap generation anyway)
     created: int
 
     @classmethod
     def load(cls, model: str, name: str | None = None) -> ServedModel:
-        model_dir = resolve_model_dir(model)
+        model_dir = model_dir_of(model)
         return cls(
             name=name or model,
             template=load_template(model),
             tokenizer=_load_tokenizer(model_dir),
-            max_context=ModelConfig.from_dir(model_dir).max_context,
+            max_context=_max_context(model_dir),
             created=int(time.time()),
         )
 
@@ -55,6 +66,18 @@ class ServedModel:
         assert self.template is not None and self.tokenizer is not None
         text = self.template.render(messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def _max_context(model_dir: Path) -> int | None:
+    # ModelConfig.max_context's rule (a sliding window caps the context), read without
+    # ModelConfig, which imports torch.
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    lengths = [config.get("max_position_embeddings"), config.get("sliding_window")]
+    lengths = [n for n in lengths if isinstance(n, int) and n > 0]
+    return min(lengths) if lengths else None
 
 
 def _load_tokenizer(model_dir: Path) -> Any:

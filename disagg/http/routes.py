@@ -26,6 +26,8 @@ from disagg.http.streaming import ChunkFormat, events, finish_reason
 
 # OpenAI's default for /v1/completions; chat defaults to the rest of the context.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# Chat's default when the context length is not known: the nodes stop at theirs.
+UNKNOWN_CONTEXT = 2**31 - 1
 # The coordinator refuses larger messages (protocol/codec.py); refuse them here as 413.
 MAX_BODY_BYTES = 1 << 20
 HEALTH_TIMEOUT_S = 2.0
@@ -126,8 +128,9 @@ class Gateway:
         caller = caller_of(request, req.user)
         client = self.pool.get(caller.api_key)
         default = COMPLETIONS_DEFAULT_MAX_TOKENS
-        if chat:  # the whole context by default, as OpenAI and vLLM do
-            default = max(1, self.model.max_context - len(prompt))
+        if chat:  # the rest of the context by default, as OpenAI and vLLM do
+            context = self.model.max_context or UNKNOWN_CONTEXT
+            default = max(1, context - len(prompt))
         sampling = req.sampling(default)
         created = int(time.time())
         try:

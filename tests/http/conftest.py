@@ -46,19 +46,21 @@ def served_with_gateway(tmp: Path, model: str, **options) -> ServedCluster:
     return start_cluster(tmp, model=model, http_port=0, metrics_port=0, **options)
 
 
-@pytest.fixture(scope="module")
+# One served system for the whole directory (starting one costs seconds of CPU); the
+# tests that disturb it (API keys, a killed node) start their own.
+@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     return chat_model_dir(tmp_path_factory.mktemp("chat-model") / "tiny-chat")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served(tmp_path_factory, model_dir):
     cluster = served_with_gateway(tmp_path_factory.mktemp("served"), str(model_dir))
     yield cluster
     cluster.stop(drain_timeout=5)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base_url(served) -> str:
     return served.gateway.url + "/v1"
 

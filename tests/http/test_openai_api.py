@@ -103,6 +103,7 @@ def test_stream_include_usage_sends_a_last_usage_chunk(client, name):
     assert all(c.usage is None for c in body)
 
 
+@pytest.mark.slow  # imports transformers
 def test_chat_prompt_is_transformers_apply_chat_template(client, name, model_dir, offline):
     import transformers
 
