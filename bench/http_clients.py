@@ -2,8 +2,9 @@
 ``/v1/completions`` (streamed) at rising Poisson request rates, and at each rate our own
 load generator — ``bench.served_load``'s, over the ZeroMQ client — sends the same
 requests (same lengths, same rate) to the same served system (tiny model, 1 prefill + 1
-decode node, CPU). Reported side by side: TTFT, ITL/TPOT, E2E latency and goodput
-(requests/s meeting both SLOs), plus our coordinator's own TTFT for the ZeroMQ runs.
+decode node, CPU), once through the gateway (httpx) and once through the ZeroMQ client.
+Reported side by side: TTFT, ITL/TPOT, E2E latency, goodput (requests/s meeting both
+SLOs), the client's own CPU seconds, and our coordinator's TTFT for the ZeroMQ runs.
 
 AIPerf runs from a virtualenv of its own (it pins its own dependencies), with the served
 model's local tokenizer directory; nothing is downloaded::
@@ -23,6 +24,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import signal
 import statistics
 import subprocess
@@ -50,7 +52,9 @@ def run_aiperf(aiperf: str, url: str, tokenizer: str, rate: float, args, out: Pa
         "--ui-type", "none", "--artifact-dir", str(out),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "PYTHONPATH")}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # aiperf and every process it ran
     result = out / "profile_export_aiperf.json"
     if done.returncode != 0 or not result.exists():
         sys.exit(f"aiperf failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout[-3000:]}")
@@ -62,17 +66,21 @@ def run_aiperf(aiperf: str, url: str, tokenizer: str, rate: float, args, out: Pa
         "e2e": (d["request_latency"]["p50"], d["request_latency"]["p90"]),
         "goodput": d.get("goodput", {}).get("avg", 0.0),
         "throughput": d["request_throughput"]["avg"],
+        "client_cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
     }
 
 
-async def run_ours(address: str, rate: float, args, seed: int) -> dict:
-    """bench.served_load's open-loop Poisson generator, streamed, with AIPerf's lengths."""
+async def run_ours(addresses: dict, door: str, rate: float, args, seed: int) -> dict:
+    """bench.served_load's open-loop Poisson generator, streamed, with AIPerf's lengths,
+    through the ZeroMQ client or (``door == "http"``) through the gateway with httpx."""
+    import httpx
+
     from disagg.client import AsyncClient
 
     rng = random.Random(seed)
-    rows: list[tuple[float, float, float, float]] = []  # ttft, tpot, e2e, coordinator ttft
+    rows: list[tuple[float, float, float, float | None]] = []  # ttft, tpot, e2e, coord ttft
 
-    async def one(prompt: list[int]) -> None:
+    async def one_zmq(prompt: list[int]) -> None:
         start = time.perf_counter()
         first = None
         stream = client.stream(prompt, client_id="bench", max_tokens=args.osl, temperature=0,
@@ -84,7 +92,26 @@ async def run_ours(address: str, rate: float, args, seed: int) -> dict:
         n = len(done.token_ids)
         rows.append((first - start, (end - first) / max(1, n - 1), end - start, done.timings.ttft))
 
-    async with AsyncClient(address, timeout=600) as client:
+    async def one_http(prompt: list[int]) -> None:
+        body = {"prompt": prompt, "max_tokens": args.osl, "temperature": 0, "stream": True,
+                "ignore_eos": True, "user": "bench"}  # fmt: skip
+        start = time.perf_counter()
+        first = None
+        async with web.stream("POST", "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and first is None:
+                    first = time.perf_counter()
+        end = time.perf_counter()
+        rows.append((first - start, (end - first) / (args.osl - 1), end - start, None))
+
+    one = one_zmq if door == "zmq" else one_http
+    async with (
+        AsyncClient(addresses["zmq"], timeout=600) as client,
+        httpx.AsyncClient(
+            base_url=addresses["http"], timeout=600, limits=httpx.Limits(max_connections=None)
+        ) as web,  # fmt: skip
+    ):
+        cpu0 = time.process_time()
         tasks, t, start = [], 0.0, time.monotonic()
         for _ in range(args.requests):
             t += rng.expovariate(rate)
@@ -93,14 +120,17 @@ async def run_ours(address: str, rate: float, args, seed: int) -> dict:
             tasks.append(asyncio.create_task(one(prompt)))
         await asyncio.gather(*tasks)
         duration = time.monotonic() - start
+        cpu = time.process_time() - cpu0
     met = sum(r[0] <= args.ttft_slo and r[1] <= args.tpot_slo for r in rows)
 
     def q(i: int) -> tuple[float, float]:
         xs = [r[i] * 1e3 for r in rows]
         return pct(xs, 50), pct(xs, 90)
 
-    return {"n": len(rows), "ttft": q(0), "tpot": q(1), "e2e": q(2), "coord_ttft": q(3),
-            "goodput": met / duration, "throughput": len(rows) / duration}  # fmt: skip
+    coord = q(3) if door == "zmq" else None
+    return {"n": len(rows), "ttft": q(0), "tpot": q(1), "e2e": q(2), "coord_ttft": coord,
+            "goodput": met / duration, "throughput": len(rows) / duration,
+            "client_cpu": cpu}  # fmt: skip
 
 
 def pct(xs: list[float], q: int) -> float:
@@ -137,18 +167,19 @@ def main() -> None:
               f"{args.osl} output tokens, Poisson arrivals, {args.requests} requests per rate; "
               f"goodput SLO TTFT <= {args.ttft_slo * 1e3:.0f} ms and TPOT <= "
               f"{args.tpot_slo * 1e3:.0f} ms; ms are p50/p90")  # fmt: skip
-        print(f"  {'req/s':>5} {'client':<7} {'n':>3} {'TTFT':>11} {'ITL/TPOT':>11} {'E2E':>11} "
-              f"{'goodput':>8} {'req/s':>6} {'coord TTFT':>11}")  # fmt: skip
+        print(f"  {'req/s':>5} {'client':<10} {'n':>3} {'TTFT':>11} {'ITL/TPOT':>11} {'E2E':>11} "
+              f"{'goodput':>8} {'req/s':>6} {'client CPU':>10} {'coord TTFT':>11}")  # fmt: skip
         for k, rate in enumerate(args.rates):
             a = run_aiperf(args.aiperf, addresses["http"], str(tiny_model_path()), rate, args,
                            tmp / f"aiperf-{rate:g}")  # fmt: skip
-            o = uvloop.run(run_ours(addresses["zmq"], rate, args, seed=k))
-            for name, r in (("aiperf", a), ("ours", o)):
+            z = uvloop.run(run_ours(addresses, "zmq", rate, args, seed=k))
+            h = uvloop.run(run_ours(addresses, "http", rate, args, seed=k))
+            for name, r in (("aiperf", a), ("ours/http", h), ("ours/zmq", z)):
                 coord = r.get("coord_ttft")
                 print(
-                    f"  {rate:>5g} {name:<7} {r['n']:>3.0f} {fmt(r['ttft'])} {fmt(r['tpot'])} "
+                    f"  {rate:>5g} {name:<10} {r['n']:>3.0f} {fmt(r['ttft'])} {fmt(r['tpot'])} "
                     f"{fmt(r['e2e'])} {r['goodput']:>8.2f} {r['throughput']:>6.2f} "
-                    f"{fmt(coord) if coord else '':>11}"
+                    f"{r['client_cpu']:>9.1f}s {fmt(coord) if coord else '':>11}"
                 )
     finally:
         server.send_signal(signal.SIGTERM)
