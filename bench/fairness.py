@@ -19,9 +19,9 @@ the 10,000 tokens of the VTC paper's S-LoRA server.
   output-heavy), whose output-heavy rate is also swept; for that one and for ``overload``,
   two-stage VTC again with counters published every 0.1, 1 and 10 s.
 
-Fairness figures are ``disagg.sim.metrics``'s; ``docs/fairness.md`` defines each and
-reads the results. ``--artifact-results`` re-scores the VTC artifact's published
-per-request results (``Ying1123/VTC-artifact``, ``fair_bench/``) with that artifact's
+Fairness figures are ``disagg.sim.metrics``'s; ``docs/fairness.md`` defines each;
+``docs/results/fairness.md`` holds the results. ``--artifact-results`` re-scores the VTC
+artifact's published per-request results (``Ying1123/VTC-artifact``, ``fair_bench/``) with that artifact's
 own service-difference definition, re-implemented here (no code is taken from it).
 """
 
@@ -83,7 +83,7 @@ PAPER: dict[tuple[str, str], tuple[float, float]] = {
 # ``--artifact-results`` on Ying1123/VTC-artifact at 192c2e2 (2024-06-06):
 # (suite, policy) -> (max diff, avg diff, service rate in weighted tokens/s over the whole
 # run, run's arrival window in s). Where the window differs from our preset's the runs
-# are not alike; docs/fairness.md says which.
+# are not alike; docs/results/fairness.md says which.
 ARTIFACT: dict[tuple[str, str], tuple[float, float, float, float]] = {
     ("overload", "fcfs"): (446.2, 437.8, 1313, 600),
     ("overload", "vtc"): (192.4, 113.2, 1340, 360),

@@ -288,10 +288,10 @@ def main() -> None:
     from disagg.planner.goodput import Evaluator, LatencySource, SLOTarget
     from disagg.planner.plan import PlanRequest, check_request, plan
     from disagg.planner.presets import CPU_NODE, load_plan_workload, resolve_model
-    from disagg.planner.profile import profile_engine
     from disagg.planner.report import to_deployment
     from disagg.planner.served import calibrate
     from disagg.planner.space import Cluster
+    from disagg.planner.timing import profile_engine
     from disagg.sim.latency import load_profile, save_profile
 
     tmp = Path(tempfile.mkdtemp(prefix="disagg-planner-"))

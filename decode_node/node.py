@@ -15,8 +15,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from disagg.engine.sampler import sample
 from disagg.engine.sequence import Sequence, blocks_for_tokens
 from disagg.node.local_queue import CounterQueue
@@ -34,7 +32,7 @@ from disagg.protocol.cluster import (
     TaskFailed,
     TokenItem,
 )
-from disagg.scheduling.admission import watermark
+from disagg.scheduling.admission import Limits, make_room, take_in_order, watermark
 
 log = logging.getLogger(__name__)
 
@@ -88,23 +86,7 @@ class DecodeNode(NodeRuntime):
             log.warning("decode node ignores %s", msg.type)
 
     def _decoding(self, t: DecodeTask) -> Decoding:
-        params = t.sampling.to_params()
-        seq = Sequence(
-            seq_id=t.rid,
-            prompt_token_ids=t.prompt_token_ids,
-            params=params,
-            arrival_time=t.arrival,
-            client_id=t.client_id,
-            output_token_ids=list(t.output_token_ids),
-        )
-        if params.seed is not None:
-            seq.generator = torch.Generator(self.worker.device).manual_seed(params.seed)
-            if not params.greedy:  # the draws the earlier tokens took, so the stream goes on
-                vocab = self.worker.model_config.vocab_size
-                for _ in t.output_token_ids:
-                    torch.empty(vocab, device=self.worker.device).exponential_(
-                        1, generator=seq.generator
-                    )
+        seq = self.sequence(t, t.output_token_ids)
         return Decoding(t.rid, t.client_id, t.counter, t.arrival, seq, t.source)
 
     def _pull(self, msg: PullGo) -> None:
@@ -191,7 +173,7 @@ class DecodeNode(NodeRuntime):
         self._admit()  # pulls start while a step runs
 
     def room(self) -> dict[str, int]:
-        queued = sum(blocks_for_tokens(d.seq.num_tokens, self.block_size) for d in self.waiting)
+        queued = sum(self._blocks_needed(d) for d in self.waiting)
         free = self.worker.allocator.num_free - queued - self.watermark
         return {
             "free_tokens": max(0, free) * self.block_size,
@@ -205,25 +187,25 @@ class DecodeNode(NodeRuntime):
 
     def _admit(self) -> None:
         allocator = self.worker.allocator
+        limits = Limits(
+            free=allocator.num_free,
+            max_seqs=self.settings.max_num_seqs,
+            running=self._in_flight(),
+            watermark=self.watermark,
+        )
         pulls: list[int] = []
-        for d in list(self.waiting.ordered()):
-            need = blocks_for_tokens(d.seq.num_tokens, self.block_size)
-            if self._in_flight() >= self.settings.max_num_seqs:
-                break
-            if allocator.num_free - need < self.watermark and self._in_flight():
-                break  # the head that does not fit is not overtaken
-            if not allocator.can_allocate(need):
-                break
-            self.waiting.remove(d.rid)
-            d.seq.block_table = allocator.allocate(need)
+        for d in take_in_order(self.waiting, limits, self._blocks_needed):
+            d.seq.block_table = allocator.allocate(self._blocks_needed(d))
             if d.source is not None:
                 self.pulling[d.rid] = d
                 pulls.append(d.rid)
             else:
-                d.source = None
                 self.recompute[d.rid] = d
         if pulls:  # one message; the coordinator batches them per prefill node
             self.link.send(PullRequest(rids=pulls))
+
+    def _blocks_needed(self, d: Decoding) -> int:
+        return blocks_for_tokens(d.seq.num_tokens, self.block_size)
 
     def prepare_step(self) -> DecodeBatch | None:
         if self.recompute:  # resumed, preempted or failed pulls: prefill their KV here
@@ -294,29 +276,26 @@ class DecodeNode(NodeRuntime):
         self.link.send(StepTokens(items=items, preempted=step.preempted, step_s=step_s))
 
     def _make_room(self) -> list[int]:
-        """Gives every running sequence the block its next token needs, preempting the
-        running request of the most-served client while blocks are short."""
+        """Gives every running sequence the blocks its next token needs, preempting the
+        running request of the most-served client while blocks are short (the shared
+        rule, :func:`disagg.scheduling.admission.make_room`)."""
         allocator = self.worker.allocator
-        preempted: list[int] = []
-        counters = self.waiting.counters
-        for d in sorted(self.running.values(), key=lambda d: (d.arrival, d.rid)):
-            if d.rid not in self.running:
-                continue
-            need = blocks_for_tokens(d.seq.num_tokens, self.block_size) - len(d.seq.block_table)
-            while need > 0 and not allocator.can_allocate(need):
-                victim = max(
-                    self.running.values(),
-                    key=lambda v: (max(v.counter, counters.get(v.client_id, 0.0)), v.arrival),
-                )
-                del self.running[victim.rid]
-                allocator.free(victim.seq.block_table)
-                victim.seq.block_table = []
-                victim.seq.num_preemptions += 1
-                victim.source = None
-                self.waiting.push(victim)
-                preempted.append(victim.rid)
-                if victim is d:
-                    break
-            if d.rid in self.running and need > 0:
-                d.seq.block_table += allocator.allocate(need)
-        return preempted
+        order = sorted(self.running.values(), key=lambda d: (d.arrival, d.rid))
+        _, evicted = make_room(
+            order,
+            lambda d: blocks_for_tokens(d.seq.num_tokens, self.block_size) - len(d.seq.block_table),
+            lambda: allocator.num_free,
+            self.waiting.preemption_victim,
+            self._preempt,
+            lambda d, n: d.seq.block_table.extend(allocator.allocate(n)),
+        )
+        return [d.rid for d in evicted]
+
+    def _preempt(self, d: Decoding) -> None:
+        """Frees ``d``'s blocks and queues it again, to recompute its KV when readmitted."""
+        del self.running[d.rid]
+        self.worker.allocator.free(d.seq.block_table)
+        d.seq.block_table = []
+        d.seq.num_preemptions += 1
+        d.source = None
+        self.waiting.push(d)

@@ -9,8 +9,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from disagg.engine.sampler import sample
 from disagg.engine.sequence import Sequence, blocks_for_tokens
 from disagg.node.local_queue import CounterQueue
@@ -26,6 +24,7 @@ from disagg.protocol.cluster import (
     Release,
     TaskFailed,
 )
+from disagg.scheduling.admission import Limits, take_in_order
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,14 @@ class Held:
     pushing: bool = False
     released: bool = False  # released while a push was in flight: free when it ends
     since: float = field(default_factory=time.monotonic)
+
+
+def _tokens(w: Waiting) -> int:
+    return len(w.task.prompt_token_ids)
+
+
+def _blocks(w: Waiting, block_size: int) -> int:
+    return blocks_for_tokens(len(w.task.prompt_token_ids), block_size)
 
 
 class PrefillNode(NodeRuntime):
@@ -109,12 +116,11 @@ class PrefillNode(NodeRuntime):
     # -- prefill ---------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self.waiting) and self._next_batch(peek=True)
+        head = self.waiting.peek()
+        return head is not None and self._limits().admits(_blocks(head, self.block_size))
 
     def room(self) -> dict[str, int]:
-        queued_blocks = sum(
-            blocks_for_tokens(len(w.task.prompt_token_ids), self.block_size) for w in self.waiting
-        )
+        queued_blocks = sum(_blocks(w, self.block_size) for w in self.waiting)
         free = self.worker.allocator.num_free - queued_blocks
         return {
             "free_tokens": max(0, free) * self.block_size,
@@ -123,44 +129,25 @@ class PrefillNode(NodeRuntime):
             "held": len(self.held),
         }
 
-    def _next_batch(self, peek: bool = False) -> list[Waiting] | bool:
-        budget = self.settings.max_batch_tokens
-        free = self.worker.allocator.num_free
-        batch: list[Waiting] = []
-        tokens = 0
-        for w in self.waiting.ordered():
-            n = len(w.task.prompt_token_ids)
-            need = blocks_for_tokens(n, self.block_size)
-            if need > free or (batch and tokens + n > budget):
-                break  # the head that does not fit is not overtaken
-            if peek:
-                return True
-            batch.append(w)
-            tokens += n
-            free -= need
-        return batch if not peek else False
+    def _limits(self) -> Limits:
+        # No watermark: held KV does not grow (decode computes the next tokens), so
+        # nothing needs room kept beside it. Held requests are not in the batch, so
+        # they do not count against the sequence cap; their blocks are not free.
+        return Limits(
+            free=self.worker.allocator.num_free,
+            max_seqs=self.settings.max_num_seqs,
+            token_budget=self.settings.max_batch_tokens,
+        )
 
     def prepare_step(self) -> list[Sequence] | None:
-        batch = self._next_batch()
+        bs = self.block_size
+        batch = take_in_order(self.waiting, self._limits(), lambda w: _blocks(w, bs), _tokens)
         if not batch:
             return None
         seqs = []
         for w in batch:
-            self.waiting.remove(w.rid)
-            t = w.task
-            params = t.sampling.to_params()
-            seq = Sequence(
-                seq_id=t.rid,
-                prompt_token_ids=t.prompt_token_ids,
-                params=params,
-                arrival_time=t.arrival,
-                client_id=t.client_id,
-            )
-            if params.seed is not None:
-                seq.generator = torch.Generator(self.worker.device).manual_seed(params.seed)
-            seq.block_table = self.worker.allocator.allocate(
-                blocks_for_tokens(seq.num_tokens, self.block_size)
-            )
+            seq = self.sequence(w.task)
+            seq.block_table = self.worker.allocator.allocate(_blocks(w, bs))
             seqs.append(seq)
         return seqs
 

@@ -1,7 +1,9 @@
 """Colocated continuous batching: each step is either a prefill batch (new prompts, under
 a token budget) or a decode step over every running sequence. Prefill goes first when a
 prompt fits; when decode needs a block and none is free, the policy's victim is
-preempted and later recomputed from its tokens."""
+preempted and later recomputed from its tokens. Both are the rules every batcher shares
+(:mod:`disagg.scheduling.admission`): admission in the policy's order, where a head that
+does not fit blocks, and ``make_room`` for the blocks of the next decode step."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass, field
 from disagg.engine.block_allocator import BlockAllocator
 from disagg.engine.sequence import Sequence, SequenceStatus, blocks_for_tokens
 from disagg.scheduling import SchedulingPolicy
+from disagg.scheduling.admission import Limits, make_room, take_in_order
 
 
 @dataclass(slots=True)
@@ -58,60 +61,47 @@ class Scheduler:
         return self._schedule_decode()
 
     def _schedule_prefill(self) -> ScheduledBatch:
-        admitted: list[Sequence] = []
-        tokens = 0
-        while len(self.running) + len(admitted) < self.max_num_seqs:
-            seq = self.policy.peek()
-            if seq is None:
-                break
-            if admitted and tokens + seq.num_tokens > self.max_num_batched_tokens:
-                break
-            needed = blocks_for_tokens(seq.num_tokens, self.block_size)
-            reserve = self.watermark_blocks if (self.running or admitted) else 0
-            # The head waits when it does not fit; no one overtakes it, so the policy's
-            # order is the admission order (a large prompt is never starved).
-            if not self.allocator.can_allocate(needed + reserve):
-                break
-            self.policy.pop()
-            seq.block_table = self.allocator.allocate(needed)
-            seq.status = SequenceStatus.RUNNING
-            # Service is the prompt, charged once: recomputing a preempted request's
-            # tokens is the system's cost, not the client's.
-            self.policy.on_admitted(seq, seq.num_prompt_tokens if seq.num_preemptions == 0 else 0)
-            admitted.append(seq)
-            tokens += seq.num_tokens
+        limits = Limits(
+            free=self.allocator.num_free,
+            max_seqs=self.max_num_seqs,
+            running=len(self.running),
+            token_budget=self.max_num_batched_tokens,
+            watermark=self.watermark_blocks,
+        )
+        admitted = take_in_order(
+            self.policy, limits, self._blocks_needed, _num_tokens, on_take=self._admit
+        )
         self.running.extend(admitted)
         return ScheduledBatch(is_prefill=True, seqs=admitted)
 
+    def _blocks_needed(self, seq: Sequence) -> int:
+        return blocks_for_tokens(seq.num_tokens, self.block_size)
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.block_table = self.allocator.allocate(self._blocks_needed(seq))
+        seq.status = SequenceStatus.RUNNING
+        # Service is the prompt, charged once: recomputing a preempted request's
+        # tokens is the system's cost, not the client's.
+        self.policy.on_admitted(seq, seq.num_prompt_tokens if seq.num_preemptions == 0 else 0)
+
     def _schedule_decode(self) -> ScheduledBatch:
-        scheduled: list[Sequence] = []
-        preempted: list[Sequence] = []
-        candidates = list(self.running)
-        while candidates:
-            seq = candidates.pop(0)
-            while not self._reserve_slot(seq):
-                # The victim is chosen among every running sequence, those already given
-                # their slot this step included: running order is admission order, which
-                # need not be the policy's order (re-admissions, out-of-order arrivals).
-                victim = self.policy.preemption_victim(scheduled + candidates + [seq])
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-                (scheduled if victim in scheduled else candidates).remove(victim)
-            else:
-                scheduled.append(seq)
+        scheduled, preempted = make_room(
+            self.running,
+            self._slot_needed,
+            lambda: self.allocator.num_free,
+            self.policy.preemption_victim,
+            self._preempt,
+            self._grant,
+        )
         self.running = list(scheduled)  # finishing a sequence edits running, not the batch
         return ScheduledBatch(is_prefill=False, seqs=scheduled, preempted=preempted)
 
-    def _reserve_slot(self, seq: Sequence) -> bool:
-        """Makes sure the block for the token at position ``num_tokens - 1`` exists."""
-        if len(seq.block_table) * self.block_size >= seq.num_tokens:
-            return True
-        if not self.allocator.can_allocate(1):
-            return False
-        seq.block_table.extend(self.allocator.allocate(1))
-        return True
+    def _slot_needed(self, seq: Sequence) -> int:
+        """Blocks missing for the token at position ``num_tokens - 1`` (0 or 1)."""
+        return 0 if len(seq.block_table) * self.block_size >= seq.num_tokens else 1
+
+    def _grant(self, seq: Sequence, blocks: int) -> None:
+        seq.block_table.extend(self.allocator.allocate(blocks))
 
     def _preempt(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_table)
@@ -131,3 +121,7 @@ class Scheduler:
         seq.block_table = []
         seq.status = SequenceStatus.FINISHED
         self.policy.on_finished(seq)
+
+
+def _num_tokens(seq: Sequence) -> int:
+    return seq.num_tokens

@@ -18,17 +18,27 @@ import logging
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from disagg.engine.sequence import Sequence
 from disagg.engine.worker import ModelWorker
 from disagg.node.link import CoordinatorLink
 from disagg.node.local_queue import CounterQueue
 from disagg.node.settings import NodeSettings, prepare_process, registration
 from disagg.node.transfers import TransferDone, TransferThreads
-from disagg.protocol.cluster import CoordinatorToNode, Counters, Goodbye, Role, Shutdown
+from disagg.protocol.cluster import (
+    CoordinatorToNode,
+    Counters,
+    DecodeTask,
+    Goodbye,
+    PrefillTask,
+    Role,
+    Shutdown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +96,28 @@ class NodeRuntime(ABC):
     def publish(self, counters: dict[str, float]) -> None:
         """A counter publication from the coordinator reorders the waiting tasks."""
         self.waiting.publish(counters)
+
+    def sequence(self, task: PrefillTask | DecodeTask, streamed: Iterable[int] = ()) -> Sequence:
+        """The engine's sequence for ``task``, after the tokens already ``streamed`` (a
+        resumed decode). A seeded request gets its own generator, advanced past the
+        draws the streamed tokens took, so its stream goes on as it would have."""
+        params = task.sampling.to_params()
+        seq = Sequence(
+            seq_id=task.rid,
+            prompt_token_ids=task.prompt_token_ids,
+            params=params,
+            arrival_time=task.arrival,
+            client_id=task.client_id,
+            output_token_ids=list(streamed),
+        )
+        if params.seed is not None:
+            device = self.worker.device
+            seq.generator = torch.Generator(device).manual_seed(params.seed)
+            if not params.greedy:
+                vocab = self.worker.model_config.vocab_size
+                for _ in seq.output_token_ids:
+                    torch.empty(vocab, device=device).exponential_(1, generator=seq.generator)
+        return seq
 
     @abstractmethod
     def room(self) -> dict[str, int]:

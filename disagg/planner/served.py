@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from disagg.errors import ConfigError
-from disagg.planner.profile import Fit, Sample, fit_decode, fit_lines, nnls_relative
+from disagg.planner.fit import Fit, Sample, fit_decode, fit_lines, nnls_relative
 from disagg.sim.latency import DecodePiece, LatencyProfile
 
 # Decode steps are binned by batch size and mean context (tokens per bin) and each bin's

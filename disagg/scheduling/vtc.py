@@ -167,12 +167,7 @@ class CounterOrdered(SchedulingPolicy):
         client = head.client_id
         heapq.heappop(self._queues[client])
         del self._live[head.seq_id]
-        left = self._count[client] - 1
-        if left:
-            self._count[client] = left
-        else:
-            del self._count[client]
-            del self._queues[client]
+        self._drop_one(client)
         if self.ends_pending:
             self.ledger.leave(head.seq_id, client)
         return head

@@ -16,7 +16,7 @@ from typing import Literal
 
 from disagg.errors import ConfigError
 from disagg.scheduling import LinearCost, SchedulingPolicy
-from disagg.scheduling.admission import watermark
+from disagg.scheduling.admission import Limits, take_in_order, watermark
 from disagg.sim.latency import LatencyModel
 from disagg.sim.request import SimRequest
 
@@ -108,7 +108,9 @@ class Instance:
                 "kv_capacity_tokens", "the model leaves no room for KV cache on this instance"
             )
         self.reserves_output = decodes and spec.admission == "reserve"
-        self.watermark = 0 if self.reserves_output else watermark(self.capacity)
+        # The watermark keeps room for running requests' growth; an instance that only
+        # prefills (disaggregated) holds KV that does not grow, as a prefill node does.
+        self.watermark = watermark(self.capacity) if decodes and not self.reserves_output else 0
         self.used = 0
         self.busy = False
 
@@ -119,10 +121,23 @@ class Instance:
     def footprint(self, r: SimRequest) -> int:
         return r.context + (r.remaining if self.reserves_output else 0)
 
-    def fits(self, r: SimRequest, extra: int, alone: bool) -> bool:
-        """Whether ``r`` can be admitted, bringing ``extra`` tokens of KV."""
-        need = extra + (r.remaining if self.reserves_output else 1)
-        return need + (0 if alone else self.watermark) <= self.free
+    def need(self, r: SimRequest, extra: int) -> int:
+        """The KV that admitting ``r`` takes, bringing ``extra`` tokens of it: those, and
+        the slot of its next token (or, reserving, every output token)."""
+        return extra + (r.remaining if self.reserves_output else 1)
+
+    def limits(self, running: int, token_budget: int | None) -> Limits:
+        return Limits(
+            free=self.free,
+            max_seqs=self.spec.max_batch_size,
+            running=running,
+            token_budget=token_budget,
+            watermark=self.watermark,
+        )
+
+
+def _prefill_tokens(r: SimRequest) -> int:
+    return r.prefill_tokens
 
 
 def admit_prefill_batch(
@@ -130,24 +145,12 @@ def admit_prefill_batch(
 ) -> list[SimRequest]:
     """Takes waiting requests in policy order while the head fits (token budget, KV
     memory, batch size); the head blocks the queue when it does not."""
-    spec = instance.spec
-    batch: list[SimRequest] = []
-    tokens = 0
-    while running + len(batch) < spec.max_batch_size:
-        head = policy.peek()
-        if head is None:
-            break
-        n = head.prefill_tokens
-        if batch and tokens + n > spec.max_batch_tokens:
-            break
-        if not instance.fits(head, n, alone=running + len(batch) == 0):
-            break
-        policy.pop()
-        # What ``fits`` checked is what is taken: the prompt (or recompute) and the slot
-        # of the token this prefill produces (or, reserving, every output token). Taking
-        # only ``n`` let a batch of many short prompts overrun the pool at prefill end.
-        instance.used += n + (head.remaining if instance.reserves_output else 1)
-        tokens += n
+
+    def take(head: SimRequest) -> None:
+        # What was checked is what is taken: the prompt (or recompute) and the slot of
+        # the token this prefill produces (or, reserving, every output token). Taking
+        # only the prompt let a batch of many short prompts overrun the pool at its end.
+        instance.used += instance.need(head, head.prefill_tokens)
         first_time = head.num_preemptions == 0 and head.prefill_start is None
         if head.prefill_start is None:
             head.prefill_start = now
@@ -155,8 +158,12 @@ def admit_prefill_batch(
         policy.on_admitted(head, head.prompt_len if first_time else 0)
         if first_time:
             log.input(now, head)
-        batch.append(head)
-    return batch
+
+    def need(r: SimRequest) -> int:
+        return instance.need(r, r.prefill_tokens)
+
+    limits = instance.limits(running, instance.spec.max_batch_tokens)
+    return take_in_order(policy, limits, need, _prefill_tokens, on_take=take)
 
 
 def prefill_duration(latency: LatencyModel, batch: list[SimRequest]) -> float:

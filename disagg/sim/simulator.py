@@ -21,6 +21,7 @@ from disagg.scheduling import (
     make_policy,
     make_pool_policies,
 )
+from disagg.scheduling.admission import take_in_order
 from disagg.sim.cluster import (
     ClusterSpec,
     Instance,
@@ -337,12 +338,8 @@ class Simulator:
     def _start_decode(self, node: _Node) -> None:
         assert self.pools is not None
         policy = self.pools.decode
-        while len(node.running) + len(node.incoming) < self.cluster.max_batch_size:
-            head = policy.peek()
-            alone = not node.running and not node.incoming
-            if head is None or not node.fits(head, head.context, alone):
-                break
-            policy.pop()
+
+        def pull(head: SimRequest) -> None:
             self.log.pending(self.now, head.client_id, -1)
             node.used += node.footprint(head)
             node.incoming.append(head)
@@ -354,6 +351,9 @@ class Simulator:
             )
             head.transfer_end = self.now + t
             self._at(head.transfer_end, lambda r=head, dst=node: self._end_transfer(r, dst))
+
+        limits = node.limits(len(node.running) + len(node.incoming), token_budget=None)
+        take_in_order(policy, limits, lambda r: node.need(r, r.context), on_take=pull)
         if not node.running:
             node.busy = False
             return
@@ -421,13 +421,12 @@ class Simulator:
     def _another_head_fits(self, node: _Node, policy) -> bool:
         """Under counter order the head changes as running requests are charged, so a
         waiting client's head that fits now may be picked at the next step."""
-        if (
-            not isinstance(policy, CounterOrdered)
-            or len(node.running) >= self.cluster.max_batch_size
-        ):
+        if not isinstance(policy, CounterOrdered):
             return False
+        holding = len(node.running) + len(node.incoming) + len(node.prefilling)
+        limits = node.limits(holding, token_budget=None)
         held = (lambda r: r.prefill_tokens) if self.pools is None else (lambda r: r.context)
-        return any(node.fits(h, held(h), alone=False) for h in policy.heads())
+        return any(limits.admits(node.need(h, held(h))) for h in policy.heads())
 
     def _end_decode(self, node: _Node, batch: list[SimRequest], k: int, policy) -> None:
         # The hot loop of a simulation: what _produce does, for a whole batch at once.

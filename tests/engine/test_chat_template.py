@@ -64,7 +64,9 @@ def test_renders_as_transformers(hf_tokenizer_dir, messages, add_generation_prom
 def test_content_parts_join_as_text(hf_tokenizer_dir):
     path, _ = hf_tokenizer_dir
     ours = ChatTemplate.from_model_dir(path)
-    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    ]
     assert ours.render(parts) == ours.render([{"role": "user", "content": "ab"}])
 
 

@@ -7,7 +7,13 @@ import torch
 
 import disagg_kernels
 from disagg_kernels._triton import HAS_TRITON
-from disagg_kernels.backend import ENV_VAR, get_kernel_backend, kernel_backend, resolve, set_kernel_backend
+from disagg_kernels.backend import (
+    ENV_VAR,
+    get_kernel_backend,
+    kernel_backend,
+    resolve,
+    set_kernel_backend,
+)
 
 CPU = torch.zeros(1)
 

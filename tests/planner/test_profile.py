@@ -11,15 +11,8 @@ import pytest
 
 from disagg.cli import main
 from disagg.errors import ConfigError
-from disagg.planner.profile import (
-    ProfileGrid,
-    Sample,
-    decode_contexts,
-    fit_decode,
-    fit_prefill,
-    nnls_relative,
-    profile_engine,
-)
+from disagg.planner.fit import Sample, decode_contexts, fit_decode, fit_prefill, nnls_relative
+from disagg.planner.timing import ProfileGrid, profile_engine
 from disagg.sim.latency import load_profile, save_profile
 
 
@@ -176,3 +169,37 @@ def test_cpu_plan_writes_a_cpu_deployment(tmp_path, capsys):
     assert dep.device == "cpu" and dep.model == "tiny"
     assert all(n.devices == [] for n in dep.nodes)
     assert (dep.prefill.instances, dep.decode.instances) == (1, 1)
+
+
+def test_the_planner_modules_import_one_another_without_a_cycle():
+    """Fitting, timing the engine and the command line are separate modules; counting
+    imports inside functions too, no planner module reaches itself."""
+    import ast
+    from pathlib import Path
+
+    import disagg.planner
+
+    root = Path(disagg.planner.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            deps |= {n.split(".")[2] for n in names if n.startswith("disagg.planner.")}
+        graph[path.stem] = deps - {path.stem}
+    assert graph["fit"] <= set(), graph["fit"]  # fitting needs nothing else of the planner
+    assert "profile" not in graph["timing"] | graph["served"]
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        for dep in graph.get(start, ()):
+            if dep == target or (dep not in seen and reaches(dep, target, seen | {dep})):
+                return True
+        return False
+
+    cycles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert not cycles, cycles
