@@ -72,6 +72,10 @@ def create_app(settings: GatewaySettings, model: ServedModel | None = None) -> F
     async def models(request: Request) -> Response:
         return gateway(request).models()
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(request: Request, model_id: str) -> Response:
+        return gateway(request).model_card(model_id)
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await gateway(request).completions(request)
@@ -117,7 +121,14 @@ class _Measure:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        path = scope["path"]
+        route = (
+            path
+            if path in ROUTES
+            else "/v1/models/*"
+            if path.startswith("/v1/models/")
+            else "other"
+        )
         status = 499  # nothing was sent: the caller went away first
         start = time.perf_counter()
 

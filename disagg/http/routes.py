@@ -32,7 +32,7 @@ UNKNOWN_CONTEXT = 2**31 - 1
 MAX_BODY_BYTES = 1 << 20
 HEALTH_TIMEOUT_S = 2.0
 
-Body = TypeVar("Body", bound=BaseModel)
+Body = TypeVar("Body", bound=s.SampledRequest)
 T = TypeVar("T")
 
 
@@ -51,10 +51,24 @@ class Gateway:
     # -- endpoints -------------------------------------------------------------------
 
     def models(self) -> Response:
-        card = s.ModelCard(
-            id=self.model.name, created=self.model.created, max_model_len=self.model.max_context
-        )
-        return _json(s.ModelList(data=[card]))
+        return _json(s.ModelList(data=[self._card()]))
+
+    def model_card(self, model_id: str) -> Response:
+        self._check_model(model_id)
+        return _json(self._card())
+
+    def _card(self) -> s.ModelCard:
+        m = self.model
+        return s.ModelCard(id=m.name, created=m.created, max_model_len=m.max_context)
+
+    def _check_model(self, name: str) -> None:
+        if name != self.model.name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.model.name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     async def completions(self, request: Request) -> Response:
         req = await self._body(request, s.CompletionRequest)
@@ -103,15 +117,9 @@ class Gateway:
             body = model.model_validate_json(raw)
         except ValidationError as exc:
             raise from_validation(exc) from None
-        if body.model is not None and body.model != self.model.name:  # type: ignore[attr-defined]
-            raise APIError(
-                404,
-                f"the model {body.model!r} does not exist; this server serves "  # type: ignore[attr-defined]
-                f"{self.model.name!r}",
-                param="model",
-                code="model_not_found",
-            )
-        bad = body.unsupported()  # type: ignore[attr-defined]
+        if body.model is not None:
+            self._check_model(body.model)
+        bad = body.unsupported()
         if bad is not None:
             raise APIError(400, f"{bad[0]}: {bad[1]}", param=bad[0], code="unsupported")
         return body

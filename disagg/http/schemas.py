@@ -54,7 +54,7 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
-class _Sampled(_Body):
+class SampledRequest(_Body):
     """What both endpoints share."""
 
     model: str | None = None
@@ -116,7 +116,7 @@ class _Sampled(_Body):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionRequest(_Sampled):
+class CompletionRequest(SampledRequest):
     """``POST /v1/completions``. ``prompt``: a string, or token ids, or a list of one of
     either (vLLM's forms); one prompt per request."""
 
@@ -146,7 +146,7 @@ class CompletionRequest(_Sampled):
         return None
 
 
-class ChatCompletionRequest(_Sampled):
+class ChatCompletionRequest(SampledRequest):
     """``POST /v1/chat/completions``. ``messages`` stay plain dicts: the chat template
     checks them (roles, content parts) and names the one at fault."""
 

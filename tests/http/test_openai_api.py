@@ -34,6 +34,9 @@ def offline_greedy(offline, prompts, max_tokens):
 def test_models_lists_the_served_model(client, name):
     models = client.models.list()
     assert [m.id for m in models.data] == [name]
+    assert client.models.retrieve(name).id == name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
 
 
 def test_greedy_completions_equal_the_offline_engine(client, name, offline):
