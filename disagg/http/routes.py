@@ -110,9 +110,7 @@ class Gateway:
     # -- one request -----------------------------------------------------------------
 
     async def _body(self, request: Request, model: type[Body]) -> Body:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError(413, f"the body is {len(raw)} bytes, over {MAX_BODY_BYTES}")
+        raw = await _read_body(request)
         try:
             body = model.model_validate_json(raw)
         except ValidationError as exc:
@@ -208,6 +206,21 @@ class Gateway:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 past ``MAX_BODY_BYTES`` before more is read."""
+    too_big = APIError(413, f"the body is over {MAX_BODY_BYTES} bytes")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_big
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        parts.append(part)
+    return b"".join(parts)
 
 
 async def _first(stream: AsyncStream) -> StreamChunk | None:

@@ -116,6 +116,16 @@ def test_an_oversized_body_is_a_413(http):
     assert r.status_code == 413
     error_of(r)
 
+    def chunked():  # no Content-Length: refused as it streams in
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"x" * (64 << 10)
+        yield b'"}'
+
+    r = http.post("/v1/completions", content=chunked())
+    assert r.status_code == 413
+    error_of(r)
+
 
 def test_fuzzed_bodies_are_never_a_500_and_the_server_goes_on(http, name):
     rng = random.Random(0)
