@@ -356,7 +356,9 @@ class ServedCluster:
                 host=o.host,
                 port=o.http_port or 0,
                 log_file=log_file,
-                extra_args=["--served-model-name", o.model],
+                # The keypair file holds the public key a client needs, as for nodes.
+                extra_args=["--served-model-name", o.model]
+                + (["--server-key", o.curve_secret_key] if o.curve_secret_key else []),
             ).wait_ready()
         except BaseException:
             self.stop(drain_timeout=0)

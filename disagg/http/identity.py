@@ -32,6 +32,7 @@ CLIENT_ID_HEADER = "x-client-id"
 class Caller:
     api_key: str | None
     client_id: str
+    named_by: str  # where client_id came from ("user", "X-Client-Id"), for error messages
 
 
 def caller_of(request: Request, user: str | None) -> Caller:
@@ -48,8 +49,12 @@ def caller_of(request: Request, user: str | None) -> Caller:
         if len(token) > MAX_API_KEY_CHARS:
             raise APIError(401, "unknown API key", code="invalid_api_key")
         api_key = token
-    client_id = user or request.headers.get(CLIENT_ID_HEADER) or ANONYMOUS
-    return Caller(api_key, client_id)
+    if user:
+        return Caller(api_key, user, "user")
+    header = request.headers.get(CLIENT_ID_HEADER)
+    if header:
+        return Caller(api_key, header, "X-Client-Id")
+    return Caller(api_key, ANONYMOUS, "user")
 
 
 class ClientPool:

@@ -77,7 +77,7 @@ class Gateway:
             raise APIError(
                 400, "prompt: one prompt per request (a list of one is accepted)", param="prompt"
             )
-        return await self._serve(request, req, prompt, chat=False, rename={"client_id": "user"})
+        return await self._serve(request, req, prompt, chat=False, rename={})
 
     async def chat_completions(self, request: Request) -> Response:
         req = await self._body(request, s.ChatCompletionRequest)
@@ -94,7 +94,7 @@ class Gateway:
             prompt = model.chat_prompt(req.messages)
         except InvalidRequestError as exc:
             raise from_disagg(exc) from None
-        rename = {"client_id": "user", "prompt": "messages", "max_tokens": req.max_tokens_field}
+        rename = {"prompt": "messages", "max_tokens": req.max_tokens_field}
         return await self._serve(request, req, prompt, chat=True, rename=rename)
 
     async def health(self) -> Response:
@@ -132,6 +132,7 @@ class Gateway:
         rename: dict[str, str],
     ) -> Response:
         caller = caller_of(request, req.user)
+        rename = {**rename, "client_id": caller.named_by}
         client = self.pool.get(caller.api_key)
         default = COMPLETIONS_DEFAULT_MAX_TOKENS
         if chat:  # the rest of the context by default, as OpenAI and vLLM do

@@ -84,6 +84,11 @@ def test_bad_chat_fields_are_400s(http, body, param):
     assert error_of(r)["param"] == param
 
 
+def test_an_overlong_client_id_header_is_named(http):
+    r = http.post("/v1/completions", json={"prompt": "x"}, headers={"X-Client-Id": "h" * 300})
+    assert r.status_code == 400 and error_of(r)["param"] == "X-Client-Id"
+
+
 def test_the_stream_flag_does_not_change_the_status_of_a_refusal(http):
     r = http.post("/v1/completions", json={"prompt": [10**9], "stream": True})
     assert r.status_code == 400 and error_of(r)["param"] == "prompt"

@@ -108,3 +108,17 @@ def test_no_live_node_is_a_503(keyed):
         c.with_options(timeout=60).completions.create(model="tiny", prompt="hi", max_tokens=2)
     assert e.value.status_code == 503
     assert e.value.body["code"] == "unavailable"
+
+
+@pytest.mark.slow
+def test_the_gateway_speaks_to_a_curve_encrypted_coordinator(tmp_path):
+    from disagg.coordinator.auth import generate_curve_keypair
+
+    keys = generate_curve_keypair(tmp_path / "curve")
+    cluster = served_with_gateway(tmp_path, "tiny", curve_secret_key=str(keys.secret_key_file))
+    try:
+        with openai_client(cluster, "none") as c:
+            out = c.completions.create(model="tiny", prompt="hi", max_tokens=3)
+        assert out.usage.completion_tokens == 3
+    finally:
+        cluster.stop(drain_timeout=2)
