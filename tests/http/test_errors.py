@@ -157,13 +157,21 @@ def free_kv(cluster) -> dict[str, int]:
     return {n.node_id: n.free_tokens for n in cluster.coordinator.live_nodes()}
 
 
-def nothing_held(cluster, idle: dict[str, int]) -> bool:
+def idle_kv(cluster, timeout: float = 20.0) -> dict[str, int]:
+    """The free KV of an idle system: no request known, nothing queued, running or
+    held, and the same free tokens in two reports (nodes report at least every 0.5 s,
+    so one snapshot may still predate the last release)."""
     c = cluster.coordinator
-    return (
-        not c.requests
-        and all(not (n.held or n.running or n.queued) for n in c.live_nodes())
-        and free_kv(cluster) == idle
-    )
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        busy = c.requests or any(n.held or n.running or n.queued for n in c.live_nodes())
+        now = None if busy else free_kv(cluster)
+        if now is not None and now == last:
+            return now
+        last = now
+        time.sleep(0.6)
+    raise AssertionError("the served system did not become idle")
 
 
 def outcomes(cluster, client_id: str) -> dict[str, float]:
@@ -187,8 +195,7 @@ def wait_until(cond, what: str, timeout: float = 20.0) -> None:
 
 
 def test_a_client_that_disconnects_mid_stream_frees_the_kv_on_both_nodes(served, http):
-    wait_until(lambda: not served.coordinator.requests, "the system is idle")
-    idle = free_kv(served)
+    idle = idle_kv(served)
     body = {"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     body["user"] = "leaves-a-stream"
     with http.stream("POST", "/v1/completions", json=body) as r:
@@ -198,13 +205,12 @@ def test_a_client_that_disconnects_mid_stream_frees_the_kv_on_both_nodes(served,
         assert all(e.startswith("data: {") for e in events[::2])
         wait_until(lambda: free_kv(served) != idle, "the request holds KV blocks")
     # Leaving the block closed the connection: the gateway aborted the request.
-    wait_until(lambda: nothing_held(served, idle), "both nodes hold nothing")
+    assert idle_kv(served) == idle
     assert outcomes(served, "leaves-a-stream") == {"arrived": 1.0}  # aborted
 
 
 def test_a_client_that_gives_up_on_a_non_streamed_request_frees_it(served):
-    wait_until(lambda: not served.coordinator.requests, "the system is idle")
-    idle = free_kv(served)
+    idle = idle_kv(served)
     body = {"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True}
     body["user"] = "gives-up"
     with (
@@ -212,7 +218,7 @@ def test_a_client_that_gives_up_on_a_non_streamed_request_frees_it(served):
         pytest.raises(httpx.ReadTimeout),
     ):
         c.post("/v1/completions", json=body)
-    wait_until(lambda: nothing_held(served, idle), "both nodes hold nothing")
+    assert idle_kv(served) == idle
     assert outcomes(served, "gives-up") == {"arrived": 1.0}  # aborted
 
 
