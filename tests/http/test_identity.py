@@ -122,3 +122,36 @@ def test_the_gateway_speaks_to_a_curve_encrypted_coordinator(tmp_path):
         assert out.usage.completion_tokens == 3
     finally:
         cluster.stop(drain_timeout=2)
+
+
+def test_a_second_gateway_started_alone_serves_the_same_coordinator(served, model_dir):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "disagg.cli", "http", "--coordinator", served.client_address,
+           "--model", str(model_dir), "--port", str(port)]  # fmt: skip
+    second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert second.poll() is None and time.monotonic() < deadline, "it did not start"
+            time.sleep(0.1)
+        before = served_as(served).get("two-doors", 0.0)
+        body = {"prompt": "hi", "max_tokens": 2, "user": "two-doors"}
+        for gateway in (served.gateway.url, url):
+            assert httpx.post(gateway + "/v1/completions", json=body).status_code == 200
+        assert served_as(served)["two-doors"] - before == 2  # one client, whichever door
+    finally:
+        second.terminate()
+        second.wait(timeout=10)
