@@ -1,0 +1,106 @@
+"""Moving a hand-off plan's pieces: cut from a prefill rank's paged pool, written into a
+decode rank's paged pool at that rank's own layer and KV-head offsets.
+
+A pool is ``KVCache.data``, (layers, 2, blocks, block_size, H_kv, D) for the rank's
+layers and KV heads (``KVCacheSpec.layers`` / ``kv_heads``, global indices). A piece on
+the wire is one contiguous tensor (layers, 2, n, block_size, heads, D): its layer run,
+K then V, the request's n blocks in block-table order, its KV heads — whatever the
+block ids on either side, and whichever heads and layers either pool holds besides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from disagg.engine.kv_cache import KVCache
+from disagg.engine.parallel.handoff import HandoffPlan, Piece
+from kv_transfer.errors import InvalidTransferArgument
+
+
+def piece_shape(piece: Piece, num_blocks: int, cache: KVCache) -> tuple[int, ...]:
+    s = cache.spec
+    return (len(piece.layers), 2, num_blocks, s.block_size, len(piece.kv_heads), s.head_dim)
+
+
+def gather_piece(
+    cache: KVCache, piece: Piece, block_ids: Sequence[int], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The piece's KV cut from a prefill rank's pool, as one contiguous tensor (into
+    ``out``, a staging buffer of :func:`piece_shape`, when given)."""
+    view = _piece_view(cache, piece)  # (layers, 2, pool_blocks, bs, heads, D), strided
+    ids = _block_ids(cache, block_ids)
+    if out is None:
+        return view.index_select(2, ids)  # (layers, 2, n, bs, heads, D)
+    _check_shape(out, piece_shape(piece, len(ids), cache), cache)
+    return torch.index_select(view, 2, ids, out=out)
+
+
+def scatter_piece(
+    cache: KVCache, piece: Piece, block_ids: Sequence[int], data: torch.Tensor
+) -> None:
+    """Writes a received piece into a decode rank's pool: its blocks ``block_ids`` (the
+    request's block table there), at this pool's offsets of the piece's layers and heads."""
+    view = _piece_view(cache, piece)
+    ids = _block_ids(cache, block_ids)
+    _check_shape(data, piece_shape(piece, len(ids), cache), cache)
+    view.index_copy_(2, ids, data)  # writes through the view into cache.data
+
+
+def copy_plan(
+    plan: HandoffPlan,
+    src: Mapping[int, KVCache],
+    src_blocks: Sequence[int],
+    dst: Mapping[int, KVCache],
+    dst_blocks: Sequence[int],
+) -> None:
+    """Runs every piece of ``plan`` in this process: from the prefill ranks' pools
+    ``src`` (by rank; every rank of a group shares the request's block ids) to the decode
+    ranks' ``dst``. What a pair channel does, without the wire."""
+    for piece in plan.pieces:
+        scatter_piece(
+            dst[piece.dst_rank],
+            piece,
+            dst_blocks,
+            gather_piece(src[piece.src_rank], piece, src_blocks),
+        )
+
+
+def _piece_view(cache: KVCache, piece: Piece) -> torch.Tensor:
+    spec = cache.spec
+    layers = _local(piece.layers, spec.layers, "layers")
+    heads = _local(piece.kv_heads, spec.kv_heads, "kv_heads")
+    return cache.data[layers, :, :, :, heads]
+
+
+def _local(wanted: range, held: range, field: str) -> slice:
+    """``wanted`` (global indices) as a slice of a pool holding ``held``."""
+    if not wanted or wanted.start < held.start or wanted.stop > held.stop:
+        raise InvalidTransferArgument(
+            field, f"the piece's {wanted} is not inside the pool's {held}"
+        )
+    return slice(wanted.start - held.start, wanted.stop - held.start)
+
+
+def _block_ids(cache: KVCache, block_ids: Sequence[int]) -> torch.Tensor:
+    ids = [int(i) for i in block_ids]
+    if not ids:
+        raise InvalidTransferArgument("block_ids", "no blocks")
+    bad = [i for i in ids if not 0 <= i < cache.num_blocks]
+    if bad:
+        raise InvalidTransferArgument(
+            "block_ids", f"{bad[:5]} are not block ids of a {cache.num_blocks}-block pool"
+        )
+    if len(set(ids)) != len(ids):
+        raise InvalidTransferArgument("block_ids", "a block id appears twice")
+    return torch.tensor(ids, dtype=torch.int64, device=cache.data.device)
+
+
+def _check_shape(t: torch.Tensor, shape: tuple[int, ...], cache: KVCache) -> None:
+    if tuple(t.shape) != shape or t.dtype != cache.data.dtype or not t.is_contiguous():
+        raise InvalidTransferArgument(
+            "data",
+            f"expected a contiguous {shape} {cache.data.dtype} tensor, got "
+            f"{tuple(t.shape)} {t.dtype}",
+        )
