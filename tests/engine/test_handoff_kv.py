@@ -1,0 +1,181 @@
+"""Moving a hand-off plan's pieces between rank pools, in process (no sockets).
+
+The KV comes from a real single-device prefill of transformers-written checkpoints, and
+that pool is first checked against transformers' own KV cache for the same prompts. It
+is then split as each prefill layout's ranks hold it (``ParallelLayout.shard``), handed
+by plan + gather + scatter into each decode layout's rank pools (other block ids), and
+every decode rank's pool must equal the slice of the single-device pool it should hold,
+with every block outside the request's untouched.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from disagg import SamplingParams
+from disagg.engine.config import EngineConfig
+from disagg.engine.engine import LLMEngine
+from disagg.engine.kv_cache import KVCache, KVCacheSpec
+from disagg.engine.parallel.handoff import KVNodeLayout, Piece, plan_handoff
+from disagg.engine.parallel.handoff_kv import copy_plan, gather_piece, piece_shape, scatter_piece
+from disagg.engine.parallel.layout import ParallelLayout
+from kv_transfer.errors import InvalidTransferArgument
+from tests.engine.hf_models import make_hf_checkpoint
+from tests.engine.parallel_models import make_qwen2_mqa
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 24
+PROMPT_LENS = (5, 17)  # a part-filled block, and several blocks
+
+# (model, (tp_p, pp_p), (tp_d, pp_d)). llama: 2 layers, 2 KV heads; qwen2-mqa: 3 layers
+# (pp = 2 splits them 2 + 1), one KV head (replicated at tp = 2).
+CASES = [
+    ("llama", (2, 1), (1, 2)),
+    ("llama", (1, 1), (2, 1)),
+    ("llama", (1, 2), (2, 1)),
+    ("llama", (2, 2), (1, 1)),
+    ("qwen2-mqa", (2, 1), (1, 1)),
+    ("qwen2-mqa", (1, 1), (2, 1)),
+    ("qwen2-mqa", (2, 1), (1, 2)),
+    ("qwen2-mqa", (2, 2), (2, 1)),
+]
+
+
+@pytest.fixture(scope="module")
+def prefilled(tmp_path_factory):
+    """Per model: the single-device pool after one prefill batch, the requests' block
+    tables and prompts."""
+    root = tmp_path_factory.mktemp("handoff")
+    paths = {
+        "llama": make_hf_checkpoint("llama", root / "llama"),
+        "qwen2-mqa": make_qwen2_mqa(root / "qwen2-mqa"),
+    }
+    out = {}
+    gen = torch.Generator().manual_seed(7)
+    for name, path in paths.items():
+        engine = LLMEngine(
+            EngineConfig(
+                model=str(path), dtype="float32", block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS
+            )
+        )
+        prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+        seqs = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=4)) for p in prompts]
+        engine.step()  # one prefill batch: both prompts' KV now in the pool
+        assert all(
+            len(s.block_table) == -(-n // BLOCK_SIZE)
+            for s, n in zip(seqs, PROMPT_LENS, strict=True)
+        )
+        out[name] = (path, engine, [list(s.block_table) for s in seqs], prompts)
+    return out
+
+
+def test_the_single_device_pool_holds_transformers_kv(prefilled):
+    """The reference every hand-off is checked against is itself checked against
+    transformers' KV cache (K after RoPE, V), layer by layer."""
+    import transformers as tf
+
+    for path, engine, tables, prompts in prefilled.values():
+        hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        for table, prompt in zip(tables, prompts, strict=True):
+            with torch.no_grad():
+                cache = hf(torch.tensor([prompt]), use_cache=True).past_key_values
+            n = len(prompt)
+            for layer, (k_pool, v_pool) in enumerate(engine.kv_cache.layers):
+                k_ref, v_ref = cache.layers[layer].keys[0], cache.layers[layer].values[0]
+                # pool blocks (n_blocks, bs, H_kv, D) -> tokens (T, H_kv, D) -> (H_kv, T, D)
+                k = k_pool[table].reshape(-1, *k_pool.shape[2:])[:n].transpose(0, 1)
+                v = v_pool[table].reshape(-1, *v_pool.shape[2:])[:n].transpose(0, 1)
+                torch.testing.assert_close(k, k_ref, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(v, v_ref, rtol=1e-4, atol=1e-5)
+
+
+def rank_pools(engine: LLMEngine, layout: ParallelLayout, full: torch.Tensor | None):
+    """Each rank's pool of ``layout``: a copy of its slice of ``full`` (prefill), or zeros."""
+    cfg = engine.model_config
+    pools = {}
+    for r in range(layout.world_size):
+        s = layout.shard(r, cfg)
+        spec = KVCacheSpec(
+            len(s.layers),
+            len(s.kv_heads),
+            cfg.head_dim,
+            BLOCK_SIZE,
+            torch.float32,
+            first_layer=s.layers.start,
+            first_kv_head=s.kv_heads.start,
+        )
+        pool = KVCache(spec, NUM_BLOCKS, torch.device("cpu"))
+        if full is not None:
+            pool.data.copy_(_slice(full, s.layers, s.kv_heads))
+        pools[r] = pool
+    return pools
+
+
+def _slice(data: torch.Tensor, layers: range, heads: range) -> torch.Tensor:
+    # (L, 2, blocks, bs, H_kv, D) -> this range of layers and heads
+    return data[layers.start : layers.stop, :, :, :, heads.start : heads.stop]
+
+
+@pytest.mark.parametrize(
+    ("model", "src", "dst"),
+    CASES,
+    ids=[f"{m}-tp{s[0]}pp{s[1]}-to-tp{d[0]}pp{d[1]}" for m, s, d in CASES],
+)
+def test_each_decode_rank_receives_exactly_its_slice_of_the_prefill(prefilled, model, src, dst):
+    _, engine, tables, _ = prefilled[model]
+    cfg, full = engine.model_config, engine.kv_cache.data
+    src_layout, dst_layout = ParallelLayout(*src), ParallelLayout(*dst)
+    src_layout.validate_for(cfg)
+    dst_layout.validate_for(cfg)
+    plan = plan_handoff(
+        KVNodeLayout.of(model, cfg, BLOCK_SIZE, torch.float32, src_layout),
+        KVNodeLayout.of(model, cfg, BLOCK_SIZE, torch.float32, dst_layout),
+    )
+    src_pools = rank_pools(engine, src_layout, full)
+    dst_pools = rank_pools(engine, dst_layout, None)
+    # The decode node's block tables: other ids, in another order.
+    dst_tables = [[NUM_BLOCKS - 1 - 2 * i - j for i in range(len(t))] for j, t in enumerate(tables)]
+    for src_blocks, dst_blocks in zip(tables, dst_tables, strict=True):
+        copy_plan(plan, src_pools, src_blocks, dst_pools, dst_blocks)
+
+    used = sorted(b for t in dst_tables for b in t)
+    untouched = [b for b in range(NUM_BLOCKS) if b not in used]
+    for r, pool in dst_pools.items():
+        s = dst_layout.shard(r, cfg)
+        expected = _slice(full, s.layers, s.kv_heads)
+        for src_blocks, dst_blocks in zip(tables, dst_tables, strict=True):
+            assert torch.equal(pool.data[:, :, dst_blocks], expected[:, :, src_blocks])
+        assert not pool.data[:, :, untouched].any()
+
+
+def test_a_piece_goes_through_a_staging_buffer_and_bad_arguments_are_refused(prefilled):
+    _, engine, tables, _ = prefilled["llama"]
+    cfg, full = engine.model_config, engine.kv_cache.data
+    (src,) = rank_pools(engine, ParallelLayout(), full).values()
+    dst = rank_pools(engine, ParallelLayout(tp=2), None)[1]  # KV head 1 only
+    piece = Piece(0, 1, range(0, 2), range(1, 2))
+    blocks = tables[1]
+    staged = torch.empty(piece_shape(piece, len(blocks), src))
+    got = gather_piece(src, piece, blocks, out=staged)
+    assert got.data_ptr() == staged.data_ptr()
+    assert torch.equal(staged, _slice(full, range(0, 2), range(1, 2))[:, :, blocks])
+    scatter_piece(dst, piece, [0, 1, 2, 3, 4], staged)
+    assert torch.equal(dst.data[:, :, :5], staged)
+
+    with pytest.raises(InvalidTransferArgument) as err:  # head 0 is not in this pool
+        scatter_piece(dst, Piece(0, 1, range(0, 2), range(0, 1)), [0, 1, 2, 3, 4], staged)
+    assert err.value.field == "kv_heads"
+    with pytest.raises(InvalidTransferArgument) as err:
+        gather_piece(src, Piece(0, 0, range(1, 3), range(0, 1)), blocks)
+    assert err.value.field == "layers"
+    with pytest.raises(InvalidTransferArgument) as err:
+        scatter_piece(dst, piece, [0, 0, 1, 2, 3], staged)
+    assert err.value.field == "block_ids"
+    with pytest.raises(InvalidTransferArgument) as err:
+        scatter_piece(dst, piece, [0, 1, 2, 3, NUM_BLOCKS], staged)
+    assert err.value.field == "block_ids"
+    with pytest.raises(InvalidTransferArgument) as err:  # four blocks named, five sent
+        scatter_piece(dst, piece, [0, 1, 2, 3], staged)
+    assert err.value.field == "data"
+    assert cfg.num_kv_heads == 2
