@@ -18,9 +18,18 @@ from disagg.engine.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.kv_cache import KVCache, KVCacheSpec
 from disagg.engine.parallel.handoff import KVNodeLayout, Piece, plan_handoff
-from disagg.engine.parallel.handoff_kv import copy_plan, gather_piece, piece_shape, scatter_piece
+from disagg.engine.parallel.handoff_kv import (
+    copy_plan,
+    gather_piece,
+    piece_shape,
+    recv_piece,
+    scatter_piece,
+    send_piece,
+)
 from disagg.engine.parallel.layout import ParallelLayout
+from kv_transfer import LocalHub, TransferChecksumError, make_backend
 from kv_transfer.errors import InvalidTransferArgument
+from kv_transfer.layout import ByteBuffer
 from tests.engine.hf_models import make_hf_checkpoint
 from tests.engine.parallel_models import make_qwen2_mqa
 
@@ -151,7 +160,8 @@ def test_each_decode_rank_receives_exactly_its_slice_of_the_prefill(prefilled, m
 
 def test_a_piece_goes_through_a_staging_buffer_and_bad_arguments_are_refused(prefilled):
     _, engine, tables, _ = prefilled["llama"]
-    cfg, full = engine.model_config, engine.kv_cache.data
+    full = engine.kv_cache.data
+    assert engine.model_config.num_kv_heads == 2  # tp = 2 splits them, one per rank
     (src,) = rank_pools(engine, ParallelLayout(), full).values()
     dst = rank_pools(engine, ParallelLayout(tp=2), None)[1]  # KV head 1 only
     piece = Piece(0, 1, range(0, 2), range(1, 2))
@@ -178,4 +188,75 @@ def test_a_piece_goes_through_a_staging_buffer_and_bad_arguments_are_refused(pre
     with pytest.raises(InvalidTransferArgument) as err:  # four blocks named, five sent
         scatter_piece(dst, piece, [0, 1, 2, 3], staged)
     assert err.value.field == "data"
-    assert cfg.num_kv_heads == 2
+
+
+@pytest.mark.parametrize(("src", "dst"), [((1, 1), (2, 1)), ((2, 1), (1, 2)), ((2, 2), (1, 1))])
+def test_pieces_cross_a_transfer_channel_into_each_decode_ranks_pool(prefilled, src, dst):
+    """send_piece / recv_piece over the in-process backend (the same interface as the
+    pair channels): staged where a piece holds only some of a pool's heads, straight
+    from and into the pool where it holds all of them."""
+    _, engine, tables, prompts = prefilled["llama"]
+    cfg, full = engine.model_config, engine.kv_cache.data
+    src_layout, dst_layout = ParallelLayout(*src), ParallelLayout(*dst)
+    plan = plan_handoff(
+        KVNodeLayout.of("llama", cfg, BLOCK_SIZE, torch.float32, src_layout),
+        KVNodeLayout.of("llama", cfg, BLOCK_SIZE, torch.float32, dst_layout),
+    )
+    src_pools = rank_pools(engine, src_layout, full)
+    dst_pools = rank_pools(engine, dst_layout, None)
+    hub = LocalHub()
+    first_dst = src_layout.world_size  # hub endpoints: prefill ranks, then decode ranks
+    ends = {r: make_backend("local", hub=hub, rank=r, checksums=True) for r in range(8)}
+    staging = ByteBuffer(torch.device("cpu"))
+    table, prompt = tables[1], prompts[1]
+    dst_blocks = list(range(len(table)))
+    for p in plan.pieces:
+        send_piece(
+            ends[p.src_rank],
+            "r1",
+            src_pools[p.src_rank],
+            p,
+            table,
+            first_dst + p.dst_rank,
+            num_tokens=len(prompt),
+            timeout=5.0,
+            staging=staging,
+        )
+        recv_piece(
+            ends[first_dst + p.dst_rank],
+            "r1",
+            dst_pools[p.dst_rank],
+            p,
+            dst_blocks,
+            p.src_rank,
+            num_tokens=len(prompt),
+            timeout=5.0,
+            staging=staging,
+        )
+    for r, pool in dst_pools.items():
+        s = dst_layout.shard(r, cfg)
+        assert torch.equal(
+            pool.data[:, :, dst_blocks], _slice(full, s.layers, s.kv_heads)[:, :, table]
+        )
+
+
+def test_a_corrupted_piece_is_refused_and_leaves_the_decode_pool_untouched(prefilled):
+    _, engine, tables, prompts = prefilled["llama"]
+    full = engine.kv_cache.data
+    assert engine.model_config.num_kv_heads == 2  # tp = 2 splits them, one per rank
+    (src,) = rank_pools(engine, ParallelLayout(), full).values()
+    dst = rank_pools(engine, ParallelLayout(tp=2), None)[1]
+    piece = Piece(0, 1, range(0, 2), range(1, 2))  # staged on both sides
+
+    def corrupt(layer: int, staged: torch.Tensor) -> None:
+        if layer == 1:
+            staged.view(-1)[3] += 1.0
+
+    hub = LocalHub()
+    sender = make_backend("local", hub=hub, rank=0, checksums=True, on_layer_staged=corrupt)
+    receiver = make_backend("local", hub=hub, rank=1, checksums=True)
+    table, n = tables[1], len(prompts[1])
+    send_piece(sender, 9, src, piece, table, 1, num_tokens=n, timeout=5.0)
+    with pytest.raises(TransferChecksumError):
+        recv_piece(receiver, 9, dst, piece, list(range(len(table))), 0, num_tokens=n, timeout=5.0)
+    assert not dst.data.any()

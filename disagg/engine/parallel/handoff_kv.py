@@ -16,7 +16,10 @@ import torch
 
 from disagg.engine.kv_cache import KVCache
 from disagg.engine.parallel.handoff import HandoffPlan, Piece
+from kv_transfer.base import KVTransferBackend, TransferStats
 from kv_transfer.errors import InvalidTransferArgument
+from kv_transfer.header import RequestId
+from kv_transfer.layout import ByteBuffer, KVLayers
 
 
 def piece_shape(piece: Piece, num_blocks: int, cache: KVCache) -> tuple[int, ...]:
@@ -48,6 +51,67 @@ def scatter_piece(
     view.index_copy_(2, ids, data)  # writes through the view into cache.data
 
 
+def send_piece(
+    backend: KVTransferBackend,
+    request_id: RequestId,
+    cache: KVCache,
+    piece: Piece,
+    block_ids: Sequence[int],
+    peer: int,
+    *,
+    num_tokens: int,
+    timeout: float,
+    staging: ByteBuffer | None = None,
+) -> TransferStats:
+    """Sends one piece over a pair channel (the ``recv_piece`` of ``piece.dst_rank``
+    takes it). A piece holding all of this pool's KV heads goes straight from the pool's
+    blocks (the channel gathers them, as for a whole pool); one holding some of them is
+    first cut into ``staging`` (:func:`gather_piece`) and sent as a pool of its own."""
+    direct = _whole_heads(cache, piece)
+    if direct is not None:
+        layers, ids = direct, list(block_ids)
+    else:
+        shape = piece_shape(piece, len(block_ids), cache)
+        buf = gather_piece(cache, piece, block_ids, out=_staged(staging, shape, cache))
+        layers, ids = _as_layers(buf), list(range(len(block_ids)))
+    return backend.send(request_id, layers, ids, peer, num_tokens=num_tokens, timeout=timeout)
+
+
+def recv_piece(
+    backend: KVTransferBackend,
+    request_id: RequestId,
+    cache: KVCache,
+    piece: Piece,
+    block_ids: Sequence[int],
+    peer: int,
+    *,
+    num_tokens: int,
+    timeout: float,
+    staging: ByteBuffer | None = None,
+) -> TransferStats:
+    """Receives one piece into this decode rank's pool, blocks ``block_ids``: straight
+    into the pool when the piece holds all of its KV heads, else into ``staging`` and
+    then :func:`scatter_piece` (only once the channel has checked it: a failed transfer
+    leaves the pool untouched)."""
+    direct = _whole_heads(cache, piece)
+    if direct is not None:
+        return backend.recv(
+            request_id, direct, list(block_ids), peer, num_tokens=num_tokens, timeout=timeout
+        )
+    shape = piece_shape(piece, len(block_ids), cache)
+    buf = _staged(staging, shape, cache)
+    stats = backend.recv(
+        request_id,
+        _as_layers(buf),
+        list(range(len(block_ids))),
+        peer,
+        num_tokens=num_tokens,
+        timeout=timeout,
+    )
+    scatter_piece(cache, piece, block_ids, buf)
+    return stats
+
+
 def copy_plan(
     plan: HandoffPlan,
     src: Mapping[int, KVCache],
@@ -65,6 +129,31 @@ def copy_plan(
             dst_blocks,
             gather_piece(src[piece.src_rank], piece, src_blocks),
         )
+
+
+def _whole_heads(cache: KVCache, piece: Piece) -> KVLayers | None:
+    """The pool's own per-layer (k, v) views for the piece's layers, when the piece holds
+    every KV head of the pool (each block then is contiguous in the pool)."""
+    layers = _local(piece.layers, cache.spec.layers, "layers")
+    _local(piece.kv_heads, cache.spec.kv_heads, "kv_heads")
+    if piece.kv_heads != cache.spec.kv_heads:
+        return None
+    return cache.layers[layers]
+
+
+def _staged(staging: ByteBuffer | None, shape: tuple[int, ...], cache: KVCache) -> torch.Tensor:
+    dtype = cache.data.dtype
+    numel = 1
+    for n in shape:
+        numel *= n
+    if staging is None:
+        return torch.empty(shape, dtype=dtype, device=cache.data.device)
+    return staging.get(numel * dtype.itemsize).view(dtype).view(shape)
+
+
+def _as_layers(buf: torch.Tensor) -> KVLayers:
+    # (layers, 2, n, bs, heads, D) -> per layer (k, v), each (n, bs, heads, D)
+    return [(buf[i, 0], buf[i, 1]) for i in range(buf.shape[0])]
 
 
 def _piece_view(cache: KVCache, piece: Piece) -> torch.Tensor:
