@@ -8,8 +8,8 @@ heads of every layer) and decode ranks 0 and 1, which hold the KV either as pp =
 the layers, every head: the *hetero* case, four rank pairs, each piece staged and
 scattered on the decode side) or as tp = 2 (the *homo* case, two rank pairs, straight
 from pool to pool). Every pair is a ``PairGroups`` gloo group of its own and every piece
-one ``send_piece`` / ``recv_piece`` (``disagg.engine.parallel.handoff_kv``) on a
-``make_backend("gloo")`` channel; each rank runs its pieces in one thread per peer. A
+one ``send_piece`` / ``recv_piece`` on a ``make_backend("gloo")`` channel, each rank's
+run by ``move_rank_pieces`` (``disagg.engine.parallel.handoff_kv``: a thread per peer). A
 hand-off is timed on each decode rank from a common barrier to its last piece, the
 slower rank counts, the cases alternate, and the median of ``--repeats`` is kept. After
 the last repeat each decode rank checks its pool against the KV it should hold.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import threading
 import time
 import traceback
 from datetime import timedelta
@@ -32,7 +31,7 @@ import torch.multiprocessing as mp
 
 from disagg.engine.kv_cache import KVCache, KVCacheSpec
 from disagg.engine.parallel.handoff import HandoffPlan, KVNodeLayout, Piece, plan_handoff
-from disagg.engine.parallel.handoff_kv import recv_piece, send_piece
+from disagg.engine.parallel.handoff_kv import move_rank_pieces
 from kv_transfer import PairGroups, make_backend
 from kv_transfer.layout import ByteBuffer
 
@@ -98,18 +97,21 @@ def _worker(role: str, rank: int, port: int, args: argparse.Namespace, out: Any)
             pools = {case: _pool(plans[case].decode, rank, pool_blocks, None) for case in plans}
         mine = {case: _my_pieces(plan, role, rank) for case, plan in plans.items()}
         # One channel per rank pair (formed once, both sides in the same order).
-        channels: dict[str, tuple[Any, int]] = {}
+        channels: dict[int, tuple[Any, int]] = {}  # by the peer's rank in its node
         for peer in sorted({_peer(p, role) for ps in mine.values() for p in ps}):
-            group, peer_rank = groups.form(peer)
-            channels[peer] = (make_backend("gloo", group=group), peer_rank)
+            group, index = groups.form(f"{'decode' if role == 'prefill' else 'prefill'}-{peer}@0")
+            channels[peer] = (make_backend("gloo", group=group), index)
         staging = {peer: ByteBuffer(torch.device("cpu")) for peer in channels}
         times: dict[str, list[float]] = {case: [] for case in plans}
         for i in range(args.repeats):
             for case in plans:
                 _barrier(store, f"{case}/{i}", 4)
                 start = time.perf_counter()
-                _hand_off(role, f"{case}-{i}", mine[case], pools[case], channels, staging,
-                          src_ids, dst_ids, args.tokens)  # fmt: skip
+                move_rank_pieces(
+                    "send" if role == "prefill" else "recv", f"{case}-{i}", pools[case],
+                    mine[case], src_ids if role == "prefill" else dst_ids, channels,
+                    num_tokens=args.tokens, timeout=TIMEOUT_S, staging=staging,
+                )  # fmt: skip
                 times[case].append(time.perf_counter() - start)
         ok = True
         if role == "decode":
@@ -130,42 +132,8 @@ def _my_pieces(plan: HandoffPlan, role: str, rank: int) -> list[Piece]:
     return plan.from_rank(rank) if role == "prefill" else plan.to_rank(rank)
 
 
-def _peer(piece: Piece, role: str) -> str:
-    return f"decode-{piece.dst_rank}@0" if role == "prefill" else f"prefill-{piece.src_rank}@0"
-
-
-def _hand_off(
-    role: str,
-    request_id: str,
-    pieces: list[Piece],
-    pool: KVCache,
-    channels: dict[str, tuple[Any, int]],
-    staging: dict[str, ByteBuffer],
-    src_ids: list[int],
-    dst_ids: list[int],
-    tokens: int,
-) -> None:
-    """This rank's pieces of one hand-off, one thread per peer (pairs are independent)."""
-    errors: list[BaseException] = []
-
-    def one(piece: Piece) -> None:
-        peer = _peer(piece, role)
-        backend, peer_rank = channels[peer]
-        move = send_piece if role == "prefill" else recv_piece
-        ids = src_ids if role == "prefill" else dst_ids
-        try:
-            move(backend, request_id, pool, piece, ids, peer_rank, num_tokens=tokens,
-                 timeout=TIMEOUT_S, staging=staging[peer])  # fmt: skip
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(p,)) for p in pieces]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+def _peer(piece: Piece, role: str) -> int:
+    return piece.dst_rank if role == "prefill" else piece.src_rank
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from disagg.engine.parallel.handoff import KVNodeLayout, Piece, plan_handoff
 from disagg.engine.parallel.handoff_kv import (
     copy_plan,
     gather_piece,
+    move_rank_pieces,
     piece_shape,
     recv_piece,
     scatter_piece,
@@ -260,3 +261,52 @@ def test_a_corrupted_piece_is_refused_and_leaves_the_decode_pool_untouched(prefi
     with pytest.raises(TransferChecksumError):
         recv_piece(receiver, 9, dst, piece, list(range(len(table))), 0, num_tokens=n, timeout=5.0)
     assert not dst.data.any()
+
+
+def test_a_rank_moves_its_pieces_one_thread_per_peer_and_one_bad_pair_fails_it(prefilled):
+    """move_rank_pieces: prefill pp2 -> decode tp2 (each decode rank reads from both
+    stages); then the same with stage 1's channel corrupting a layer."""
+    _, engine, tables, prompts = prefilled["llama"]
+    cfg, full = engine.model_config, engine.kv_cache.data
+    src_layout, dst_layout = ParallelLayout(pp=2), ParallelLayout(tp=2)
+    plan = plan_handoff(
+        KVNodeLayout.of("llama", cfg, BLOCK_SIZE, torch.float32, src_layout),
+        KVNodeLayout.of("llama", cfg, BLOCK_SIZE, torch.float32, dst_layout),
+    )
+    table, n = tables[1], len(prompts[1])
+    dst_blocks = list(range(3, 3 + len(table)))
+
+    def hand_off(corrupt_from: int | None) -> dict[int, KVCache]:
+        hub = LocalHub()
+
+        def corrupt(layer: int, staged: torch.Tensor) -> None:
+            staged.view(-1)[0] += 1.0
+
+        ends = {
+            r: make_backend(
+                "local", hub=hub, rank=r, checksums=True,
+                on_layer_staged=corrupt if r == corrupt_from else None,
+            )
+            for r in range(4)
+        }  # fmt: skip
+        src_pools = rank_pools(engine, src_layout, full)
+        dst_pools = rank_pools(engine, dst_layout, None)
+        for r, pool in src_pools.items():  # the in-process send does not wait: first
+            channels = {d: (ends[r], 2 + d) for d in range(2)}
+            move_rank_pieces("send", 5, pool, plan.from_rank(r), table, channels,
+                             num_tokens=n, timeout=5.0)  # fmt: skip
+        for d, pool in dst_pools.items():
+            channels = {r: (ends[2 + d], r) for r in range(2)}
+            staging = {r: ByteBuffer(torch.device("cpu")) for r in range(2)}
+            stats = move_rank_pieces("recv", 5, pool, plan.to_rank(d), dst_blocks, channels,
+                                     num_tokens=n, timeout=5.0, staging=staging)  # fmt: skip
+            assert [s.peer for s in stats] == [0, 1]
+        return dst_pools
+
+    for d, pool in hand_off(None).items():
+        s = dst_layout.shard(d, cfg)
+        assert torch.equal(
+            pool.data[:, :, dst_blocks], _slice(full, s.layers, s.kv_heads)[:, :, table]
+        )
+    with pytest.raises(TransferChecksumError):
+        hand_off(corrupt_from=1)

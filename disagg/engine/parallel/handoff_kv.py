@@ -10,7 +10,9 @@ block ids on either side, and whichever heads and layers either pool holds besid
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 
@@ -116,6 +118,48 @@ def recv_piece(
     )
     scatter_piece(cache, piece, block_ids, buf)
     return stats
+
+
+def move_rank_pieces(
+    side: Literal["send", "recv"],
+    request_id: RequestId,
+    cache: KVCache,
+    pieces: Sequence[Piece],
+    block_ids: Sequence[int],
+    channels: Mapping[int, tuple[KVTransferBackend, int]],
+    *,
+    num_tokens: int,
+    timeout: float,
+    staging: Mapping[int, ByteBuffer] | None = None,
+) -> list[TransferStats]:
+    """One rank's part of a request's hand-off: its pieces (``plan.from_rank(r)`` on a
+    prefill rank, ``plan.to_rank(r)`` on a decode rank), one thread per peer rank, since
+    the pairs are independent channels. ``channels`` maps the peer's rank (decode rank
+    for a sender, prefill rank for a receiver) to its pair channel and the peer's index
+    on it; ``staging``, per peer rank, the buffers reused across requests. Raises the
+    first failure once every piece has ended: one failed pair fails the transfer."""
+    move = send_piece if side == "send" else recv_piece
+    stats: list[TransferStats | None] = [None] * len(pieces)
+    errors: list[BaseException] = []
+
+    def one(i: int, piece: Piece) -> None:
+        peer = piece.dst_rank if side == "send" else piece.src_rank
+        backend, index = channels[peer]
+        buf = None if staging is None else staging[peer]
+        try:
+            stats[i] = move(backend, request_id, cache, piece, block_ids, index,
+                            num_tokens=num_tokens, timeout=timeout, staging=buf)  # fmt: skip
+        except BaseException as e:  # re-raised below, after every pair has ended
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(pieces)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return [s for s in stats if s is not None]
 
 
 def copy_plan(
