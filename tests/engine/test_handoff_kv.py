@@ -66,7 +66,11 @@ def prefilled(tmp_path_factory):
     for name, path in paths.items():
         engine = LLMEngine(
             EngineConfig(
-                model=str(path), dtype="float32", block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS
+                model=str(path),
+                device="cpu",
+                dtype="float32",
+                block_size=BLOCK_SIZE,
+                num_blocks=NUM_BLOCKS,
             )
         )
         prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in PROMPT_LENS]
@@ -100,7 +104,9 @@ def test_the_single_device_pool_holds_transformers_kv(prefilled):
                 torch.testing.assert_close(v, v_ref, rtol=1e-4, atol=1e-5)
 
 
-def rank_pools(engine: LLMEngine, layout: ParallelLayout, full: torch.Tensor | None):
+def rank_pools(
+    engine: LLMEngine, layout: ParallelLayout, full: torch.Tensor | None, device: str = "cpu"
+):
     """Each rank's pool of ``layout``: a copy of its slice of ``full`` (prefill), or zeros."""
     cfg = engine.model_config
     pools = {}
@@ -115,7 +121,7 @@ def rank_pools(engine: LLMEngine, layout: ParallelLayout, full: torch.Tensor | N
             first_layer=s.layers.start,
             first_kv_head=s.kv_heads.start,
         )
-        pool = KVCache(spec, NUM_BLOCKS, torch.device("cpu"))
+        pool = KVCache(spec, NUM_BLOCKS, torch.device(device))
         if full is not None:
             pool.data.copy_(_slice(full, s.layers, s.kv_heads))
         pools[r] = pool
@@ -310,3 +316,23 @@ def test_a_rank_moves_its_pieces_one_thread_per_peer_and_one_bad_pair_fails_it(p
         )
     with pytest.raises(TransferChecksumError):
         hand_off(corrupt_from=1)
+
+
+@pytest.mark.cuda
+def test_pieces_move_between_cuda_pools_as_on_cpu(prefilled):
+    """The CUDA scatter (one index_copy_) writes what the CPU one (a copy per block) does."""
+    _, engine, tables, _ = prefilled["qwen2-mqa"]
+    cfg, full = engine.model_config, engine.kv_cache.data
+    src_layout, dst_layout = ParallelLayout(tp=2, pp=2), ParallelLayout(pp=3)
+    plan = plan_handoff(
+        KVNodeLayout.of("q", cfg, BLOCK_SIZE, torch.float32, src_layout),
+        KVNodeLayout.of("q", cfg, BLOCK_SIZE, torch.float32, dst_layout),
+    )
+    cpu_pools = rank_pools(engine, dst_layout, None)
+    copy_plan(plan, rank_pools(engine, src_layout, full), tables[1], cpu_pools, [9, 2, 5, 7, 0])
+    gpu_pools = rank_pools(engine, dst_layout, None, "cuda")
+    src = rank_pools(engine, src_layout, full, "cuda")
+    copy_plan(plan, src, tables[1], gpu_pools, [9, 2, 5, 7, 0])
+    for r, pool in gpu_pools.items():
+        assert torch.equal(pool.data.cpu(), cpu_pools[r].data)
+        assert cpu_pools[r].data.any()
