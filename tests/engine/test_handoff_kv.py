@@ -10,8 +10,12 @@ with every block outside the request's untouched.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
 import pytest
 import torch
+import torch.distributed as dist
 
 from disagg import SamplingParams
 from disagg.engine.config import EngineConfig
@@ -28,7 +32,7 @@ from disagg.engine.parallel.handoff_kv import (
     send_piece,
 )
 from disagg.engine.parallel.layout import ParallelLayout
-from kv_transfer import LocalHub, TransferChecksumError, make_backend
+from kv_transfer import LocalHub, PairGroups, TransferChecksumError, make_backend, new_endpoint
 from kv_transfer.errors import InvalidTransferArgument
 from kv_transfer.layout import ByteBuffer
 from tests.engine.hf_models import make_hf_checkpoint
@@ -336,3 +340,52 @@ def test_pieces_move_between_cuda_pools_as_on_cpu(prefilled):
     for r, pool in gpu_pools.items():
         assert torch.equal(pool.data.cpu(), cpu_pools[r].data)
         assert cpu_pools[r].data.any()
+
+
+def test_tp2_to_pp2_over_real_gloo_pair_channels(prefilled):
+    """Four endpoints (two prefill ranks, two decode ranks) as threads of this process,
+    one gloo pair group per rank pair of the plan, through a real TCPStore."""
+    _, engine, tables, prompts = prefilled["llama"]
+    cfg, full = engine.model_config, engine.kv_cache.data
+    src_layout, dst_layout = ParallelLayout(tp=2), ParallelLayout(pp=2)
+    plan = plan_handoff(
+        KVNodeLayout.of("llama", cfg, BLOCK_SIZE, torch.float32, src_layout),
+        KVNodeLayout.of("llama", cfg, BLOCK_SIZE, torch.float32, dst_layout),
+    )
+    assert len(plan.pairs) == 4
+    src_pools = rank_pools(engine, src_layout, full)
+    dst_pools = rank_pools(engine, dst_layout, None)
+    table, n = tables[1], len(prompts[1])
+    dst_blocks = [11, 3, 8, 0, 5]
+    host = dist.TCPStore(
+        "127.0.0.1", 0, None, True, timeout=timedelta(seconds=30), wait_for_workers=False
+    )
+    address = f"127.0.0.1:{host.port}"
+    names = {("send", r): new_endpoint(f"prefill-{r}") for r in range(2)}
+    names |= {("recv", d): new_endpoint(f"decode-{d}") for d in range(2)}
+
+    def rank(side: str, r: int) -> int:
+        groups = PairGroups(address, names[side, r], "gloo", timeout=30)
+        pieces = plan.from_rank(r) if side == "send" else plan.to_rank(r)
+        channels = {}
+        for p in pieces:  # both sides form their pairs in the plan's order
+            peer = p.dst_rank if side == "send" else p.src_rank
+            group, index = groups.form(names["recv" if side == "send" else "send", peer])
+            channels[peer] = (make_backend("gloo", group=group, checksums=True), index)
+        pool = src_pools[r] if side == "send" else dst_pools[r]
+        blocks = table if side == "send" else dst_blocks
+        stats = move_rank_pieces(side, 3, pool, pieces, blocks, channels, num_tokens=n,
+                                 timeout=30)  # fmt: skip
+        for backend, _ in channels.values():
+            backend.close()
+        return sum(s.bytes for s in stats)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(rank, side, r) for side, r in names]
+        moved = [f.result(timeout=120) for f in futures]
+    assert sum(moved[:2]) == sum(moved[2:]) == plan.nbytes(len(table))
+    for d, pool in dst_pools.items():
+        s = dst_layout.shard(d, cfg)
+        assert torch.equal(
+            pool.data[:, :, dst_blocks], _slice(full, s.layers, s.kv_heads)[:, :, table]
+        )
