@@ -42,6 +42,7 @@ _DTYPE_NAMES: dict[torch.dtype, KVDtype] = {
     torch.bfloat16: "bfloat16",
     torch.float16: "float16",
 }
+_TORCH_DTYPES: dict[KVDtype, torch.dtype] = {name: dt for dt, name in _DTYPE_NAMES.items()}
 
 
 class KVNodeLayout(BaseModel):
@@ -86,7 +87,7 @@ class KVNodeLayout(BaseModel):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return {v: k for k, v in _DTYPE_NAMES.items()}[self.dtype]
+        return _TORCH_DTYPES[self.dtype]
 
     def rank_kv(self, rank: int) -> tuple[range, range]:
         """(layers, KV heads) rank ``rank``'s pool holds, in global indices: the ranges
