@@ -115,7 +115,8 @@ class DistChannelBackend(KVTransferBackend):
         self._device = device
         self._control_device = control_device
         # gloo: header, extension (and small transfers' layers) in one opening message.
-        self._opening_message = control_device.type == "cpu"
+        # NCCL (or gloo in NCCL's order, tests) matches exact sizes in posting order.
+        self._opening_message = control_device.type == "cpu" and not self._links.ordered
         self.checksums = checksums
         self._on_layer_staged = on_layer_staged
         self._opening_out: dict[int, ByteBuffer] = {}  # per peer: the last opening sent
@@ -212,9 +213,13 @@ class DistChannelBackend(KVTransferBackend):
         self._before_header(layout)
         self._send_seq[peer] = fields.seq + 1
         with self._exchange(x):
-            # Posted first, so the receiver's answer never waits for it.
             verdict_buf = self._control()
-            w_verdict = self._links.irecv(verdict_buf, x)
+            # gloo: posted first, so the receiver's answer never waits for it. NCCL runs a
+            # pair's operations in posting order: a receive posted before the header would
+            # hold the header back until the verdict came, and the verdict waits for the
+            # header. There it is posted after the last send, where the receiver sends it.
+            ordered = self._links.ordered
+            w_verdict = None if ordered else self._links.irecv(verdict_buf, x)
             sent = self._send_opening(x, fields, extension, mover if inline else None)
             handshake = time.perf_counter() - x.start  # the header is out, layers follow
             done: tuple[float, ...] = ()
@@ -225,6 +230,8 @@ class DistChannelBackend(KVTransferBackend):
                 self._links.wait(work, x, stage)
             if inline:
                 done = (time.perf_counter() - x.start,) * layout.num_layers
+            if w_verdict is None:
+                w_verdict = self._links.irecv(verdict_buf, x)
             self._links.wait(w_verdict, x, "verdict")
             verdict = self._verdict(verdict_buf, fields.seq, x)
             verdict.raise_if_failed(request_id, rejected_by_peer=True)
@@ -362,6 +369,7 @@ class DistChannelBackend(KVTransferBackend):
         self._staging.clear()
         self._opening_out.clear()
         self._opening_in.clear()
+        self._links.close()
 
     def staging(self, peer: int) -> StagingBuffers:
         return self._staging.setdefault(peer, StagingBuffers())

@@ -69,6 +69,13 @@ class PairGroup:
     def recv(self, tensor: torch.Tensor, peer: int) -> dist.Work:
         return self.backend.recv([tensor], peer, 0)
 
+    def abort(self) -> None:
+        """NCCL: abort the communicator (its unfinished operations end with an error
+        instead of holding the GPU until the watchdog's timeout). Gloo closes a pair's
+        connection on a timeout by itself; nothing to do."""
+        if self.name == "nccl":
+            self.backend.abort()  # type: ignore[attr-defined]
+
 
 class PairGroups:
     """This endpoint's pair groups, one per peer endpoint, formed on first use through
