@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from disagg_kernels._triton import HAS_TRITON, next_power_of_2, tl, triton
+from disagg_kernels._triton import HAS_TRITON, dot_precision, next_power_of_2, tl, triton
 from disagg_kernels.backend import resolve
 
 
@@ -138,6 +138,7 @@ if HAS_TRITON:
         BLOCK_H: tl.constexpr,  # GROUP padded to a tl.dot-friendly size (>= 16)
         BLOCK_N: tl.constexpr,  # cache tokens per iteration
         BLOCK_D: tl.constexpr,  # head_dim padded to a power of two
+        PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32
     ):
         # One program per (sequence, KV head): every query head of the group shares each
         # K/V tile it loads, and the group forms the M dimension of tl.dot.
@@ -177,15 +178,16 @@ if HAS_TRITON:
             k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
 
-            # float32 inputs may run as TF32 on GPU (Triton's default precision).
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_H, BLOCK_N) float32
+            s = (
+                tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            )  # (BLOCK_H, BLOCK_N) float32
             s = tl.where(n_mask[None, :], s, float("-inf"))
             # Online softmax; m_new is finite because every chunk has a valid position.
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
         out = acc / l_i[:, None]
@@ -237,6 +239,7 @@ def paged_decode_attention_triton(
         BLOCK_H=max(16, next_power_of_2(group)),
         BLOCK_N=block_n,
         BLOCK_D=max(16, next_power_of_2(d)),
+        PRECISION=dot_precision(query.dtype),
     )
     return out
 

@@ -18,6 +18,8 @@ from disagg.engine.attention_metadata import AttentionMetadata
 from disagg.engine.block_allocator import BlockAllocator
 from disagg.engine.checkpoint import load_model
 from disagg.engine.config import DEFAULT_CPU_KV_MEMORY, EngineConfig
+from disagg.engine.device import make_current
+from disagg.engine.device import resolve as resolve_device
 from disagg.engine.kv_cache import KVCache, KVCacheSpec
 from disagg.engine.model_config import DTYPES, ModelConfig
 from disagg.engine.runner import ModelRunner
@@ -46,13 +48,24 @@ def resolve_model_dir(model: str) -> Path:
 
 
 class ModelWorker:
-    def __init__(self, config: EngineConfig):
+    """``decode_graphs=False``: no decode CUDA graphs (a prefill node never decodes)."""
+
+    def __init__(self, config: EngineConfig, *, decode_graphs: bool = True):
         self.config = config
         self.model_dir = resolve_model_dir(config.model)
         self.model_config = ModelConfig.from_dir(self.model_dir)
-        self.device = torch.device(config.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device", "CUDA was asked for but torch sees no CUDA device")
+        device = torch.device(config.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError("device", "CUDA was asked for but torch sees no CUDA device")
+            if (device.index or 0) >= torch.cuda.device_count():
+                raise ConfigError(
+                    "device", f"{device} does not exist: {torch.cuda.device_count()} GPU(s) visible"
+                )
+        self.device = resolve_device(device)
+        # Loading, profiling and graph capture run on this thread: on our device. Other
+        # threads that touch CUDA make it current themselves (disagg.engine.device).
+        make_current(self.device)
         self.dtype = self._resolve_dtype()
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         if self.tokenizer is None:
@@ -88,7 +101,7 @@ class ModelWorker:
             self.kv_cache,
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
-            use_cuda_graphs=not config.enforce_eager,
+            use_cuda_graphs=decode_graphs and not config.enforce_eager,
         )
 
     # -- prompts -------------------------------------------------------------------

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from disagg_kernels import kernel_backend, paged_decode_attention
-from disagg_kernels.paged_attention import paged_decode_attention_torch, paged_decode_attention_triton
+from disagg_kernels.paged_attention import (
+    paged_decode_attention_torch,
+    paged_decode_attention_triton,
+)
 from tests.kernels._reference import (
     DEVICE,
     TOL,
