@@ -69,6 +69,7 @@ from kv_transfer.layout import (
     layer_checksum,
 )
 from kv_transfer.links import Group, PeerLinks, Xfer
+from kv_transfer.streams import TransferStreams
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,7 @@ class DistChannelBackend(KVTransferBackend):
         self._recv_seq: dict[int, int] = {}
         self._unsent: dict[int, dist.Work] = {}  # per peer: the last verdict, maybe in flight
         self._staging: dict[int, StagingBuffers] = {}  # per peer: calls for two peers may overlap
+        self._streams = TransferStreams(device)  # CUDA: each peer's transfers on its own stream
 
     # -- what subclasses provide ---------------------------------------------------------
 
@@ -194,6 +196,34 @@ class DistChannelBackend(KVTransferBackend):
         num_tokens: int,
         timeout: float,
     ) -> TransferStats:
+        self._links.begin(request_id, peer, timeout)  # argument checks before the stream
+        with self._streams.use(peer, after_compute=True):  # reads what compute wrote
+            return self._send(request_id, kv_layers, block_ids, peer, num_tokens, timeout)
+
+    def recv(
+        self,
+        request_id: RequestId,
+        kv_layers: KVLayers,
+        block_ids: BlockIds,
+        peer: int,
+        *,
+        num_tokens: int,
+        timeout: float,
+    ) -> TransferStats:
+        self._links.begin(request_id, peer, timeout)
+        # Writes blocks nobody reads yet; synchronised with the host before it returns.
+        with self._streams.use(peer, after_compute=False):
+            return self._recv(request_id, kv_layers, block_ids, peer, num_tokens, timeout)
+
+    def _send(
+        self,
+        request_id: RequestId,
+        kv_layers: KVLayers,
+        block_ids: BlockIds,
+        peer: int,
+        num_tokens: int,
+        timeout: float,
+    ) -> TransferStats:
         x = self._begin(request_id, peer, timeout)
         layout = KVLayout.of(kv_layers)
         ids = block_id_tensor(block_ids, layout, num_tokens)
@@ -237,13 +267,12 @@ class DistChannelBackend(KVTransferBackend):
             verdict.raise_if_failed(request_id, rejected_by_peer=True)
         return make_stats(self.name, "send", x.peer, fields, x.start, handshake, done)
 
-    def recv(
+    def _recv(
         self,
         request_id: RequestId,
         kv_layers: KVLayers,
         block_ids: BlockIds,
         peer: int,
-        *,
         num_tokens: int,
         timeout: float,
     ) -> TransferStats:

@@ -183,7 +183,9 @@ def start_node(settings: NodeSettings, node_class: type[NodeRuntime]) -> None:
     prepare_process(settings)
     configure_nccl_error_handling()  # before any NCCL group: a broken pair is not the node
     # A prefill node never decodes: no decode graphs (their memory goes to the KV pool).
-    worker = ModelWorker(settings.engine_config(), decode_graphs=settings.role == "decode")
+    worker = ModelWorker(
+        settings.engine_config(), decode_graphs=settings.role == "decode", transfers=True
+    )
     on_cuda = worker.device.type == "cuda"
     endpoint = new_endpoint(settings.node_id)
     pool = worker.kv_cache.data
