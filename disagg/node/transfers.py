@@ -149,8 +149,10 @@ class TransferThreads:
                 known[1].close(timeout=0.1)
             except Exception:
                 log.debug("closing the channel of epoch %d with %s failed", known[0], peer)
-        self._backends[peer] = (epoch, self.make_backend(group), peer_rank)
-        return self._backends[peer][1], peer_rank
+        backend = self.make_backend(group)
+        log.info("KV with %s at epoch %d over %s", peer, epoch, backend.name)
+        self._backends[peer] = (epoch, backend, peer_rank)
+        return backend, peer_rank
 
     def _run(self, role, rids, block_ids, peer, epoch) -> None:
         # Both sides derive the same id from the same rids; the header carries its digest.
