@@ -39,7 +39,8 @@ def _tables(lengths: list[int], num_blocks: int, first: int = 0) -> torch.Tensor
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("group", [1, 4, 8], ids=["mha", "gqa4", "gqa8"])
-def test_paged_decode_long_contexts(dtype, group):
+@pytest.mark.parametrize("splits", [1, None], ids=["one-pass", "split-k"])
+def test_paged_decode_long_contexts(dtype, group, splits):
     torch.manual_seed(group)
     lengths = [1, 17, 4097, 16384, 32768]
     pool = sum(-(-n // BLOCK) for n in lengths) + 64
@@ -48,7 +49,9 @@ def test_paged_decode_long_contexts(dtype, group):
     tables = _tables(lengths, pool)
     lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     q = torch.randn(len(lengths), H_KV * group, D, device="cuda").to(dtype)
-    got = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, D**-0.5)
+    got = paged_decode_attention_triton(
+        q, k_cache, v_cache, tables, lens, D**-0.5, num_splits=splits
+    )
     want = paged_decode_attention_torch(q, k_cache, v_cache, tables, lens, D**-0.5)
     err = (got.float() - want.float()).abs().max().item()
     assert err <= TOL[dtype], f"max error {err}"
