@@ -122,15 +122,16 @@ def test_torch_grouped_batch_matches_naive(fill) -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
-@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize(
+    ("dtype", "splits"), [(torch.float32, 2), (torch.float32, 5), (torch.float16, 3)]
+)
 def test_split_context_matches_naive(dtype, splits) -> None:
     """Split-K: each context cut into ``splits`` parts merged by log-sum-exp; contexts
     shorter than a split leave later splits empty (they must weigh nothing), and NaN in
     the slots past each context must not leak through any split."""
     torch.manual_seed(splits)
     query, k_cache, v_cache, tables, lens, keys, values = _case(
-        [1, 9, 70, 130], 16, 2, 2, 32, dtype, pad_entry=-1
+        [1, 9, 70], 16, 2, 2, 32, dtype, pad_entry=-1
     )
     got = paged_decode_attention_triton(
         query, k_cache, v_cache, tables, lens, 0.2, block_n=16, num_splits=splits
