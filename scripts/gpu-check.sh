@@ -129,7 +129,12 @@ try:
     import triton; tv = triton.__version__
 except ImportError:
     tv = "none"
-nccl = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else "?"
+try:
+    import torch.cuda.nccl as nccl_mod
+    v = nccl_mod.version()
+    nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+except Exception as e:  # reported, not fatal: versions are information
+    nccl = f"unknown ({type(e).__name__})"
 p = torch.cuda.get_device_properties(0)
 print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"triton {tv}, NCCL {nccl}; {torch.cuda.device_count()} x {p.name} "
