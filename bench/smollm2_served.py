@@ -16,7 +16,12 @@ that drift in the shared machine's load hits both alike; the load average is pri
 per point.
 
 Threads: the served system's two node processes get one torch thread each (two
-processes on two cores); transformers runs in this process with ``--hf-threads``.
+processes on two cores; while decoding, only the decode node computes), and
+transformers runs in this process with ``--hf-threads`` (default 1, the decode node's
+one thread). On this shared, oversubscribed 2-core machine two OpenMP threads for
+transformers were far slower than one in check runs (their barrier waits stall when the
+other thread is descheduled), so one thread is both the like-for-like and the faster
+choice here.
 """
 
 from __future__ import annotations
