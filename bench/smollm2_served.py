@@ -73,7 +73,11 @@ def serve(dtype: str, address_file: Path, log_dir: Path) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     cluster = ServedCluster(
         ServeOptions(
-            model=MODEL, dtype=dtype, port=0, num_blocks=512, threads_per_node=1,
+            model=MODEL,
+            dtype=dtype,
+            port=0,
+            num_blocks=512,
+            threads_per_node=1,
             log_dir=str(log_dir),
         )
     ).start()
