@@ -3,7 +3,6 @@ each can still take (credit)."""
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ class NodeState:
     max_batch_tokens: int
     pid: int
     alive: bool = True
-    last_seen: float = field(default_factory=time.monotonic)
+    last_seen: float = 0.0  # when it was last heard from (the coordinator's clock)
     free_tokens: int = 0
     tasks_seen: int = 0
     queued: int = 0
@@ -35,7 +34,7 @@ class NodeState:
     model_s: float = 0.0  # model time of the batches and steps it reported
 
     @classmethod
-    def from_register(cls, identity: bytes, msg: Register) -> NodeState:
+    def from_register(cls, identity: bytes, msg: Register, now: float) -> NodeState:
         return cls(
             node_id=msg.node_id,
             identity=identity,
@@ -47,10 +46,11 @@ class NodeState:
             max_batch_tokens=msg.max_batch_tokens,
             pid=msg.pid,
             free_tokens=msg.capacity_tokens,
+            last_seen=now,
         )
 
-    def update(self, credit: Credit) -> None:
-        self.last_seen = time.monotonic()
+    def update(self, credit: Credit, now: float) -> None:
+        self.last_seen = now
         self.free_tokens = credit.free_tokens
         self.tasks_seen = credit.tasks_seen
         self.queued, self.running, self.held = credit.queued, credit.running, credit.held
