@@ -10,6 +10,11 @@ The served system runs in a child process (``--serve``) so the load generator do
 share the coordinator's interpreter::
 
     python -m bench.control_plane [--requests 4000] [--concurrency 256] [--clients 4]
+
+``--stream --max-tokens 256`` streams longer outputs instead: the coordinator's CPU per
+streamed token is then the figure that matters (it forwards every token to its client).
+``--profile FILE`` records the coordinator's process with py-spy (``pip install py-spy``)
+while the load runs and writes a flame graph.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from pathlib import Path
 from bench.served_process import process_tree_cpu, wait_for_address
 
 PROMPT = list(range(10, 26))  # 16 token ids
-MAX_TOKENS = 2
 
 
 def serve(port_file: Path, out: Path, threads: int) -> None:
@@ -87,7 +91,7 @@ def model_alone(batch: int, threads: int, repeats: int = 10) -> float:
 
     torch.set_num_threads(threads)
     worker = ModelWorker(EngineConfig(model="tiny", num_blocks=4 * batch))
-    params = SamplingParams(max_tokens=MAX_TOKENS)
+    params = SamplingParams(max_tokens=2)
     seqs = [Sequence(i, list(PROMPT), params, 0.0, block_table=[i]) for i in range(batch)]
 
     def timed(step, seqs) -> float:
@@ -133,7 +137,14 @@ class Usage:
 
 
 async def load(
-    address: str, requests: int, concurrency: int, clients: int, usage: Usage
+    address: str,
+    requests: int,
+    concurrency: int,
+    clients: int,
+    usage: Usage,
+    *,
+    max_tokens: int,
+    stream: bool,
 ) -> tuple[float, int]:
     from disagg.client import AsyncClient
 
@@ -144,10 +155,15 @@ async def load(
         nonlocal done, next_index
         while next_index < requests:
             next_index += 1
-            c = await client.generate(
-                PROMPT, client_id=cid, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True
-            )
-            assert len(c.token_ids) == MAX_TOKENS
+            kw = dict(client_id=cid, max_tokens=max_tokens, temperature=0, ignore_eos=True)
+            if stream:
+                got = 0
+                async for chunk in client.stream(PROMPT, **kw):
+                    got += len(chunk.token_ids)
+                assert got == max_tokens, got
+            else:
+                c = await client.generate(PROMPT, **kw)
+                assert len(c.token_ids) == max_tokens
             done += 1
 
     async with AsyncClient(address, timeout=300) as client:
@@ -171,6 +187,12 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--clients", type=int, default=4, help="client ids sharing the load")
     p.add_argument("--threads", type=int, default=1, help="torch threads per node")
+    p.add_argument("--max-tokens", type=int, default=2, help="output tokens per request")
+    p.add_argument("--stream", action="store_true", help="stream each request's tokens")
+    p.add_argument(
+        "--profile", metavar="FILE",
+        help="py-spy profile of the coordinator's process: a flame graph (.svg) or folded stacks",
+    )  # fmt: skip
     p.add_argument("--serve", nargs=2, metavar=("PORT_FILE", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
@@ -192,9 +214,25 @@ def main() -> None:
     try:
         address = wait_for_address(server, port_file)
         usage = Usage(server, Path(f"{out}.snapshots"))
-        seconds, done = asyncio.run(
-            load(address, args.requests, args.concurrency, args.clients, usage)
-        )
+        spy = None
+        if args.profile:
+            spy = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(server.pid), "--rate", "200",
+                 "--output", args.profile, "--nonblocking",
+                 "--format", "flamegraph" if args.profile.endswith(".svg") else "raw"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        try:
+            seconds, done = asyncio.run(
+                load(
+                    address, args.requests, args.concurrency, args.clients, usage,
+                    max_tokens=args.max_tokens, stream=args.stream,
+                )
+            )  # fmt: skip
+        finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=60)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
@@ -207,8 +245,9 @@ def main() -> None:
         return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
     print(
-        f"control plane, tiny model, 16-token prompts, {MAX_TOKENS}-token outputs, "
-        f"{args.concurrency} in flight over {args.clients} client ids, 1 prefill + 1 decode node"
+        f"control plane, tiny model, 16-token prompts, {args.max_tokens}-token outputs"
+        f"{' streamed' if args.stream else ''}, {args.concurrency} in flight over "
+        f"{args.clients} client ids, 1 prefill + 1 decode node"
     )
     print(f"  requests/s           {done / seconds:10.0f}   ({done} requests in {seconds:.2f} s)")
     print(f"  latency p50 / p99    {pct(totals, 50) * 1e3:8.1f} / {pct(totals, 99) * 1e3:.1f} ms")
@@ -216,10 +255,15 @@ def main() -> None:
         f"  outside model p50/p99 {pct(outside, 50) * 1e3:7.1f} / {pct(outside, 99) * 1e3:.1f} ms"
     )
     cpu, model = usage.delta(usage.cpu), usage.delta(usage.model)
-    print(f"  CPU per request, by process ({os.cpu_count()} cores):")
+    tokens = done * args.max_tokens
+    print(f"  output tokens/s      {tokens / seconds:10.0f}")
+    print(f"  CPU per request and per output token, by process ({os.cpu_count()} cores):")
     for name, seconds_cpu in cpu.items():
         role = "coordinator" if name == "server" else name
-        line = f"    {role:<14} {seconds_cpu / done * 1e3:6.3f} ms"
+        line = (
+            f"    {role:<14} {seconds_cpu / done * 1e3:6.3f} ms   "
+            f"{seconds_cpu / tokens * 1e6:7.1f} us/token"
+        )
         if name in model:
             line += f"   (model steps {model[name] / done * 1e3:6.3f} ms)"
         print(line)
@@ -228,6 +272,8 @@ def main() -> None:
         f"    {'all':<14} {total_cpu / done * 1e3:6.3f} ms   (model steps "
         f"{total_model / done * 1e3:6.3f} ms)"
     )
+    if args.max_tokens != 2:
+        return  # the model-alone bound below is for 2-token outputs
     batch = args.concurrency // 2
     alone = model_alone(batch, args.threads)
     cores = os.cpu_count() or 1

@@ -35,11 +35,13 @@ from disagg.errors import (
 )
 from disagg.protocol import (
     Abort,
+    Accepted,
     Error,
     Finished,
     Generate,
     Ping,
     Sampling,
+    Tokens,
     decode_reply,
     encode,
 )
@@ -327,10 +329,18 @@ class AsyncClient:
             if pong is not None and not pong.done():
                 pong.set_result(None)
             return
+        if msg.type == "token_batch":  # several requests' chunks: each as its own tokens
+            for chunk in msg.chunks:
+                self._deliver(chunk)
+            return
         if msg.request_id is None:  # an Error not tied to a request
             self._on_untied_error(msg)
             return
-        call = self._calls.get(msg.request_id)
+        self._deliver(msg)
+
+    def _deliver(self, msg: Accepted | Tokens | Finished | Error) -> None:
+        """Puts ``msg`` on the queue of the call it names."""
+        call = self._calls.get(msg.request_id)  # type: ignore[arg-type]
         if call is None:
             # Late replies for requests that timed out or were aborted are expected.
             _log.debug("ignoring %s for request %s, no longer in flight", msg.type, msg.request_id)
@@ -338,7 +348,7 @@ class AsyncClient:
         call.heard = True
         if msg.type in ("finished", "error"):
             call.settled = True
-            del self._calls[msg.request_id]
+            del self._calls[msg.request_id]  # type: ignore[arg-type]
         call.queue.put_nowait(msg)
 
     def _on_unreadable(self, e: ProtocolError) -> None:

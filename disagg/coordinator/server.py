@@ -2,9 +2,10 @@
 
 Two ZeroMQ ROUTERs: one for clients (``docs/protocol.md``), one for nodes
 (``disagg.protocol.cluster``). The shell decodes each frame into a message, hands it to
-the :class:`~disagg.coordinator.core.CoordinatorCore` with the time, and sends what the
-core returns; after each batch of received messages it asks the core to dispatch, and
-every ``publish_interval_s`` it ticks the core's timers. Every decision is the core's.
+the :class:`~disagg.coordinator.core.CoordinatorCore` with the time, and keeps what the
+core returns; after each batch of received messages it asks the core to dispatch and
+sends all of it, each connection's streamed chunks merged into one message; every
+``publish_interval_s`` it ticks the core's timers. Every decision is the core's.
 
 Runs on one asyncio loop (uvloop when installed by ``main``); every handler is
 synchronous and short, so no locks.
@@ -29,6 +30,7 @@ from disagg.coordinator.core import (
     NodeObserver,
     Outbox,
 )
+from disagg.coordinator.core.outbox import coalesced
 from disagg.coordinator.events import RequestEvents
 from disagg.coordinator.metrics import CoordinatorMetrics
 from disagg.coordinator.nodes import NodeState
@@ -78,6 +80,7 @@ class Coordinator:
             configure_curve_server(self.node_socket, s.curve_secret_key)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
+        self._pending = Outbox()  # decided, sent at the end of the batch being handled
 
     # -- what others read of the core ---------------------------------------------------
 
@@ -235,9 +238,9 @@ class Coordinator:
         try:
             msg = decode_request(body, max_bytes=self.settings.max_message_bytes)
         except ProtocolError as e:
-            self._send_client(identity, error_reply(e))
+            self._pending.clients.append((identity, error_reply(e)))
             return
-        self._send(self.core.on_client(identity, msg, time.monotonic()))
+        self._keep(self.core.on_client(identity, msg, time.monotonic()))
 
     def _on_node_frames(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -248,15 +251,21 @@ class Coordinator:
         except ProtocolError as e:
             log.error("dropped a malformed node message: %s", e)
             return
-        self._send(self.core.on_node(identity, msg, time.monotonic()))
+        self._keep(self.core.on_node(identity, msg, time.monotonic()))
+
+    def _keep(self, out: Outbox) -> None:
+        self._pending.extend(out)
 
     def _send(self, out: Outbox) -> None:
+        """Sends ``out`` and whatever was kept before it."""
+        self._pending.extend(out)
+        out = self._pending.take()
         for identity, msg in out.nodes:
             try:
                 self.node_socket.send_multipart([identity, *encode_node(msg)], flags=zmq.NOBLOCK)
             except zmq.ZMQError as e:  # a node whose pipe is full or gone: drop, go on
                 log.warning("message to node %r dropped: %s", identity, e)
-        for identity, msg in out.clients:
+        for identity, msg in coalesced(out.clients):
             self._send_client(identity, msg)
 
     def _send_client(self, identity: bytes, msg: Any) -> None:

@@ -1,7 +1,7 @@
 """The wire protocol between clients and the coordinator's client endpoint.
 
 Clients use a ZeroMQ DEALER, the coordinator a ROUTER. Each message is three frames,
-``[b"disagg", b"1", JSON payload]``; ``docs/protocol.md`` is the full specification, written
+``[b"disagg", b"2", JSON payload]``; ``docs/protocol.md`` is the full specification, written
 so that a client in another language can be built from it.
 
     frames = encode(Tokens(request_id="r1", index=0, token_ids=[42], text=" hi"))
@@ -38,6 +38,7 @@ from disagg.protocol.messages import (
     Sampling,
     ServerMessage,
     Timings,
+    TokenBatch,
     Tokens,
 )
 from disagg.protocol.replies import error_from_exception, error_reply
@@ -64,6 +65,7 @@ __all__ = [
     "Sampling",
     "ServerMessage",
     "Timings",
+    "TokenBatch",
     "Tokens",
     "decode",
     "decode_reply",

@@ -140,6 +140,16 @@ class Tokens(_Message):
     text: str
 
 
+class TokenBatch(_Message):
+    """The chunks of several streamed requests of one connection that the coordinator
+    decided at once (one decode step's tokens): one message where version 1 sent one
+    ``tokens`` per request. Each chunk means exactly what a ``tokens`` message would, in
+    the order given."""
+
+    type: Literal["token_batch"] = "token_batch"
+    chunks: list[Tokens]
+
+
 class Timings(_Message):
     """Seconds spent by the request; ``null`` where a phase did not happen (``tpot_s``
     with fewer than two output tokens; ``kv_transfer_s`` when it finished at prefill)."""
@@ -191,5 +201,5 @@ class Pong(_Message):
 
 
 ClientMessage = Generate | Abort | Ping
-ServerMessage = Accepted | Tokens | Finished | Error | Pong
+ServerMessage = Accepted | Tokens | TokenBatch | Finished | Error | Pong
 Message = ClientMessage | ServerMessage
