@@ -36,7 +36,7 @@ from bench.served_process import process_tree_cpu, wait_for_address
 PROMPT = list(range(10, 26))  # 16 token ids
 
 
-def serve(port_file: Path, out: Path, threads: int) -> None:
+def serve(port_file: Path, out: Path, threads: int, sim: dict | None = None) -> None:
     """The served system; on SIGUSR1 it appends each node's model seconds so far to
     ``out``.snapshots (one JSON line), on SIGTERM it writes the finished log to ``out``."""
     import logging
@@ -62,15 +62,16 @@ def serve(port_file: Path, out: Path, threads: int) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGUSR1, on_snapshot)
-    cluster = ServedCluster(
-        ServeOptions(port=0, num_blocks=4096, threads_per_node=threads, max_num_seqs=512)
-    ).start()
+    options = dict(port=0, num_blocks=4096, threads_per_node=threads, max_num_seqs=512)
+    options.update(sim or {})
+    cluster = ServedCluster(ServeOptions(**options)).start()
     port_file.write_text(cluster.client_address)
     while not stop:
         time.sleep(0.01)
         if snapshot:
             snapshot = False
             model = {n.node_id: n.model_s for n in list(cluster.coordinator.nodes.values())}
+            model["messages"] = dict(cluster.coordinator.message_counts)
             with open(f"{out}.snapshots", "a") as f:
                 f.write(json.dumps(model) + "\n")
     log = list(cluster.coordinator.finished_log)
@@ -131,9 +132,14 @@ class Usage:
             time.sleep(0.01)
         sys.exit("the served system did not answer a usage snapshot")
 
-    def delta(self, table: list[dict[str, float]]) -> dict[str, float]:
+    def delta(self, table: list[dict]) -> dict:
         first, last = table[0], table[-1]
-        return {k: last[k] - first.get(k, 0.0) for k in last}
+        return {
+            k: self.delta([first[k], last[k]])
+            if isinstance(last[k], dict)
+            else last[k] - first.get(k, 0.0)
+            for k in last
+        }
 
 
 async def load(
@@ -191,12 +197,26 @@ def main() -> None:
     p.add_argument("--stream", action="store_true", help="stream each request's tokens")
     p.add_argument(
         "--profile", metavar="FILE",
-        help="py-spy profile of the coordinator's process: a flame graph (.svg) or folded stacks",
+        help="py-spy profile of the coordinator's process (samples holding the GIL: Python's "
+        "own CPU): a flame graph (.svg) or folded stacks",
     )  # fmt: skip
+    p.add_argument(
+        "--simulated", metavar="PROFILE",
+        help="simulated nodes (disagg.simulated) with this latency profile instead of the model",
+    )  # fmt: skip
+    p.add_argument("--prefill", type=int, default=1, help="prefill nodes (--simulated)")
+    p.add_argument("--decode", type=int, default=1, help="decode nodes (--simulated)")
+    p.add_argument("--max-num-seqs", type=int, default=512, help="decode batch cap per node")
     p.add_argument("--serve", nargs=2, metavar=("PORT_FILE", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    sim = None
+    if args.simulated:
+        sim = dict(
+            simulated=True, latency_profile=args.simulated, prefill=args.prefill,
+            decode=args.decode, max_num_seqs=args.max_num_seqs,
+        )  # fmt: skip
     if args.serve:
-        serve(Path(args.serve[0]), Path(args.serve[1]), args.threads)
+        serve(Path(args.serve[0]), Path(args.serve[1]), args.threads, sim)
         return
     try:
         import uvloop
@@ -208,6 +228,9 @@ def main() -> None:
     port_file, out = tmp / "address", tmp / "log.json"
     server = subprocess.Popen(
         [sys.executable, "-m", "bench.control_plane", "--threads", str(args.threads),
+         *(["--simulated", args.simulated] if args.simulated else []),
+         "--prefill", str(args.prefill), "--decode", str(args.decode),
+         "--max-num-seqs", str(args.max_num_seqs),
          "--serve", str(port_file), str(out)],
         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
     )  # fmt: skip
@@ -218,7 +241,7 @@ def main() -> None:
         if args.profile:
             spy = subprocess.Popen(
                 ["py-spy", "record", "--pid", str(server.pid), "--rate", "200",
-                 "--output", args.profile, "--nonblocking",
+                 "--output", args.profile, "--nonblocking", "--gil",
                  "--format", "flamegraph" if args.profile.endswith(".svg") else "raw"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
@@ -244,10 +267,15 @@ def main() -> None:
     def pct(xs: list[float], q: int) -> float:
         return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
+    nodes = (
+        f"{args.prefill} prefill + {args.decode} decode simulated nodes ({args.simulated})"
+        if args.simulated
+        else "1 prefill + 1 decode node, tiny model"
+    )
     print(
-        f"control plane, tiny model, 16-token prompts, {args.max_tokens}-token outputs"
+        f"control plane, 16-token prompts, {args.max_tokens}-token outputs"
         f"{' streamed' if args.stream else ''}, {args.concurrency} in flight over "
-        f"{args.clients} client ids, 1 prefill + 1 decode node"
+        f"{args.clients} client ids, {nodes}"
     )
     print(f"  requests/s           {done / seconds:10.0f}   ({done} requests in {seconds:.2f} s)")
     print(f"  latency p50 / p99    {pct(totals, 50) * 1e3:8.1f} / {pct(totals, 99) * 1e3:.1f} ms")
@@ -255,6 +283,11 @@ def main() -> None:
         f"  outside model p50/p99 {pct(outside, 50) * 1e3:7.1f} / {pct(outside, 99) * 1e3:.1f} ms"
     )
     cpu, model = usage.delta(usage.cpu), usage.delta(usage.model)
+    messages = model.pop("messages")
+    print(
+        "  coordinator messages per request: "
+        + ", ".join(f"{k} {v / done:.2f}" for k, v in messages.items())
+    )
     tokens = done * args.max_tokens
     print(f"  output tokens/s      {tokens / seconds:10.0f}")
     print(f"  CPU per request and per output token, by process ({os.cpu_count()} cores):")
@@ -272,8 +305,8 @@ def main() -> None:
         f"    {'all':<14} {total_cpu / done * 1e3:6.3f} ms   (model steps "
         f"{total_model / done * 1e3:6.3f} ms)"
     )
-    if args.max_tokens != 2:
-        return  # the model-alone bound below is for 2-token outputs
+    if args.max_tokens != 2 or args.simulated:
+        return  # the model-alone bound below is for the real model and 2-token outputs
     batch = args.concurrency // 2
     alone = model_alone(batch, args.threads)
     cores = os.cpu_count() or 1

@@ -40,6 +40,7 @@ from disagg.protocol import (
     Finished,
     Generate,
     Ping,
+    Pong,
     Sampling,
     Tokens,
     decode_reply,
@@ -324,23 +325,22 @@ class AsyncClient:
         except ProtocolError as e:
             self._on_unreadable(e)
             return
+        if msg.type == "batch":  # several replies decided at once: each as if alone
+            for one in msg.messages:
+                self._take(one)
+        else:
+            self._take(msg)
+
+    def _take(self, msg: Accepted | Tokens | Finished | Error | Pong) -> None:
         if msg.type == "pong":
             pong = self._pings.pop(msg.nonce, None)
             if pong is not None and not pong.done():
                 pong.set_result(None)
             return
-        if msg.type == "token_batch":  # several requests' chunks: each as its own tokens
-            for chunk in msg.chunks:
-                self._deliver(chunk)
-            return
         if msg.request_id is None:  # an Error not tied to a request
             self._on_untied_error(msg)
             return
-        self._deliver(msg)
-
-    def _deliver(self, msg: Accepted | Tokens | Finished | Error) -> None:
-        """Puts ``msg`` on the queue of the call it names."""
-        call = self._calls.get(msg.request_id)  # type: ignore[arg-type]
+        call = self._calls.get(msg.request_id)
         if call is None:
             # Late replies for requests that timed out or were aborted are expected.
             _log.debug("ignoring %s for request %s, no longer in flight", msg.type, msg.request_id)
@@ -348,7 +348,7 @@ class AsyncClient:
         call.heard = True
         if msg.type in ("finished", "error"):
             call.settled = True
-            del self._calls[msg.request_id]  # type: ignore[arg-type]
+            del self._calls[msg.request_id]
         call.queue.put_nowait(msg)
 
     def _on_unreadable(self, e: ProtocolError) -> None:

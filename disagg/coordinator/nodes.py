@@ -30,6 +30,7 @@ class NodeState:
     next_task: int = 0
     # Tasks sent that the node had not seen at its last credit: (task number, tokens).
     unacked: deque[tuple[int, int]] = field(default_factory=deque)
+    unacked_tokens: int = 0  # their sum (dispatch reads it per request)
     requests: set[int] = field(default_factory=set)  # rids it has work or KV for
     model_s: float = 0.0  # model time of the batches and steps it reported
 
@@ -55,16 +56,17 @@ class NodeState:
         self.tasks_seen = credit.tasks_seen
         self.queued, self.running, self.held = credit.queued, credit.running, credit.held
         while self.unacked and self.unacked[0][0] <= credit.tasks_seen:
-            self.unacked.popleft()
+            self.unacked_tokens -= self.unacked.popleft()[1]
 
     def available(self) -> int:
         """Tokens of KV this node can still take, counting tasks in flight to it."""
-        return self.free_tokens - sum(tokens for _, tokens in self.unacked)
+        return self.free_tokens - self.unacked_tokens
 
     def reserve(self, tokens: int) -> int:
         """A new task of ``tokens`` (block-rounded) is sent: its number."""
         self.next_task += 1
         self.unacked.append((self.next_task, tokens))
+        self.unacked_tokens += tokens
         return self.next_task
 
     def blocks_tokens(self, num_tokens: int) -> int:

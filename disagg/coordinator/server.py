@@ -3,8 +3,8 @@
 Two ZeroMQ ROUTERs: one for clients (``docs/protocol.md``), one for nodes
 (``disagg.protocol.cluster``). The shell decodes each frame into a message, hands it to
 the :class:`~disagg.coordinator.core.CoordinatorCore` with the time, and keeps what the
-core returns; after each batch of received messages it asks the core to dispatch and
-sends all of it, each connection's streamed chunks merged into one message; every
+core returns; once per turn of the event loop it asks the core to dispatch and sends
+all of it, one message per peer (a ``batch`` of several where needed); every
 ``publish_interval_s`` it ticks the core's timers. Every decision is the core's.
 
 Runs on one asyncio loop (uvloop when installed by ``main``); every handler is
@@ -30,7 +30,7 @@ from disagg.coordinator.core import (
     NodeObserver,
     Outbox,
 )
-from disagg.coordinator.core.outbox import coalesced
+from disagg.coordinator.core.outbox import client_batch, coalesced, node_batch
 from disagg.coordinator.events import RequestEvents
 from disagg.coordinator.metrics import CoordinatorMetrics
 from disagg.coordinator.nodes import NodeState
@@ -80,7 +80,11 @@ class Coordinator:
             configure_curve_server(self.node_socket, s.curve_secret_key)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
-        self._pending = Outbox()  # decided, sent at the end of the batch being handled
+        self._pending = Outbox()  # decided, sent when this turn of the event loop ends
+        self._flush_scheduled = False
+        # Messages through each socket, either way (a batch counts once): what the
+        # control plane's cost scales with (bench/control_plane.py reports them).
+        self.message_counts = {"client_in": 0, "client_out": 0, "node_in": 0, "node_out": 0}
 
     # -- what others read of the core ---------------------------------------------------
 
@@ -199,28 +203,24 @@ class Coordinator:
     # -- sockets ---------------------------------------------------------------------
 
     async def _client_loop(self) -> None:
-        sock = self.clients
-        while True:
-            frames = await sock.recv_multipart(copy=True)
-            while True:
-                self._on_client_frames(frames)
-                try:
-                    frames = await sock.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-            self._send(self.core.dispatch(time.monotonic()))
+        await self._receive(self.clients, self._on_client_frames)
 
     async def _node_loop(self) -> None:
-        sock = self.node_socket
+        await self._receive(self.node_socket, self._on_node_frames)
+
+    async def _receive(self, sock: zmq.asyncio.Socket, handle: Any) -> None:
+        """Waits for a message, then takes every one already queued without waiting
+        (through a plain socket sharing ``sock``'s: no future per message; safe, as
+        nothing awaits ``sock`` meanwhile and the next wait looks at its events first)."""
+        plain = zmq.Socket.shadow(sock.underlying)
         while True:
             frames = await sock.recv_multipart(copy=True)
             while True:
-                self._on_node_frames(frames)
-                try:
-                    frames = await sock.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
+                handle(frames)
+                if not plain.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     break
-            self._send(self.core.dispatch(time.monotonic()))
+                frames = plain.recv_multipart(zmq.NOBLOCK)
+            self._schedule_flush()
 
     async def _timer_loop(self) -> None:
         interval = self.settings.publish_interval_s
@@ -232,6 +232,7 @@ class Coordinator:
                 log.exception("coordinator timer")
 
     def _on_client_frames(self, frames: list[bytes]) -> None:
+        self.message_counts["client_in"] += 1
         if len(frames) < 2:
             return
         identity, body = frames[0], frames[1:]
@@ -243,6 +244,7 @@ class Coordinator:
         self._keep(self.core.on_client(identity, msg, time.monotonic()))
 
     def _on_node_frames(self, frames: list[bytes]) -> None:
+        self.message_counts["node_in"] += 1
         if len(frames) < 2:
             return
         identity, body = frames[0], frames[1:]
@@ -257,19 +259,38 @@ class Coordinator:
         self._pending.extend(out)
 
     def _send(self, out: Outbox) -> None:
-        """Sends ``out`` and whatever was kept before it."""
         self._pending.extend(out)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        # Once per turn of the event loop, after every receive loop that woke in it: the
+        # core dispatches once, and each peer gets one message for all of it.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._pending.extend(self.core.dispatch(time.monotonic()))
         out = self._pending.take()
-        for identity, msg in out.nodes:
+        counts = self.message_counts
+        for identity, msg in coalesced(out.nodes, node_batch):
+            counts["node_out"] += 1
             try:
                 self.node_socket.send_multipart([identity, *encode_node(msg)], flags=zmq.NOBLOCK)
             except zmq.ZMQError as e:  # a node whose pipe is full or gone: drop, go on
                 log.warning("message to node %r dropped: %s", identity, e)
-        for identity, msg in coalesced(out.clients):
+        for identity, msg in coalesced(out.clients, client_batch):
+            counts["client_out"] += 1
             self._send_client(identity, msg)
 
     def _send_client(self, identity: bytes, msg: Any) -> None:
         try:
-            self.clients.send_multipart([identity, *encode(msg)], flags=zmq.NOBLOCK)
+            frames = encode(msg)
+        except ProtocolError as e:  # text JSON cannot carry (a lone surrogate): a bug
+            log.error("a reply to a client could not be encoded, dropped: %s", e)
+            return
+        try:
+            self.clients.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:  # a client whose pipe is full or gone: drop, go on
             log.warning("reply to a client dropped: %s", e)

@@ -11,6 +11,7 @@ from disagg.errors import DisaggError, ProtocolError
 from disagg.protocol.cluster import (
     CoordinatorToNode,
     Credit,
+    NodeBatch,
     Refused,
     Register,
     Welcome,
@@ -84,9 +85,14 @@ class CoordinatorLink:
             except zmq.Again:
                 return out
             try:
-                out.append(decode_from_coordinator(frames))
+                msg = decode_from_coordinator(frames)
             except ProtocolError as e:  # a coordinator bug or a stray peer: log, go on
                 log.error("%s: dropped a malformed coordinator message: %s", self.node_id, e)
+                continue
+            if isinstance(msg, NodeBatch):  # several decided at once: each as if alone
+                out.extend(msg.messages)
+            else:
+                out.append(msg)
 
     def heartbeat_due(self, interval: float) -> bool:
         return time.monotonic() - self.last_sent >= interval

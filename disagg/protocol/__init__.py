@@ -25,6 +25,7 @@ from disagg.protocol.codec import (
 from disagg.protocol.messages import (
     Abort,
     Accepted,
+    Batch,
     ClientMessage,
     Error,
     ErrorCode,
@@ -38,7 +39,6 @@ from disagg.protocol.messages import (
     Sampling,
     ServerMessage,
     Timings,
-    TokenBatch,
     Tokens,
 )
 from disagg.protocol.replies import error_from_exception, error_reply
@@ -50,6 +50,7 @@ __all__ = [
     "SUPPORTED_VERSIONS",
     "Abort",
     "Accepted",
+    "Batch",
     "ClientMessage",
     "Error",
     "ErrorCode",
@@ -65,7 +66,6 @@ __all__ = [
     "Sampling",
     "ServerMessage",
     "Timings",
-    "TokenBatch",
     "Tokens",
     "decode",
     "decode_reply",

@@ -140,16 +140,6 @@ class Tokens(_Message):
     text: str
 
 
-class TokenBatch(_Message):
-    """The chunks of several streamed requests of one connection that the coordinator
-    decided at once (one decode step's tokens): one message where version 1 sent one
-    ``tokens`` per request. Each chunk means exactly what a ``tokens`` message would, in
-    the order given."""
-
-    type: Literal["token_batch"] = "token_batch"
-    chunks: list[Tokens]
-
-
 class Timings(_Message):
     """Seconds spent by the request; ``null`` where a phase did not happen (``tpot_s``
     with fewer than two output tokens; ``kv_transfer_s`` when it finished at prefill)."""
@@ -200,6 +190,18 @@ class Pong(_Message):
     nonce: Id
 
 
+class Batch(_Message):
+    """Several replies to one connection that the coordinator decided at once (one
+    decode step's tokens, a burst of acceptances and completions): one message where
+    version 1 sent one each. Each element means exactly what it would alone; they are
+    read in order."""
+
+    type: Literal["batch"] = "batch"
+    messages: list[
+        Annotated[Accepted | Tokens | Finished | Error | Pong, Field(discriminator="type")]
+    ]
+
+
 ClientMessage = Generate | Abort | Ping
-ServerMessage = Accepted | Tokens | TokenBatch | Finished | Error | Pong
+ServerMessage = Accepted | Tokens | Finished | Error | Pong | Batch
 Message = ClientMessage | ServerMessage

@@ -19,10 +19,10 @@ from disagg.protocol import (
     MAGIC,
     PROTOCOL_VERSION,
     Accepted,
+    Batch,
     Error,
     Finished,
     Generate,
-    TokenBatch,
     Tokens,
 )
 from tests.client.fake_coordinator import (
@@ -85,9 +85,9 @@ def test_stream_yields_chunks_in_order_then_the_completion(run, fake):
 
 
 def _batched_with_the_first(seen: list[Generate]):
-    """Streams answered as the coordinator's decode steps do: the second request's
-    script sends one token_batch carrying both streams' chunks (and one for a request the
-    client no longer has), then both Finished."""
+    """Replies as the coordinator batches them: the second request's script sends one
+    batch with its acceptance, both streams' chunks (and one for a request the client no
+    longer has) and both completions."""
 
     def script(gen: Generate):
         seen.append(gen)
@@ -95,13 +95,11 @@ def _batched_with_the_first(seen: list[Generate]):
         if len(seen) == 1:
             return [accepted]
         first, second = seen
-        batch = TokenBatch(
-            chunks=[
-                Tokens(request_id=first.request_id, index=0, token_ids=[65, 66], text="AB"),
-                Tokens(request_id="long-gone", index=3, token_ids=[1], text="?"),
-                Tokens(request_id=second.request_id, index=0, token_ids=[67], text="C"),
-            ]
-        )
+        chunks = [
+            Tokens(request_id=first.request_id, index=0, token_ids=[65, 66], text="AB"),
+            Tokens(request_id="long-gone", index=3, token_ids=[1], text="?"),
+            Tokens(request_id=second.request_id, index=0, token_ids=[67], text="C"),
+        ]
         done = [
             Finished(
                 request_id=g.request_id, finish_reason="length", token_ids=ids, text=text,
@@ -109,12 +107,12 @@ def _batched_with_the_first(seen: list[Generate]):
             )
             for g, ids, text in ((first, [65, 66], "AB"), (second, [67], "C"))
         ]  # fmt: skip
-        return [accepted, Delay(0.01), batch, *done]
+        return [Delay(0.01), Batch(messages=[accepted, *chunks, *done])]
 
     return script
 
 
-def test_a_token_batch_reaches_each_stream_it_names(run):
+def test_a_batch_reaches_each_request_it_names_in_order(run):
     with FakeCoordinator(_batched_with_the_first([])) as fake:
 
         async def main():

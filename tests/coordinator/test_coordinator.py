@@ -18,6 +18,7 @@ from disagg.coordinator.server import Coordinator, CoordinatorSettings
 from disagg.engine.worker import resolve_model_dir
 from disagg.protocol import Sampling
 from disagg.protocol.cluster import (
+    NodeBatch,
     Prefilled,
     PrefillResult,
     PrefillTask,
@@ -59,6 +60,7 @@ class FakeNode:
         self.sock.setsockopt(zmq.IDENTITY, node_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
+        self.buffered: list = []  # read from a NodeBatch, not yet returned
         fields = dict(
             node_id=node_id, role=role, endpoint=f"{node_id}@0a", model="tiny-test", block_size=16,
             capacity_tokens=4096, max_model_len=1024, max_batch_tokens=4096, pid=1,
@@ -73,10 +75,13 @@ class FakeNode:
     def recv(self, timeout: float = 10.0, skip=("counters",)):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.sock.poll(int(max(0.0, deadline - time.monotonic()) * 1000)):
-                msg = decode_from_coordinator(self.sock.recv_multipart())
+            while self.buffered:
+                msg = self.buffered.pop(0)
                 if msg.type not in skip:
                     return msg
+            if self.sock.poll(int(max(0.0, deadline - time.monotonic()) * 1000)):
+                msg = decode_from_coordinator(self.sock.recv_multipart())
+                self.buffered += msg.messages if isinstance(msg, NodeBatch) else [msg]
         raise AssertionError("the coordinator sent nothing")
 
     def close(self) -> None:

@@ -1,9 +1,10 @@
-"""The shell's merging of streamed chunks: one message per connection, order kept."""
+"""The shell's one message per peer: a peer's messages in order, in one batch."""
 
 from __future__ import annotations
 
-from disagg.coordinator.core.outbox import coalesced
-from disagg.protocol import Accepted, Finished, TokenBatch, Tokens, decode_reply, encode
+from disagg.coordinator.core.outbox import client_batch, coalesced, node_batch
+from disagg.protocol import Accepted, Batch, Finished, Tokens, decode_reply, encode
+from disagg.protocol.cluster import NodeBatch, Release, decode_from_coordinator, encode_node
 
 
 def chunk(rid: str, index: int) -> Tokens:
@@ -16,35 +17,35 @@ def finished(rid: str) -> Finished:
     )
 
 
-def test_each_connections_chunks_become_one_batch_and_a_lone_chunk_stays_tokens():
-    a, b = b"client-a", b"client-b"
-    out = coalesced(
-        [(a, chunk("r1", 0)), (b, chunk("r9", 4)), (a, chunk("r2", 0)), (a, chunk("r3", 5))]
-    )
-    assert [identity for identity, _ in out] == [a, b]
-    batch = dict(out)[a]
-    assert isinstance(batch, TokenBatch)
-    assert [(c.request_id, c.index) for c in batch.chunks] == [("r1", 0), ("r2", 0), ("r3", 5)]
-    assert dict(out)[b] == chunk("r9", 4)
-    # What goes on the wire is a valid version-2 reply, read back equal.
-    assert decode_reply(encode(batch)) == TokenBatch(chunks=batch.chunks)
-
-
-def test_a_connections_other_messages_never_overtake_its_pending_chunks():
+def test_each_clients_messages_become_one_batch_in_order_and_a_lone_one_stays_itself():
     a, b = b"client-a", b"client-b"
     accepted = Accepted(request_id="r4", prompt_token_ids=[1])
-    out = coalesced(
-        [
-            (a, chunk("r1", 0)),
-            (a, chunk("r2", 3)),
-            (b, chunk("r7", 0)),
-            (a, finished("r1")),
-            (a, chunk("r2", 4)),
-            (a, accepted),
-        ]
-    )
-    mine = [msg for identity, msg in out if identity == a]
-    assert [m.type for m in mine] == ["token_batch", "finished", "tokens", "accepted"]
-    assert [c.request_id for c in mine[0].chunks] == ["r1", "r2"]
-    assert mine[2] == chunk("r2", 4)
-    assert [msg for identity, msg in out if identity == b] == [chunk("r7", 0)]
+    sends = [
+        (a, chunk("r1", 0)),
+        (a, chunk("r2", 3)),
+        (b, chunk("r7", 0)),
+        (a, finished("r1")),
+        (a, chunk("r2", 4)),
+        (a, accepted),
+    ]
+    out = dict(coalesced(sends, client_batch))
+    assert out[b] == chunk("r7", 0)
+    batch = out[a]
+    assert isinstance(batch, Batch)
+    assert batch.messages == [
+        chunk("r1", 0),
+        chunk("r2", 3),
+        finished("r1"),
+        chunk("r2", 4),
+        accepted,
+    ]
+    # What goes on the wire is a valid version-2 reply, read back equal.
+    assert decode_reply(encode(batch)) == Batch(messages=batch.messages)
+
+
+def test_node_messages_become_one_node_batch_per_node():
+    out = coalesced([(b"p0", Release(rid=1)), (b"p0", Release(rid=2))], node_batch)
+    ((identity, batch),) = out
+    assert identity == b"p0" and isinstance(batch, NodeBatch)
+    read = decode_from_coordinator(encode_node(batch))
+    assert isinstance(read, NodeBatch) and read.messages == [Release(rid=1), Release(rid=2)]

@@ -22,6 +22,7 @@ from disagg.protocol import (
     PROTOCOL_VERSION,
     Abort,
     Accepted,
+    Batch,
     Error,
     Finished,
     Generate,
@@ -30,7 +31,6 @@ from disagg.protocol import (
     Pong,
     Sampling,
     Timings,
-    TokenBatch,
     Tokens,
     decode,
     decode_reply,
@@ -75,19 +75,6 @@ messages = st.one_of(
     st.builds(Accepted, request_id=ids, prompt_token_ids=token_ids),
     st.builds(Tokens, request_id=ids, index=st.integers(0, 2**31), token_ids=token_ids, text=texts),
     st.builds(
-        TokenBatch,
-        chunks=st.lists(
-            st.builds(
-                Tokens,
-                request_id=ids,
-                index=st.integers(0, 2**31),
-                token_ids=token_ids,
-                text=texts,
-            ),
-            max_size=4,
-        ),
-    ),
-    st.builds(
         Finished,
         request_id=ids,
         finish_reason=st.sampled_from(["stop", "length", "abort"]),
@@ -116,6 +103,10 @@ messages = st.one_of(
     ),
     st.builds(Pong, nonce=ids),
 )
+
+
+single_replies = messages.filter(lambda m: m.type not in ("generate", "abort", "ping"))
+messages = st.one_of(messages, st.builds(Batch, messages=st.lists(single_replies, max_size=4)))
 
 
 @settings(max_examples=300, deadline=None)

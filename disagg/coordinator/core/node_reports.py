@@ -150,10 +150,10 @@ class NodeReports(KVPairing):
         self.pools.decode.on_tokens(t, len(tokens))
         if self.metrics:
             self.metrics.charge(t.client_id, "decode", self._cost_out(len(tokens)))
-        if t.stream:
+        if t.stream:  # (built unvalidated: every field is the coordinator's own, checked)
             self._reply(
                 t.identity,
-                Tokens(
+                Tokens.model_construct(
                     request_id=t.request_id,
                     index=index,
                     token_ids=tokens,

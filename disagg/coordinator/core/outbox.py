@@ -3,11 +3,12 @@ the order they were decided (the shell sends them in that order, per peer)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from disagg.protocol import TokenBatch, Tokens
-from disagg.protocol.cluster import _NodeMessage
+from disagg.protocol import Batch
+from disagg.protocol.cluster import NodeBatch, _NodeMessage
 
 
 @dataclass(slots=True)
@@ -31,25 +32,23 @@ class Outbox:
         return bool(self.clients or self.nodes)
 
 
-def coalesced(clients: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
-    """``clients`` with each connection's consecutive ``tokens`` chunks merged into one
-    ``token_batch`` (a lone chunk stays ``tokens``): one message per connection per
-    decode step instead of one per request. Per connection the order is kept: pending
-    chunks go out before that connection's next other message (a ``finished`` never
-    overtakes its request's last chunk); across connections order means nothing."""
-    out: list[tuple[bytes, Any]] = []
-    pending: dict[bytes, list[Tokens]] = {}
-    for identity, msg in clients:
-        if msg.type == "tokens":
-            pending.setdefault(identity, []).append(msg)
-            continue
-        chunks = pending.pop(identity, None)
-        if chunks:
-            out.append((identity, _one_message(chunks)))
-        out.append((identity, msg))
-    out.extend((identity, _one_message(chunks)) for identity, chunks in pending.items())
-    return out
+def coalesced(
+    sends: list[tuple[bytes, Any]], batch: Callable[[list[Any]], Any]
+) -> list[tuple[bytes, Any]]:
+    """``sends`` as one message per peer: a peer's messages in their order, wrapped by
+    ``batch`` when there are several (a client's ``Batch``, a node's ``NodeBatch``). Per
+    message, a send costs far more than its bytes; across peers order means nothing."""
+    by_peer: dict[bytes, list[Any]] = {}
+    for identity, msg in sends:
+        by_peer.setdefault(identity, []).append(msg)
+    return [
+        (identity, msgs[0] if len(msgs) == 1 else batch(msgs)) for identity, msgs in by_peer.items()
+    ]
 
 
-def _one_message(chunks: list[Tokens]) -> Tokens | TokenBatch:
-    return chunks[0] if len(chunks) == 1 else TokenBatch.model_construct(chunks=chunks)
+def client_batch(msgs: list[Any]) -> Batch:
+    return Batch.model_construct(messages=msgs)
+
+
+def node_batch(msgs: list[Any]) -> NodeBatch:
+    return NodeBatch.model_construct(messages=msgs)
