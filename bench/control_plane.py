@@ -71,7 +71,8 @@ def serve(port_file: Path, out: Path, threads: int, sim: dict | None = None) -> 
         if snapshot:
             snapshot = False
             model = {n.node_id: n.model_s for n in list(cluster.coordinator.nodes.values())}
-            model["messages"] = dict(cluster.coordinator.message_counts)
+            # (a coordinator from before message counts: compared side by side, none)
+            model["messages"] = dict(getattr(cluster.coordinator, "message_counts", {}))
             with open(f"{out}.snapshots", "a") as f:
                 f.write(json.dumps(model) + "\n")
     log = list(cluster.coordinator.finished_log)

@@ -103,7 +103,7 @@ class AsyncClient:
         self.routing_id = b"c" + uuid.uuid4().bytes
         sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
         if server_key is not None:  # CurveZMQ: encrypt, and talk only to that server
-            from disagg.coordinator.auth import configure_curve_client
+            from disagg.protocol.curve import configure_curve_client
 
             try:
                 configure_curve_client(sock, server_key)

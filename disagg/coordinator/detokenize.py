@@ -26,9 +26,7 @@ class IncrementalText:
             return ""
         before = self._before
         if before is None:
-            before = self._before = self.tokenizer.decode(
-                token_ids[self._prefix : self._sent_upto]
-            )
+            before = self._before = self.tokenizer.decode(token_ids[self._prefix : self._sent_upto])
         after = self.tokenizer.decode(token_ids[self._prefix :])
         if after.endswith("\ufffd") or len(after) < len(before):
             return ""

@@ -22,7 +22,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from disagg.coordinator.auth import ClientAccess, configure_curve_server
+from disagg.coordinator.auth import ClientAccess
 from disagg.coordinator.core import (
     MAX_PAIR_EPOCHS,
     CoordinatorCore,
@@ -39,6 +39,7 @@ from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import ConfigError, ProtocolError, ServerUnavailable
 from disagg.protocol import decode_request, encode, error_reply
 from disagg.protocol.cluster import decode_from_node, encode_node
+from disagg.protocol.curve import configure_curve_server
 
 __all__ = ["MAX_PAIR_EPOCHS", "Coordinator", "CoordinatorSettings"]
 

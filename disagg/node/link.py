@@ -36,7 +36,7 @@ class CoordinatorLink:
         self.socket.setsockopt(zmq.IDENTITY, node_id.encode())
         self.socket.setsockopt(zmq.LINGER, 1000)
         if server_key is not None:
-            from disagg.coordinator.auth import configure_curve_client
+            from disagg.protocol.curve import configure_curve_client
 
             configure_curve_client(self.socket, server_key)
         self.socket.connect(address)

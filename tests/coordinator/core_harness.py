@@ -23,13 +23,14 @@ CLIENT = b"client-0"
 
 
 class CoreHarness:
-    def __init__(self, **settings: Any):
+    def __init__(self, metrics: Any = None, **settings: Any):
         model_dir = resolve_model_dir("tiny")
         self.now = 100.0
         self.core = CoordinatorCore(
             ModelConfig.from_dir(model_dir),
             Tokenizer.from_dir(model_dir),
             CoordinatorSettings(**settings),
+            metrics=metrics,
             now=self.now,
         )
         self.to_client: dict[bytes, list[Any]] = defaultdict(list)

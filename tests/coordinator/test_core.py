@@ -24,7 +24,9 @@ from disagg.protocol.cluster import (
     Refused,
     Release,
     SourceLost,
+    StepTokens,
     TaskFailed,
+    TokenItem,
     Welcome,
 )
 from tests.coordinator.core_harness import CoreHarness, last_token, prefilled, step
@@ -328,3 +330,33 @@ def test_a_node_observer_sees_each_message_with_its_time_before_it_is_handled():
     h.node("prefill-0", prefilled(rid, 3, "length"))
     assert seen == [("prefill-0", "prefilled", 100.5)]
     assert one(h.take_client(), Finished).timings.ttft_s == pytest.approx(0.5)
+
+
+def test_the_metrics_show_each_clients_service_exactly_once():
+    from disagg.coordinator.metrics import CoordinatorMetrics
+    from tests.coordinator.test_metrics import value
+
+    metrics = CoordinatorMetrics()
+    h = CoreHarness(metrics=metrics)
+    h.register("prefill-0", "prefill")
+    h.register("decode-0", "decode")
+    for name, client in (("a", "alice"), ("b", "bob")):
+        h.generate(name, client_id=client, max_tokens=3, temperature=0)
+    tasks = one_each(h.take_node("prefill-0"), PrefillTask)
+    for task in tasks:
+        h.node("prefill-0", prefilled(task.rid, 7))
+    rids = [task.rid for task in tasks]
+    h.node("decode-0", StepTokens(items=[TokenItem(rid=r, index=1, token_ids=[8]) for r in rids]))
+    h.node("decode-0", step(rids[0], 1, [8]))  # a repeat: not charged again
+    h.node("decode-0", step(rids[0], 2, [9, 10], "length"))  # its last two tokens
+    cost = h.core.settings.fairness.cost
+    out = cost(0, 1) - cost(0, 0)
+    assert value(metrics, "disagg_client_service_total", client_id="bob", stage="decode") == (
+        pytest.approx(2 * out)
+    )
+    alice = value(metrics, "disagg_client_service_total", client_id="alice", stage="decode")
+    assert alice == pytest.approx(2 * out + (cost(0, 2) - cost(0, 0)))
+
+
+def one_each(msgs: list, kind: type) -> list:
+    return [m for m in msgs if isinstance(m, kind)]

@@ -88,7 +88,15 @@ class CoordinatorCore(NodeReports, Intake, Dispatch):
             self._on_node_message(node, msg)
         except Exception:  # a bug in one message's handling must not stop the service
             log.exception("handling %s from %s", msg.type, node.node_id)
+        if self.decode_charges:
+            self._export_charges()
         return self.outbox.take()
+
+    def _export_charges(self) -> None:
+        assert self.metrics is not None
+        for client, amount in self.decode_charges.items():
+            self.metrics.charge(client, "decode", amount)
+        self.decode_charges.clear()
 
     def dispatch(self, now: float) -> Outbox:
         """Hands queued requests to nodes with room (after a batch of messages)."""

@@ -148,8 +148,9 @@ class NodeReports(KVPairing):
         if t.first_token_at is None:
             t.first_token_at = self.now
         self.pools.decode.on_tokens(t, len(tokens))
-        if self.metrics:
-            self.metrics.charge(t.client_id, "decode", self._cost_out(len(tokens)))
+        if self.metrics:  # summed per client, exported once per message (see on_node)
+            charges = self.decode_charges
+            charges[t.client_id] = charges.get(t.client_id, 0.0) + self._cost_out(len(tokens))
         if t.stream:  # (built unvalidated: every field is the coordinator's own, checked)
             self._reply(
                 t.identity,

@@ -92,6 +92,8 @@ class CoreState:
         self._published_versions: tuple[int, ...] = ()
         self._published_at = float("-inf")
         self.accepting = True
+        # Output service charged since it was last exported to the metrics, by client.
+        self.decode_charges: dict[str, float] = {}
 
     # -- acting: only ever appends to the outbox --------------------------------------
 
