@@ -34,6 +34,9 @@ from pathlib import Path
 from bench.served_process import process_tree_cpu, wait_for_address
 
 PROMPT = list(range(10, 26))  # 16 token ids
+# Requests of the warm-up, 8 at a time (it once ran the whole --requests count: minutes
+# of near-idle load before the measured run at a large --requests).
+WARMUP_REQUESTS = 64
 
 
 def serve(port_file: Path, out: Path, threads: int, sim: dict | None = None) -> None:
@@ -157,10 +160,11 @@ async def load(
 
     done = 0
     next_index = 0
+    limit = min(requests, WARMUP_REQUESTS)
 
     async def worker(client: AsyncClient, cid: str) -> None:
         nonlocal done, next_index
-        while next_index < requests:
+        while next_index < limit:
             next_index += 1
             kw = dict(client_id=cid, max_tokens=max_tokens, temperature=0, ignore_eos=True)
             if stream:
@@ -174,9 +178,8 @@ async def load(
             done += 1
 
     async with AsyncClient(address, timeout=300) as client:
-        # warm-up
         await asyncio.gather(*(worker(client, "warmup") for _ in range(8)))
-        done, next_index = 0, 0
+        done, next_index, limit = 0, 0, requests
         usage.take()
         start = time.perf_counter()
         per_client = max(1, concurrency // clients)

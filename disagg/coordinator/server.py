@@ -76,6 +76,11 @@ class Coordinator:
         self.node_socket = self.ctx.socket(zmq.ROUTER)
         self.node_socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.node_socket.setsockopt(zmq.LINGER, 0)
+        # No send high-water mark: at the default (1,000 messages a peer) a ROUTER drops
+        # what a slow peer has not read yet, silently: a lost task or a lost Finished.
+        # What waits is bounded by the requests in flight (each message is about one).
+        for sock in (self.clients, self.node_socket):
+            sock.setsockopt(zmq.SNDHWM, 0)
         if s.curve_secret_key is not None:
             configure_curve_server(self.clients, s.curve_secret_key)
             configure_curve_server(self.node_socket, s.curve_secret_key)

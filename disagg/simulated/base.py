@@ -101,6 +101,7 @@ class SimNode:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, node_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # sends never fail (a full pipe would raise)
         self.sock.connect(coordinator)
         self.free_blocks = spec.num_blocks
         self.watermark = watermark(spec.num_blocks)
@@ -159,6 +160,7 @@ class SimNode:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.node_id}: no answer from the coordinator")
         steps = asyncio.create_task(self.steps())
+        steps.add_done_callback(self._steps_ended)
         beat = asyncio.create_task(self._heartbeat())
         try:
             while not self.stopping:
@@ -186,6 +188,11 @@ class SimNode:
         else:
             self.handle(msg)
             self.changed()
+
+    def _steps_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:  # a bug: say so, stop
+            log.error("%s: its step loop failed", self.node_id, exc_info=task.exception())
+            self.stopping = True
 
     def _publish(self, counters: dict[str, float]) -> None:
         own = self.counters

@@ -87,3 +87,19 @@ def test_a_decode_step_takes_the_profiles_time(cluster):
     expected = model.decode_time(1, 16 + 6)
     assert out.timings.tpot >= expected * 0.95
     assert out.timings.tpot < expected * 3  # no step is skipped or run twice
+
+
+def test_serve_simulated_needs_a_profile_and_the_flags_reach_the_options():
+    import argparse
+
+    from disagg.errors import ConfigError
+    from disagg.serve_cli import add_serve_arguments, serve_options
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = ["--simulated", "--latency-profile", str(PROFILE), "--decode", "3"]
+    options = serve_options(parser.parse_args([*args, "--max-num-seqs", "128"]))
+    assert (options.simulated, options.decode, options.max_num_seqs) == (True, 3, 128)
+    assert options.latency_profile == str(PROFILE)
+    with pytest.raises(ConfigError, match="latency-profile"):
+        serve_options(parser.parse_args(["--simulated"]))
