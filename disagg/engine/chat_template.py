@@ -63,9 +63,7 @@ class ChatTemplate:
         try:
             self._template = _environment().from_string(source)
         except TemplateSyntaxError as exc:
-            raise CheckpointError(
-                origin or "chat template", f"not a valid template ({exc})"
-            ) from exc
+            raise CheckpointError(origin or "chat template", f"not a valid template ({exc})") from exc
 
     def render(
         self,
@@ -86,9 +84,7 @@ class ChatTemplate:
                 **extra,
             )
         except TemplateError as exc:
-            raise InvalidRequestError(
-                "messages", f"the model's chat template refused them: {exc}"
-            ) from exc
+            raise InvalidRequestError("messages", f"the model's chat template refused them: {exc}") from exc
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> ChatTemplate | None:
@@ -147,9 +143,7 @@ def _plain_message(message: Mapping[str, Any], index: int) -> dict[str, Any]:
     elif content is None:
         content = ""
     elif not isinstance(content, str):
-        raise InvalidRequestError(
-            f"messages[{index}].content", "must be a string or a list of parts"
-        )
+        raise InvalidRequestError(f"messages[{index}].content", "must be a string or a list of parts")
     plain = dict(message)
     plain["content"] = content
     return plain
