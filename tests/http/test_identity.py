@@ -112,7 +112,7 @@ def test_no_live_node_is_a_503(keyed):
 
 @pytest.mark.slow
 def test_the_gateway_speaks_to_a_curve_encrypted_coordinator(tmp_path):
-    from disagg.coordinator.auth import generate_curve_keypair
+    from disagg.protocol.curve import generate_curve_keypair
 
     keys = generate_curve_keypair(tmp_path / "curve")
     cluster = served_with_gateway(tmp_path, "tiny", curve_secret_key=str(keys.secret_key_file))
