@@ -125,9 +125,7 @@ class ColocatedNode(NodeRuntime):
             token_budget=self.settings.max_batch_tokens,
             watermark=self.watermark,
         )
-        taken = take_in_order(
-            self.waiting, limits, self._blocks_needed, lambda h: h.seq.num_tokens
-        )
+        taken = take_in_order(self.waiting, limits, self._blocks_needed, lambda h: h.seq.num_tokens)
         for h in taken:
             h.seq.block_table = allocator.allocate(self._blocks_needed(h))
         return taken

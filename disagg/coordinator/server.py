@@ -10,6 +10,14 @@ requests are re-dispatched: not yet prefilled -> prefilled again elsewhere; pref
 or mid-decode -> resumed on a decode node from the prompt and the tokens already sent,
 so a client's stream never has a gap or a repeat.
 
+A colocated cluster (``CoordinatorSettings.colocated``) has one pool: requests wait in
+one policy queue (single-stage VTC for the VTC policies) and go, as a ``DecodeTask``
+without a KV source, to the colocated node with the most room; input is charged when
+the node reports the request admitted, output as tokens are reported, both to the same
+per-client counters. A colocated node that dies has its requests resumed on another
+from the tokens already sent. Nodes of the other kind are refused at registration: no
+fairness bound is stated for a cluster that mixes the two.
+
 Runs on one asyncio loop (uvloop when installed by ``main``); every handler is
 synchronous and short, so no locks.
 """
@@ -66,6 +74,7 @@ from disagg.protocol import (
     error_reply,
 )
 from disagg.protocol.cluster import (
+    Admitted,
     Counters,
     Credit,
     DecodeTask,
@@ -92,7 +101,8 @@ from disagg.protocol.cluster import (
     encode_node,
 )
 from disagg.protocol.codec import DEFAULT_MAX_MESSAGE_BYTES
-from disagg.scheduling import FairnessConfig, make_pool_policies
+from disagg.scheduling import FairnessConfig, make_policy, make_pool_policies
+from disagg.scheduling.factory import PoolPolicies
 from disagg.scheduling.vtc import CounterOrdered
 
 log = logging.getLogger(__name__)
@@ -120,6 +130,7 @@ class CoordinatorSettings:
     reject_over_slo: float | None = None
     curve_secret_key: str | None = None  # CurveZMQ keypair file: both endpoints encrypted
     events_log: str | None = None  # append each ended request's events here (JSON lines)
+    colocated: bool = False  # colocated nodes only (prefill/decode nodes are refused)
 
 
 class Coordinator:
@@ -144,7 +155,11 @@ class Coordinator:
         self.finished_log: deque[tuple[str, float, float]] = deque(maxlen=100_000)
         # (prefill endpoint, decode endpoint) -> the epoch of their KV channel
         self.pair_epochs: dict[tuple[str, str], int] = {}
-        self.pools = make_pool_policies(s.policy, s.fairness)
+        self.pools = (
+            _colocated_pool(s.policy, s.fairness)
+            if s.colocated
+            else make_pool_policies(s.policy, s.fairness)
+        )
         self.nodes: dict[str, NodeState] = {}
         self.by_identity: dict[bytes, NodeState] = {}
         self.model_fingerprint: str | None = None
@@ -192,18 +207,22 @@ class Coordinator:
     def live_nodes(self, role: str | None = None) -> list[NodeState]:
         return [n for n in self.nodes.values() if n.alive and (role is None or n.role == role)]
 
-    async def wait_for_nodes(self, prefill: int, decode: int, timeout: float) -> None:
+    async def wait_for_nodes(
+        self, prefill: int, decode: int, timeout: float, *, colocated: int = 0
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if (
                 len(self.live_nodes("prefill")) >= prefill
                 and len(self.live_nodes("decode")) >= decode
+                and len(self.live_nodes("colocated")) >= colocated
             ):
                 return
             await asyncio.sleep(0.05)
         raise ServerUnavailable(
-            f"only {len(self.live_nodes('prefill'))}/{prefill} prefill and "
-            f"{len(self.live_nodes('decode'))}/{decode} decode nodes registered "
+            f"only {len(self.live_nodes('prefill'))}/{prefill} prefill, "
+            f"{len(self.live_nodes('decode'))}/{decode} decode and "
+            f"{len(self.live_nodes('colocated'))}/{colocated} colocated nodes registered "
             f"within {timeout:.0f} s",
             address=self.settings.node_address,
             timeout=timeout,
@@ -499,6 +518,13 @@ class Coordinator:
             reason = "wrong or missing cluster secret"
         elif self.model_fingerprint not in (None, msg.model):
             reason = f"model {msg.model} differs from the cluster's {self.model_fingerprint}"
+        elif (msg.role == "colocated") != self.settings.colocated:
+            reason = (
+                f"a {msg.role} node in a "
+                f"{'colocated' if self.settings.colocated else 'disaggregated'} cluster: "
+                "colocated nodes are never mixed with prefill/decode nodes (no fairness "
+                "bound is stated for the mix)"
+            )
         elif existing is not None and existing.alive and existing.role != msg.role:
             reason = f"a live {existing.role} node is already registered as {msg.node_id}"
         if reason is None and existing is not None and existing.alive:
@@ -543,6 +569,8 @@ class Coordinator:
             if msg.preempted and self.metrics:
                 for _ in msg.preempted:
                     self.metrics.preemption(node.node_id)
+        elif isinstance(msg, Admitted):
+            self._on_admitted(node, msg.rids)
         elif isinstance(msg, PullRequest):
             self._on_pull_request(node, msg.rids)
         elif isinstance(msg, Pushed):
@@ -615,6 +643,20 @@ class Coordinator:
                     text=t.text.delta(t.output_token_ids),
                 ),
             )
+
+    def _on_admitted(self, node: NodeState, rids: list[int]) -> None:
+        """A colocated node admitted ``rids``: their input is charged now, once."""
+        policy = self.pools.prefill
+        for rid in rids:
+            t = self.requests.get(rid)
+            if t is None or t.decode_node != node.node_id or t.phase is not Phase.DECODING:
+                continue
+            self._leave_prefill_backlog(t)
+            if not t.input_charged:
+                policy.on_admitted(t, t.num_prompt_tokens)
+                t.input_charged = True
+                if self.metrics:
+                    self.metrics.charge(t.client_id, "prefill", self._cost_in(t.num_prompt_tokens))
 
     def _on_pull_request(self, node: NodeState, rids: list[int]) -> None:
         """Pairs each request's decode node with the prefill node holding its KV: one
@@ -758,6 +800,8 @@ class Coordinator:
     # -- dispatch --------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        if self.settings.colocated:
+            self._dispatch_colocated()
         self._dispatch_prefill()
         self._dispatch_decode()
         if self.metrics:
@@ -828,6 +872,40 @@ class Coordinator:
                     counter=self._counter_of(policy, t.client_id),
                     arrival=t.arrival_time,
                     source=source,
+                ),
+            )
+
+    def _dispatch_colocated(self) -> None:
+        """The one queue, in its order, to the colocated node with the most room; the
+        head waits for room, not overtaken. A request with tokens already sent (its
+        node died) resumes from them."""
+        policy = self.pools.prefill
+        nodes = self.live_nodes("colocated")
+        if not nodes:
+            return
+        while (t := policy.peek()) is not None:
+            node = max(nodes, key=NodeState.available)
+            need = node.blocks_tokens(t.num_prompt_tokens + t.num_output_tokens + 1)
+            if node.available() < need:
+                break
+            policy.pop()
+            if not t.output_token_ids:
+                t.prefill_node = node.node_id
+            t.phase, t.decode_node = Phase.DECODING, node.node_id
+            t.dispatched_at = t.dispatched_at or time.monotonic()
+            node.requests.add(t.rid)
+            self.events.record(str(t.rid), "dispatched", node_id=node.node_id)
+            self._send_node(
+                node,
+                DecodeTask(
+                    task=node.reserve(need),
+                    rid=t.rid,
+                    client_id=t.client_id,
+                    prompt_token_ids=t.prompt_token_ids,
+                    output_token_ids=t.output_token_ids,
+                    sampling=t.sampling,
+                    counter=self._counter_of(policy, t.client_id),
+                    arrival=t.arrival_time,
                 ),
             )
 
@@ -958,9 +1036,12 @@ class Coordinator:
         have = {
             "prefill": bool(self.live_nodes("prefill")),
             "decode": bool(self.live_nodes("decode")),
+            "colocated": bool(self.live_nodes("colocated")),
         }
         for t in list(self.requests.values()):
             need = {Phase.QUEUED: "prefill", Phase.WAITING_DECODE: "decode"}.get(t.phase)
+            if need is not None and self.settings.colocated:
+                need = "colocated"
             if need is not None and not have[need]:
                 if t.unplaced_since is None:
                     t.unplaced_since = now
@@ -1004,8 +1085,21 @@ class Coordinator:
         self._published_versions, self._published_at = versions, now
         self.pools.publish()
         by_role = {role: self._counters(role) for role in ("prefill", "decode")}
+        by_role["colocated"] = by_role["prefill"]  # one pool: prefill and decode are it
         for node in self.live_nodes():
             self._send_node(node, Counters(values=by_role[node.role]))
         if self.metrics:
             for client, value in by_role["decode"].items():
                 self.metrics.set_counter(client, value)
+
+
+# Single-stage VTC on a colocated cluster: what each cluster policy becomes there.
+COLOCATED_POLICY = {"per-stage-vtc": "vtc", "two-stage-vtc": "vtc"}
+
+
+def _colocated_pool(policy: str, fairness: FairnessConfig) -> PoolPolicies:
+    """One policy for both phases (the same object as both pools: input and output are
+    charged to one counter per client)."""
+    one = make_policy(COLOCATED_POLICY.get(policy, policy), fairness)
+    ledgers = [one.ledger] if isinstance(one, CounterOrdered) else []
+    return PoolPolicies(one, one, ledgers=ledgers)
