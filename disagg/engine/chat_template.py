@@ -121,6 +121,35 @@ class ChatTemplate:
             origin=origin,
         )
 
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> ChatTemplate | None:
+        """The template in a GGUF file's metadata (``tokenizer.chat_template``), or None."""
+        from disagg.engine.gguf_checkpoint import open_gguf, read_metadata
+        from disagg.engine.gguf_tokenizer import tokenizer_config
+
+        config = tokenizer_config(read_metadata(open_gguf(Path(path))))
+        source = config.get("chat_template")
+        if not source:
+            return None
+        return cls(
+            source,
+            bos_token=config.get("bos_token", ""),
+            eos_token=config.get("eos_token", ""),
+            origin=f"{path}: tokenizer.chat_template",
+        )
+
+
+def load_chat_template(model: str | Path) -> ChatTemplate | None:
+    """The chat template of the model ``--model`` names (a Hugging Face directory, a
+    ``.gguf`` file, a registry name or ``tiny``), or None when it ships none. Reads the
+    template only: converts no weights."""
+    from disagg.engine.model_source import locate_model
+
+    where = locate_model(model)
+    if where.is_file():
+        return ChatTemplate.from_gguf(where)
+    return ChatTemplate.from_model_dir(where)
+
 
 def _token_text(token: Any) -> str:
     if isinstance(token, dict):  # {"content": "<s>", ...} in older tokenizer configs

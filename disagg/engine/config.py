@@ -19,7 +19,9 @@ class EngineConfig:
     GiB or (CUDA) what is left of ``gpu_memory_utilization`` of the GPU after the
     weights. ``policy`` orders waiting requests (fcfs, lcf, rpm, vtc), priced and
     weighted by ``fairness``. ``max_model_len`` defaults to the model's context (capped by its sliding
-    window, if any) and is capped by the pool's size."""
+    window, if any) and is capped by the pool's size. ``tensor_parallel_size`` x
+    ``pipeline_parallel_size`` > 1 runs the model on that many rank processes
+    (docs/parallel.md); ``kv_cache_memory`` is then per rank."""
 
     model: str = "tiny"
     device: str = "cpu"
@@ -35,6 +37,12 @@ class EngineConfig:
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
     seed: int = 0
     enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def __post_init__(self) -> None:
         # torch.device raises a bare RuntimeError on e.g. "cuda:x"; catch it here instead.
@@ -44,10 +52,19 @@ class EngineConfig:
             raise ConfigError(
                 "dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("num_blocks", "kv_cache_memory", "max_model_len"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -8,7 +8,6 @@ import time
 import torch
 
 from disagg.engine.config import EngineConfig
-from disagg.engine.sampler import sample
 from disagg.engine.scheduler import Scheduler
 from disagg.engine.sequence import Sequence
 from disagg.engine.worker import ModelWorker, Prompt, resolve_model_dir
@@ -26,7 +25,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.worker = worker = ModelWorker(config)
+        self.worker = worker = make_worker(config)
         self.model_dir = worker.model_dir
         self.model_config = worker.model_config
         self.device = worker.device
@@ -38,7 +37,7 @@ class LLMEngine:
         self.kv_cache = worker.kv_cache
         self.allocator = worker.allocator
         self.runner = worker.runner
-        num_blocks = worker.kv_cache.num_blocks
+        num_blocks = worker.allocator.num_blocks
         self.scheduler = Scheduler(
             self.allocator,
             make_policy(config.policy, config.fairness),
@@ -103,12 +102,12 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        if batch.is_prefill:
-            logits = self.runner.prefill(batch.seqs)
-        else:
-            logits = self.runner.decode(batch.seqs)
-        tokens = sample(logits, batch.seqs, self.generator)
+        tokens = self.worker.execute(batch.seqs, batch.is_prefill, self.generator)
         return self._postprocess(batch.seqs, tokens)
+
+    def close(self) -> None:
+        """Stops the rank processes of a parallel engine (nothing to do otherwise)."""
+        self.worker.close()
 
     def _postprocess(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
         now = time.monotonic()
@@ -129,3 +128,13 @@ class LLMEngine:
 
     def output_text(self, seq: Sequence) -> str:
         return self.worker.output_text(seq)
+
+
+def make_worker(config: EngineConfig) -> ModelWorker:
+    """The worker a config asks for: one process, or a leader of tp x pp rank processes
+    (close it to stop them)."""
+    if config.world_size == 1:
+        return ModelWorker(config)
+    from disagg.engine.parallel.leader import ParallelModelWorker  # spawns rank processes
+
+    return ParallelModelWorker(config)

@@ -12,15 +12,29 @@ from disagg.errors import ConfigError
 
 @dataclass(frozen=True, slots=True)
 class KVCacheSpec:
+    """A pool's shape. A rank of a parallel group holds layers
+    ``[first_layer, first_layer + num_layers)`` and KV heads
+    ``[first_kv_head, first_kv_head + num_kv_heads)`` of the model, in global indices."""
+
     num_layers: int
     num_kv_heads: int
     head_dim: int
     block_size: int
     dtype: torch.dtype
+    first_layer: int = 0
+    first_kv_head: int = 0
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
         return cls(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, dtype)
+
+    @property
+    def layers(self) -> range:
+        return range(self.first_layer, self.first_layer + self.num_layers)
+
+    @property
+    def kv_heads(self) -> range:
+        return range(self.first_kv_head, self.first_kv_head + self.num_kv_heads)
 
     @property
     def block_shape(self) -> tuple[int, int, int]:

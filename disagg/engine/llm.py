@@ -39,7 +39,13 @@ class LLM:
     ``model`` is a local Hugging Face directory or ``"tiny"`` (the embedded model).
     Keyword arguments are :class:`EngineConfig` fields: ``device``, ``dtype``,
     ``block_size``, ``num_blocks`` or ``kv_cache_memory`` (bytes), ``max_num_seqs``,
-    ``max_num_batched_tokens``, ``max_model_len``, ``policy``, ``seed``, ``enforce_eager``.
+    ``max_num_batched_tokens``, ``max_model_len``, ``policy``, ``seed``, ``enforce_eager``,
+    ``tensor_parallel_size``, ``pipeline_parallel_size``.
+
+    With ``tensor_parallel_size * pipeline_parallel_size > 1`` the model runs on that
+    many rank processes that ``LLM`` starts (docs/parallel.md); ``close()`` — or leaving
+    a ``with LLM(...) as llm:`` block — stops them, and they also end if this process
+    dies. Single-process engines need no ``close()`` (it is harmless).
     """
 
     def __init__(self, model: str = "tiny", **engine_kwargs: object):
@@ -51,6 +57,16 @@ class LLM:
             )
         self.engine = LLMEngine(EngineConfig(model=str(model), **engine_kwargs))  # type: ignore[arg-type]
         self.tokenizer = self.engine.tokenizer
+
+    def close(self) -> None:
+        """Stops the engine's rank processes, if it has any (idempotent)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def generate(
         self,

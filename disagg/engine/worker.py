@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from pathlib import Path
 
 import torch
 
@@ -20,29 +19,18 @@ from disagg.engine.checkpoint import load_model
 from disagg.engine.config import DEFAULT_CPU_KV_MEMORY, EngineConfig
 from disagg.engine.kv_cache import KVCache, KVCacheSpec
 from disagg.engine.model_config import DTYPES, ModelConfig
+from disagg.engine.model_source import resolve_model_dir
 from disagg.engine.runner import ModelRunner
+from disagg.engine.sampler import sample
 from disagg.engine.sequence import Sequence
 from disagg.engine.tokenizer import Tokenizer, eos_token_ids
-from disagg.errors import CheckpointError, ConfigError, InvalidRequestError
+from disagg.errors import ConfigError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
 
-
-def resolve_model_dir(model: str) -> Path:
-    """'tiny' is the embedded model (written once into the cache); anything else must be
-    a local Hugging Face model directory. Nothing is ever downloaded."""
-    if model == "tiny":
-        from disagg.engine.tiny_model import tiny_model_path
-
-        return tiny_model_path()
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(
-            str(path), "not a directory: pass a local Hugging Face model directory or 'tiny'"
-        )
-    return path
+__all__ = ["ModelWorker", "Prompt", "resolve_model_dir"]
 
 
 class ModelWorker:
@@ -91,6 +79,16 @@ class ModelWorker:
             use_cuda_graphs=not config.enforce_eager,
         )
 
+    def execute(
+        self, seqs: list[Sequence], is_prefill: bool, generator: torch.Generator | None
+    ) -> list[int]:
+        """Runs one batch and samples each sequence's next token."""
+        logits = self.runner.prefill(seqs) if is_prefill else self.runner.decode(seqs)
+        return sample(logits, seqs, generator)
+
+    def close(self) -> None:
+        """Nothing to stop in one process (a parallel worker stops its ranks)."""
+
     # -- prompts -------------------------------------------------------------------
 
     def prompt_token_ids(self, prompt: Prompt) -> list[int]:
@@ -121,7 +119,7 @@ class ModelWorker:
                 "prompt", f"must be a string or a list of token ids, got {type(prompt).__name__}"
             )
         if len(ids) >= self.max_model_len:
-            pool = self.kv_cache.num_blocks * self.config.block_size
+            pool = self.allocator.num_blocks * self.config.block_size
             raise InvalidRequestError(
                 field,
                 f"{len(ids)} tokens leave no room to generate: max_model_len is {self.max_model_len} "

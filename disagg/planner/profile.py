@@ -12,7 +12,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="tiny", help="Hugging Face model directory, or 'tiny'")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (only 1 exists)")
+    p.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel degree: tp gloo/NCCL rank processes"
+    )
     p.add_argument(
         "--threads",
         type=int,

@@ -165,13 +165,13 @@ def measure(
 ) -> tuple[list[Sample], list[Sample]]:
     """Times every grid point on ``worker``: prefill as a prefill node's step does it
     (runner.prefill, then sampling), decode as a decode node's (runner.decode, sampling)."""
-    from disagg.engine.sampler import sample
 
     def run(phase: str, batch: int, length: int) -> Sample:
         seqs = _sequences(worker, batch, length, decode=phase == "decode")
-        step = worker.runner.decode if phase == "decode" else worker.runner.prefill
+        prefill = phase == "prefill"
         try:
-            ms = _timed(lambda: sample(step(seqs), seqs), worker.device, repeats)
+            # execute = runner + sampling, in this process or on a parallel worker's ranks
+            ms = _timed(lambda: worker.execute(seqs, prefill, None), worker.device, repeats)
         finally:
             for s in seqs:
                 worker.allocator.free(s.block_table)
@@ -185,7 +185,7 @@ def measure(
 
 
 def _check_grid(grid: ProfileGrid, worker) -> None:
-    cap = worker.kv_cache.num_blocks * worker.block_size
+    cap = worker.allocator.num_blocks * worker.block_size
     for phase, points in (("prefill", grid.prefill), ("decode", grid.decode)):
         if len({p for p in points}) < 3:
             raise ConfigError(
@@ -234,18 +234,15 @@ def profile_engine(
     num_blocks: int | None = None,
     progress: bool = True,
 ) -> ProfileResult:
-    """Profile ``model`` on ``device`` at tensor-parallel degree ``tp`` (only 1: the
-    engine has no tensor parallelism) with ``threads`` torch CPU threads."""
+    """Profile ``model`` on ``device`` at tensor-parallel degree ``tp`` with ``threads``
+    torch CPU threads (at tp > 1: the real parallel engine, whose ranks share the
+    machine's cores; docs/parallel.md)."""
     from disagg.engine.config import EngineConfig
-    from disagg.engine.worker import ModelWorker
+    from disagg.engine.engine import make_worker
+    from disagg.engine.kv_cache import KVCacheSpec
 
-    if tp != 1:
-        raise ConfigError(
-            "tp",
-            f"tp={tp}: the engine does not implement tensor parallelism, so only tp=1 can be "
-            f"profiled (on {device}); plan larger degrees with the analytic model or a profile "
-            f"measured elsewhere",
-        )
+    if not isinstance(tp, int) or tp < 1:
+        raise ConfigError("tp", f"must be an integer >= 1, got {tp!r}")
     if threads < 1:
         raise ConfigError("threads", f"must be >= 1, got {threads}")
     if repeats < 1:
@@ -254,21 +251,31 @@ def profile_engine(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        worker = ModelWorker(
-            EngineConfig(model=model, device=device, dtype=dtype, num_blocks=num_blocks)
+        worker = make_worker(
+            EngineConfig(
+                model=model,
+                device=device,
+                dtype=dtype,
+                num_blocks=num_blocks,
+                tensor_parallel_size=tp,
+            )
         )
-        if grid is None:
-            grid = ProfileGrid.product(max_model_len=worker.max_model_len)
-        _check_grid(grid, worker)
-        bar = Progress(len(grid.prefill) + len(grid.decode)) if progress else None
-        prefill, decode = measure(worker, grid, repeats, bar)
+        try:
+            if grid is None:
+                grid = ProfileGrid.product(max_model_len=worker.max_model_len)
+            _check_grid(grid, worker)
+            bar = Progress(len(grid.prefill) + len(grid.decode)) if progress else None
+            prefill, decode = measure(worker, grid, repeats, bar)
+        finally:
+            worker.close()
     finally:
         torch.set_num_threads(previous_threads)
     prefill_fit = fit_prefill(prefill)
     pieces = fit_decode(decode)
-    spec = worker.kv_cache.spec
+    # The whole model's KV per token (what a hand-off moves), whatever the layout.
+    spec = KVCacheSpec.for_model(worker.model_config, worker.block_size, worker.dtype)
     kv_bytes = spec.bytes_per_block // spec.block_size
-    capacity = worker.kv_cache.num_blocks * worker.block_size
+    capacity = worker.allocator.num_blocks * worker.block_size
     where = "cpu" if worker.device.type == "cpu" else torch.cuda.get_device_name(worker.device)
     sources = {
         "engine": f"disagg {_engine_commit()}, torch {torch.__version__}",
@@ -276,7 +283,7 @@ def profile_engine(
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "method": f"median of {repeats} timed runs per point after one warm-up; "
         "non-negative least squares on relative error",
-        "kv_capacity_tokens": f"{worker.kv_cache.num_blocks} blocks x {worker.block_size} tokens, "
+        "kv_capacity_tokens": f"{worker.allocator.num_blocks} blocks x {worker.block_size} tokens, "
         "the pool the worker sized",
     }
     profile = LatencyProfile(
@@ -285,7 +292,7 @@ def profile_engine(
         gpu=device if device == "cpu" else where,
         kv_bytes_per_token=kv_bytes,
         tp={
-            "1": TpProfile(
+            str(tp): TpProfile(
                 prefill=list(prefill_fit.coef),
                 decode=[DecodePiece(max_batch=cut, coef=list(f.coef)) for cut, f in pieces],
                 kv_capacity_tokens=capacity,

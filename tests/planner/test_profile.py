@@ -121,12 +121,14 @@ def test_cli_writes_a_profile_the_simulator_reads(tmp_path, capsys, monkeypatch)
     assert report["clients"]["a"]["ttft_p50"] == pytest.approx(lone, rel=1e-6)
 
 
-def test_tensor_parallel_on_cpu_is_refused(tmp_path, capsys):
-    code = main(["profile", "--tp", "2", "-o", str(tmp_path / "p.json")])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert "tensor parallelism" in err and "tp=2" in err
-    assert not (tmp_path / "p.json").exists()
+@pytest.mark.slow  # starts two rank processes
+def test_tensor_parallel_profile_times_the_parallel_engine():
+    result = profile_engine(tp=2, grid=GRID, repeats=1, num_blocks=64, progress=False)
+    assert list(result.profile.tp) == ["2"]
+    assert all(s.ms > 0 for s in result.prefill_samples + result.decode_samples)
+    # The whole model's KV per token, as at tp = 1 (tiny: 4 layers x 2 KV heads x 32).
+    assert result.profile.kv_bytes_per_token == 2 * 4 * 2 * 32 * 4
+    assert result.profile.tp["2"].kv_capacity_tokens == 64 * 16
 
 
 def test_grid_too_small_to_fit_is_refused():
