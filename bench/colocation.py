@@ -152,7 +152,7 @@ def main() -> None:
         print(f"{kind:>14} {per_node:>22} {predicted:>10.2f}")
     (gd, lower_d), (gc, lower_c) = goodput["disaggregated"], goodput["colocated"]
     dn, cn = layouts["disaggregated"][0].gpus, layouts["colocated"][0].gpus
-    if gc > 0 and not (lower_d or lower_c):
+    if gc > 0 and gd > 0 and not (lower_d or lower_c):
         measured_ratio = (gd / dn) / (gc / cn)
         error = (planned.ratio - measured_ratio) / measured_ratio
         print(
@@ -163,8 +163,8 @@ def main() -> None:
         )
     else:
         print(
-            "disaggregated / colocated: no measured ratio (a goodput is only a lower bound "
-            "or 0 on this grid); widen --fractions"
+            "disaggregated / colocated: no measured ratio (a goodput is only a lower bound, "
+            "or even the lowest rate missed the target); move --fractions"
         )
     print(f"machine: {os.cpu_count()} cores, shared; total {time.monotonic() - t0:.0f} s; "
           f"files in {tmp}")  # fmt: skip
