@@ -53,6 +53,12 @@ def _generate(args: argparse.Namespace) -> int:
     return run_generate(args)
 
 
+def _http(args: argparse.Namespace) -> int:
+    from disagg.http.server import run_http_command
+
+    return run_http_command(args)
+
+
 def _plan(args: argparse.Namespace) -> int:
     from disagg.planner.cli import run_plan
 
@@ -126,6 +132,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="send one prompt to a served system and stream the output")
     add_generate_arguments(p)
     p.set_defaults(func=_generate)
+
+    from disagg.http.server import add_arguments as add_http_arguments
+
+    p = sub.add_parser(
+        "http",
+        help="serve the OpenAI-compatible HTTP API as a gateway to a running coordinator",
+    )
+    add_http_arguments(p)
+    p.set_defaults(func=_http)
 
     p = sub.add_parser("status", help="nodes, queues and per-client service and SLO attainment")
     p.add_argument(

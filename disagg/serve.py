@@ -79,6 +79,7 @@ class ServeOptions:
     curve_secret_key: str | None = None  # CurveZMQ keypair file: both endpoints encrypted
     restart_nodes: bool = True  # a node process that dies is started again
     events_log: str | None = None  # each ended request's lifetime events, as JSON lines
+    http_port: int | None = None  # the OpenAI-compatible gateway's port (0: any free)
 
     def __post_init__(self) -> None:
         if self.policy == "vtc":
@@ -110,6 +111,8 @@ class ServeOptions:
             )
         if not 0 <= self.port < 65535 - 2:
             raise ConfigError("port", f"must be in [0, 65532], got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ConfigError("http_port", f"must be in [0, 65535], got {self.http_port}")
 
 
 class ServedCluster:
@@ -157,6 +160,7 @@ class ServedCluster:
         self._thread: threading.Thread | None = None
         self._store = None
         self._logs: list = []
+        self.gateway = None  # disagg.http.process.GatewayProcess, with http_port
 
     # -- nodes -----------------------------------------------------------------------
 
@@ -353,7 +357,31 @@ class ServedCluster:
                 target=self._supervise, name="node-supervisor", daemon=True
             )
             self._supervisor.start()
+        if self.options.http_port is not None:
+            self._start_gateway()
         return self
+
+    def _start_gateway(self) -> None:
+        """The OpenAI-compatible HTTP front end, a process of its own that is a client of
+        this coordinator (docs/openai-api.md)."""
+        from disagg.http.process import GatewayProcess
+
+        o = self.options
+        log_file = Path(o.log_dir) / "http.log" if o.log_dir else None
+        try:
+            self.gateway = GatewayProcess(
+                self.client_address,
+                str(self.model_dir),
+                host=o.host,
+                port=o.http_port or 0,
+                log_file=log_file,
+                # The keypair file holds the public key a client needs, as for nodes.
+                extra_args=["--served-model-name", o.model]
+                + (["--server-key", o.curve_secret_key] if o.curve_secret_key else []),
+            ).wait_ready()
+        except BaseException:
+            self.stop(drain_timeout=0)
+            raise
 
     def _call(self, coro, timeout: float, watch_processes: bool = False):
         assert self._loop is not None
@@ -388,6 +416,8 @@ class ServedCluster:
             with contextlib.suppress(Exception):
                 self._call(self.coordinator.close(), timeout=10)
             self._thread.join(timeout=10)
+        if self.gateway is not None:  # after the drain: it relayed the requests drained
+            self.gateway.stop()
         for proc in self.processes.values():
             try:
                 proc.wait(timeout=10)
@@ -441,6 +471,8 @@ def run_serve(options: ServeOptions) -> int:
     )
     if cluster.metrics_port is not None:
         print(f"disagg serve: metrics on http://{o.host}:{cluster.metrics_port}/metrics")
+    if cluster.gateway is not None:
+        print(f"disagg serve: OpenAI-compatible API on {cluster.gateway.url}/v1", flush=True)
     print(f"disagg serve: listening for clients on {cluster.client_address}", flush=True)
     while not stop.wait(0.5):
         pass

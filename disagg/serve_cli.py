@@ -30,6 +30,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=5555, help="client port (nodes: +1, KV: +2)")
     p.add_argument("--deployment", help="deployment file written by `disagg plan -o`")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus exporter port")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="also serve the OpenAI-compatible HTTP API on this port (docs/openai-api.md)",
+    )
     p.add_argument("--api-keys", help="API-key file (key -> client id, weight, limits)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per node")
     p.add_argument("--threads-per-node", type=int, default=None)
@@ -109,6 +115,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         log_dir=args.log_dir,
         restart_nodes=args.restart_nodes,
         events_log=args.events_log,
+        http_port=args.http_port,
     )
     if args.deployment:
         from disagg.deployment import load_deployment
