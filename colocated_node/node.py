@@ -109,23 +109,34 @@ class ColocatedNode(NodeRuntime):
         }
 
     def has_work(self) -> bool:
-        return bool(self.running) or self.waiting.peek() is not None
+        """Running requests to decode, or a queue head that fits now (one that does not
+        fit waits for blocks: polling for it would only spin)."""
+        if self.running:
+            return True
+        head = self.waiting.peek()
+        return head is not None and self._limits().admits(
+            self._blocks_needed(head), head.seq.num_tokens
+        )
 
     def _blocks_needed(self, h: Held) -> int:
         return blocks_for_tokens(h.seq.num_tokens, self.block_size)
 
-    def _admit(self) -> list[Held]:
-        """The engine's prefill rule: the queue's head and those behind it while they fit
-        the free blocks, the sequence limit and the batch's token budget."""
-        allocator = self.worker.allocator
-        limits = Limits(
-            free=allocator.num_free,
+    def _limits(self) -> Limits:
+        return Limits(
+            free=self.worker.allocator.num_free,
             max_seqs=self.settings.max_num_seqs,
             running=len(self.running),
             token_budget=self.settings.max_batch_tokens,
             watermark=self.watermark,
         )
-        taken = take_in_order(self.waiting, limits, self._blocks_needed, lambda h: h.seq.num_tokens)
+
+    def _admit(self) -> list[Held]:
+        """The engine's prefill rule: the queue's head and those behind it while they fit
+        the free blocks, the sequence limit and the batch's token budget."""
+        allocator = self.worker.allocator
+        taken = take_in_order(
+            self.waiting, self._limits(), self._blocks_needed, lambda h: h.seq.num_tokens
+        )
         for h in taken:
             h.seq.block_table = allocator.allocate(self._blocks_needed(h))
         return taken

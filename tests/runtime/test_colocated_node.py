@@ -151,3 +151,13 @@ def test_a_release_during_a_step_frees_its_blocks_after_the_step():
     assert 3 not in streams(node.link.sent)
     node.handle(Release(rid=4))
     assert node.worker.allocator.num_free == free and not node.has_work()
+
+
+def test_a_head_that_does_not_fit_is_no_work_and_is_not_overtaken():
+    """A head larger than the free blocks waits (the loop does not spin on it), and the
+    small request behind it is not taken first (the shared admission rule)."""
+    node = colocated_node(num_blocks=4)  # 64 tokens of KV
+    node.handle(task(1, list(range(3, 103))))  # 100 tokens: 7 blocks
+    node.handle(task(2, PROMPTS[1]))
+    assert not node.has_work() and node.prepare_step() is None
+    assert not [m for m in node.link.sent if isinstance(m, Admitted)]
