@@ -105,8 +105,29 @@ def test_a_colocated_node_killed_mid_stream_loses_no_request(tmp_path, offline):
         finished_on = {done.request_id: done.nodes.decode for _, done in results}
         assert all(finished_on[rid] == "colocated-1" for rid in moved)
         assert not cluster.coordinator.nodes["colocated-0"].alive
+        # Each request's input was charged once and each token once, resumed or not.
+        charged = service_charged(cluster)
+        for client in {f"c{len(p) % 3}" for p, _ in jobs}:
+            mine = [done for (_, done), (p, _) in zip(results, jobs, strict=True)
+                    if f"c{len(p) % 3}" == client]  # fmt: skip
+            want_in = W_IN * sum(len(d.prompt_token_ids) for d in mine)
+            want_out = W_OUT * sum(len(d.token_ids) for d in mine)
+            assert charged[(client, "prefill")] == pytest.approx(want_in)
+            assert charged[(client, "decode")] == pytest.approx(want_out)
     finally:
         cluster.stop(drain_timeout=5)
+
+
+def service_charged(cluster) -> dict[tuple[str, str], float]:
+    """(client, stage) -> service charged, from the coordinator's Prometheus counters."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(cluster.metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name.endswith("client_service_total"):
+                out[(sample.labels["client_id"], sample.labels["stage"])] = sample.value
+    return out
 
 
 def single_stage_bound(longest_prompt: int, total_service: float, publish_interval: float):
