@@ -32,8 +32,16 @@ from pathlib import Path
 from disagg.coordinator.auth import ClientLimits, make_access
 from disagg.coordinator.metrics import CoordinatorMetrics
 from disagg.coordinator.server import Coordinator, CoordinatorSettings
+from disagg.engine.config import DEFAULT_GPU_MEMORY_UTILIZATION
 from disagg.engine.worker import resolve_model_dir
 from disagg.errors import ConfigError
+from disagg.gpus import (
+    VISIBLE_ENV,
+    memory_shares,
+    node_visible_devices,
+    parent_devices,
+    place_nodes,
+)
 from disagg.node.settings import CLUSTER_SECRET_ENV
 from disagg.scheduling import DISAGGREGATED_POLICIES, FairnessConfig
 
@@ -173,9 +181,10 @@ class ServedCluster:
         return roles + [("decode", f"decode-{i}") for i in range(o.decode)]
 
     def _gpu_assignment(self) -> dict[str, list[int]]:
-        """On CUDA each node gets its own GPU (NCCL cannot pair two processes on one
-        device, and CUDA IPC between nodes sharing a GPU is not wired into the nodes yet):
-        the deployment's device lists, else GPU i for the i-th node."""
+        """On CUDA: the deployment's device lists, else GPU i for the i-th node, round
+        robin when there are fewer GPUs than nodes (nodes on one GPU move KV over CUDA
+        IPC and split its memory; disagg/gpus.py). Indices are positions among the GPUs
+        this process sees."""
         o = self.options
         if o.device != "cuda" or o.external_nodes:  # external nodes bring their own GPUs
             return {}
@@ -183,15 +192,7 @@ class ServedCluster:
             return dict(o.node_devices)
         import torch
 
-        count = torch.cuda.device_count()
-        nodes = self.node_ids()
-        if len(nodes) > count:
-            raise ConfigError(
-                "device",
-                f"{len(nodes)} nodes on CUDA need {len(nodes)} GPUs (one each), this machine "
-                f"has {count}",
-            )
-        return {node_id: [index] for index, (_, node_id) in enumerate(nodes)}
+        return place_nodes([node_id for _, node_id in self.node_ids()], torch.cuda.device_count())
 
     def node_command(
         self, role: str, node_id: str, threads: int, *, python: str = sys.executable
@@ -218,6 +219,9 @@ class ServedCluster:
         ]  # fmt: skip
         if o.num_blocks:
             cmd += ["--num-blocks", str(o.num_blocks)]
+        share = memory_shares(self._gpus, DEFAULT_GPU_MEMORY_UTILIZATION).get(node_id)
+        if share is not None:  # a GPU shared with other nodes: an equal part of it
+            cmd += ["--gpu-memory-utilization", f"{share:.4f}"]
         if o.curve_secret_key:  # the keypair file also holds the public key nodes need
             cmd += ["--curve-server-key", o.curve_secret_key]
         return cmd
@@ -238,8 +242,8 @@ class ServedCluster:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         if o.cluster_secret:
             env[CLUSTER_SECRET_ENV] = o.cluster_secret
-        if node_id in self._gpus:  # this node's GPUs
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self._gpus[node_id]))
+        if node_id in self._gpus:  # this node's GPUs, as entries of our own list
+            env[VISIBLE_ENV] = node_visible_devices(self._gpus[node_id], parent_devices(os.environ))
         out = None
         if o.log_dir:
             Path(o.log_dir).mkdir(parents=True, exist_ok=True)

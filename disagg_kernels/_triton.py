@@ -28,9 +28,25 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
 
 
+def dot_precision(dtype: object) -> str:
+    """``tl.dot``'s input precision for operands of ``dtype``: IEEE for float32 (Triton's
+    default runs float32 as TF32 on tensor cores: a 10-bit mantissa, far from the float32
+    reference), the default otherwise (16-bit operands are exact on tensor cores)."""
+    import torch
+
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= ``n`` (``tl.arange`` extents must be powers of two)."""
     return 1 << max(n - 1, 0).bit_length()
 
 
-__all__ = ["HAS_TRITON", "interpreter_enabled", "next_power_of_2", "tl", "triton"]
+__all__ = [
+    "HAS_TRITON",
+    "dot_precision",
+    "interpreter_enabled",
+    "next_power_of_2",
+    "tl",
+    "triton",
+]

@@ -62,16 +62,22 @@ def kernel_backend(name: KernelBackend) -> Iterator[None]:
 
 def resolve(tensor: torch.Tensor) -> ResolvedBackend:
     """The implementation to run for inputs living where ``tensor`` lives."""
+    return resolve_device(tensor.device)
+
+
+def resolve_device(device: torch.device) -> ResolvedBackend:
+    """The implementation kernels on ``device`` run (what ``resolve`` says of its tensors)."""
     name = get_kernel_backend()
     if name == "torch":
         return "torch"
+    is_cuda = device.type == "cuda"
     if name == "auto":
-        return "triton" if tensor.is_cuda and HAS_TRITON else "torch"
+        return "triton" if is_cuda and HAS_TRITON else "torch"
     if not HAS_TRITON:
         raise RuntimeError("kernel backend 'triton' was requested but triton is not installed")
-    if not tensor.is_cuda and not interpreter_enabled():
+    if not is_cuda and not interpreter_enabled():
         raise RuntimeError(
-            f"kernel backend 'triton' was requested for a {tensor.device.type} tensor; "
+            f"kernel backend 'triton' was requested for a {device.type} tensor; "
             "Triton runs on CPU only in its interpreter: set TRITON_INTERPRET=1 before "
             "importing disagg_kernels, or use backend 'torch'/'auto'"
         )

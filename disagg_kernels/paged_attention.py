@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from disagg_kernels._triton import HAS_TRITON, next_power_of_2, tl, triton
+from disagg_kernels._triton import HAS_TRITON, dot_precision, next_power_of_2, tl, triton
 from disagg_kernels.backend import resolve
 
 
@@ -131,19 +131,28 @@ if HAS_TRITON:
         tables_stride_b,
         out_stride_b,
         out_stride_h,
+        out_stride_split,
+        lse_ptr,  # SPLIT: (B, H_q, splits) float32 log2-sum-exp of each split's scores
+        split_len,  # cache tokens per split (a multiple of BLOCK_N)
         qk_scale,  # softmax scale * log2(e): the kernel works in base 2
         block_size,
         head_dim,
+        SPLIT: tl.constexpr,  # write each split's normalised part and its lse, not out
         GROUP: tl.constexpr,  # query heads per KV head
         BLOCK_H: tl.constexpr,  # GROUP padded to a tl.dot-friendly size (>= 16)
         BLOCK_N: tl.constexpr,  # cache tokens per iteration
         BLOCK_D: tl.constexpr,  # head_dim padded to a power of two
+        PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32
     ):
-        # One program per (sequence, KV head): every query head of the group shares each
-        # K/V tile it loads, and the group forms the M dimension of tl.dot.
+        # One program per (sequence, KV head, split of the context): every query head of
+        # the group shares each K/V tile it loads, and the group forms the M dimension of
+        # tl.dot. Without splitting there is one split, longer than any context.
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
+        split = tl.program_id(2)
         ctx_len = tl.load(lens_ptr + seq)
+        lo = split * split_len
+        hi = tl.minimum(ctx_len, lo + split_len)
 
         offs_h = tl.arange(0, BLOCK_H)
         offs_n = tl.arange(0, BLOCK_N)
@@ -161,9 +170,9 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        for start in range(0, ctx_len, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             pos = start + offs_n  # (BLOCK_N,)
-            n_mask = pos < ctx_len
+            n_mask = pos < hi
             # Table entries past the last block are never loaded (masked).
             block = tl.load(
                 tables_ptr + seq * tables_stride_b + pos // block_size, mask=n_mask, other=0
@@ -177,22 +186,94 @@ if HAS_TRITON:
             k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
 
-            # float32 inputs may run as TF32 on GPU (Triton's default precision).
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_H, BLOCK_N) float32
+            s = (
+                tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            )  # (BLOCK_H, BLOCK_N) float32
             s = tl.where(n_mask[None, :], s, float("-inf"))
             # Online softmax; m_new is finite because every chunk has a valid position.
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
-        out = acc / l_i[:, None]
+        # A split past a short context saw nothing: part 0, lse -inf (it weighs nothing).
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        out_rows = out_ptr + seq * out_stride_b + split * out_stride_split
         tl.store(
-            out_ptr + seq * out_stride_b + q_heads[:, None] * out_stride_h + offs_d[None, :],
+            out_rows + q_heads[:, None] * out_stride_h + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
             mask=h_mask[:, None] & d_mask[None, :],
+        )
+        if SPLIT:
+            lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+            n_splits = tl.num_programs(2)
+            tl.store(
+                lse_ptr + (seq * GROUP * tl.num_programs(1) + q_heads) * n_splits + split,
+                lse,
+                mask=h_mask,
+            )
+
+
+# Split-K for long contexts at small batch: with fewer (sequence, KV head) programs than
+# the GPU has SMs, each context is cut into splits of at least MIN_SPLIT_TOKENS, run by
+# programs of their own, and their parts are merged by log-sum-exp weights.
+MIN_SPLIT_TOKENS = 512
+MAX_SPLITS = 16
+# Programs one SM keeps busy (latency hiding): the batch is "small" below this many per SM.
+PROGRAMS_PER_SM = 2
+
+
+def decode_splits(programs: int, max_tokens: int, sm_count: int) -> int:
+    """How many splits each context gets: ``programs`` (sequences x KV heads) already
+    running, contexts of up to ``max_tokens`` (the block table's width: known without a
+    host sync, so the choice is the same in every replay of a CUDA graph)."""
+    want = -(-PROGRAMS_PER_SM * sm_count // max(programs, 1))
+    return max(1, min(MAX_SPLITS, want, max_tokens // MIN_SPLIT_TOKENS))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: no SMs to fill (tests pass ``num_splits``)
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _merge_splits_kernel(
+        parts_ptr,  # (B, H_q, S, D) float32, contiguous
+        lse_ptr,  # (B, H_q, S) float32
+        out_ptr,
+        out_stride_b,
+        out_stride_h,
+        num_heads,
+        num_splits,
+        head_dim,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # One program per (sequence, query head): its splits' parts weighted by 2^lse.
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < num_splits
+        row = seq * num_heads + head
+        lse = tl.load(lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
+        w = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 always saw a token: finite max
+        parts = tl.load(
+            parts_ptr + (row * num_splits + offs_s[:, None]) * head_dim + offs_d[None, :],
+            mask=s_mask[:, None] & (offs_d[None, :] < head_dim),
+            other=0.0,
+        )  # (BLOCK_S, BLOCK_D)
+        out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
+        tl.store(
+            out_ptr + seq * out_stride_b + head * out_stride_h + offs_d,
+            out.to(out_ptr.dtype.element_ty),
+            mask=offs_d < head_dim,
         )
 
 
@@ -204,7 +285,9 @@ def paged_decode_attention_triton(
     context_lens: torch.Tensor,
     scale: float,
     block_n: int = 32,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
+    """``num_splits``: None picks by ``decode_splits``; 1 never splits."""
     _check(query, k_cache, v_cache, block_tables, context_lens)
     b, h_q, d = query.shape
     h_kv = k_cache.shape[2]
@@ -215,29 +298,55 @@ def paged_decode_attention_triton(
     if b == 0:
         return out
     group = h_q // h_kv
-    _paged_decode_kernel[(b, h_kv)](
+    max_tokens = block_tables.shape[1] * k_cache.shape[1]
+    splits = num_splits or decode_splits(b * h_kv, max_tokens, _sm_count(query.device))
+    split_len = -(-max_tokens // splits)
+    split_len = -(-split_len // block_n) * block_n  # whole iterations per split
+    if splits > 1:
+        parts = torch.empty(b, h_q, splits, d, dtype=torch.float32, device=query.device)
+        lse = torch.empty(b, h_q, splits, dtype=torch.float32, device=query.device)
+        dst, dst_strides = parts, (parts.stride(0), parts.stride(1), parts.stride(2))
+    else:
+        lse, dst, dst_strides = out, out, (out.stride(0), out.stride(1), 0)
+    _paged_decode_kernel[(b, h_kv, splits)](
         query,
         k_cache,
         v_cache,
         block_tables,
         context_lens,
-        out,
+        dst,
         query.stride(0),
         query.stride(1),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
+        *dst_strides,
+        lse,
+        split_len if splits > 1 else max(max_tokens, 1),
         scale * 1.4426950408889634,  # log2(e)
         k_cache.shape[1],
         d,
+        SPLIT=splits > 1,
         GROUP=group,
         BLOCK_H=max(16, next_power_of_2(group)),
         BLOCK_N=block_n,
         BLOCK_D=max(16, next_power_of_2(d)),
+        PRECISION=dot_precision(query.dtype),
     )
+    if splits > 1:  # one more launch: the parts merged into out
+        _merge_splits_kernel[(b, h_q)](
+            parts,
+            lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            h_q,
+            splits,
+            d,
+            BLOCK_S=next_power_of_2(splits),
+            BLOCK_D=max(16, next_power_of_2(d)),
+        )
     return out
 
 

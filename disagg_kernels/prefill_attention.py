@@ -11,7 +11,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from disagg_kernels._triton import HAS_TRITON, next_power_of_2, tl, triton
+from disagg_kernels._triton import HAS_TRITON, dot_precision, next_power_of_2, tl, triton
 from disagg_kernels.backend import resolve
 
 
@@ -75,6 +75,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,  # query rows per program
         BLOCK_N: tl.constexpr,  # key rows per iteration
         BLOCK_D: tl.constexpr,  # head_dim padded to a power of two
+        PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32
     ):
         # One program per (query block, sequence, query head); the grid is sized for the
         # longest sequence, so blocks past a shorter sequence's end exit at once.
@@ -113,8 +114,9 @@ if HAS_TRITON:
             k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
             v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
 
-            # float32 inputs may run as TF32 on GPU (Triton's default precision).
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) float32
+            s = (
+                tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            )  # (BLOCK_M, BLOCK_N) float32
             # Applied on every tile for simplicity; only diagonal tiles really need it.
             causal = (pos[None, :] <= offs_m[:, None]) & n_mask[None, :]
             s = tl.where(causal, s, float("-inf"))
@@ -123,7 +125,7 @@ if HAS_TRITON:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
         out = acc / l_i[:, None]
@@ -171,6 +173,7 @@ def prefill_attention_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=max(16, next_power_of_2(d)),
+        PRECISION=dot_precision(query.dtype),
     )
     return out
 

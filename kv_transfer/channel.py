@@ -69,6 +69,7 @@ from kv_transfer.layout import (
     layer_checksum,
 )
 from kv_transfer.links import Group, PeerLinks, Xfer
+from kv_transfer.streams import TransferStreams
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +116,8 @@ class DistChannelBackend(KVTransferBackend):
         self._device = device
         self._control_device = control_device
         # gloo: header, extension (and small transfers' layers) in one opening message.
-        self._opening_message = control_device.type == "cpu"
+        # NCCL (or gloo in NCCL's order, tests) matches exact sizes in posting order.
+        self._opening_message = control_device.type == "cpu" and not self._links.ordered
         self.checksums = checksums
         self._on_layer_staged = on_layer_staged
         self._opening_out: dict[int, ByteBuffer] = {}  # per peer: the last opening sent
@@ -124,6 +126,7 @@ class DistChannelBackend(KVTransferBackend):
         self._recv_seq: dict[int, int] = {}
         self._unsent: dict[int, dist.Work] = {}  # per peer: the last verdict, maybe in flight
         self._staging: dict[int, StagingBuffers] = {}  # per peer: calls for two peers may overlap
+        self._streams = TransferStreams(device)  # CUDA: each peer's transfers on its own stream
 
     # -- what subclasses provide ---------------------------------------------------------
 
@@ -193,6 +196,34 @@ class DistChannelBackend(KVTransferBackend):
         num_tokens: int,
         timeout: float,
     ) -> TransferStats:
+        self._links.begin(request_id, peer, timeout)  # argument checks before the stream
+        with self._streams.use(peer, after_compute=True):  # reads what compute wrote
+            return self._send(request_id, kv_layers, block_ids, peer, num_tokens, timeout)
+
+    def recv(
+        self,
+        request_id: RequestId,
+        kv_layers: KVLayers,
+        block_ids: BlockIds,
+        peer: int,
+        *,
+        num_tokens: int,
+        timeout: float,
+    ) -> TransferStats:
+        self._links.begin(request_id, peer, timeout)
+        # Writes blocks nobody reads yet; synchronised with the host before it returns.
+        with self._streams.use(peer, after_compute=False):
+            return self._recv(request_id, kv_layers, block_ids, peer, num_tokens, timeout)
+
+    def _send(
+        self,
+        request_id: RequestId,
+        kv_layers: KVLayers,
+        block_ids: BlockIds,
+        peer: int,
+        num_tokens: int,
+        timeout: float,
+    ) -> TransferStats:
         x = self._begin(request_id, peer, timeout)
         layout = KVLayout.of(kv_layers)
         ids = block_id_tensor(block_ids, layout, num_tokens)
@@ -212,9 +243,13 @@ class DistChannelBackend(KVTransferBackend):
         self._before_header(layout)
         self._send_seq[peer] = fields.seq + 1
         with self._exchange(x):
-            # Posted first, so the receiver's answer never waits for it.
             verdict_buf = self._control()
-            w_verdict = self._links.irecv(verdict_buf, x)
+            # gloo: posted first, so the receiver's answer never waits for it. NCCL runs a
+            # pair's operations in posting order: a receive posted before the header would
+            # hold the header back until the verdict came, and the verdict waits for the
+            # header. There it is posted after the last send, where the receiver sends it.
+            ordered = self._links.ordered
+            w_verdict = None if ordered else self._links.irecv(verdict_buf, x)
             sent = self._send_opening(x, fields, extension, mover if inline else None)
             handshake = time.perf_counter() - x.start  # the header is out, layers follow
             done: tuple[float, ...] = ()
@@ -225,18 +260,19 @@ class DistChannelBackend(KVTransferBackend):
                 self._links.wait(work, x, stage)
             if inline:
                 done = (time.perf_counter() - x.start,) * layout.num_layers
+            if w_verdict is None:
+                w_verdict = self._links.irecv(verdict_buf, x)
             self._links.wait(w_verdict, x, "verdict")
             verdict = self._verdict(verdict_buf, fields.seq, x)
             verdict.raise_if_failed(request_id, rejected_by_peer=True)
         return make_stats(self.name, "send", x.peer, fields, x.start, handshake, done)
 
-    def recv(
+    def _recv(
         self,
         request_id: RequestId,
         kv_layers: KVLayers,
         block_ids: BlockIds,
         peer: int,
-        *,
         num_tokens: int,
         timeout: float,
     ) -> TransferStats:
@@ -362,6 +398,7 @@ class DistChannelBackend(KVTransferBackend):
         self._staging.clear()
         self._opening_out.clear()
         self._opening_in.clear()
+        self._links.close()
 
     def staging(self, peer: int) -> StagingBuffers:
         return self._staging.setdefault(peer, StagingBuffers())

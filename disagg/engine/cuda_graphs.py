@@ -11,8 +11,10 @@ from disagg.engine.model import CausalLM, KVLayer
 
 
 def batch_size_buckets(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4, 8, *list(range(16, max_num_seqs + 1, 16))]
-    return sorted({min(s, max_num_seqs) for s in sizes})
+    """1, 2, 4, 8, then every multiple of 16, up to and always including
+    ``max_num_seqs`` (a full batch must not fall back to eager)."""
+    sizes = [1, 2, 4, 8, *range(16, max_num_seqs + 1, 16), max_num_seqs]
+    return sorted({s for s in sizes if s <= max_num_seqs})
 
 
 class DecodeGraphs:
@@ -32,6 +34,7 @@ class DecodeGraphs:
             n, model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=device
         )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.replays = 0  # steps run by a graph (tests check graphs really ran)
         pool = None
         for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool
             meta = AttentionMetadata(
@@ -75,4 +78,5 @@ class DecodeGraphs:
         self.block_tables[:b, : block_tables.shape[1]] = block_tables
         self.block_tables[b:bucket] = 0
         self.graphs[bucket].replay()
+        self.replays += 1
         return self.hidden[:b]

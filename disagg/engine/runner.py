@@ -8,13 +8,18 @@ ladder of batch sizes.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from disagg.engine.attention_metadata import AttentionMetadata
 from disagg.engine.cuda_graphs import DecodeGraphs
+from disagg.engine.device import decode_graphs_refusal
 from disagg.engine.kv_cache import KVCache
 from disagg.engine.model import CausalLM
 from disagg.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -32,9 +37,12 @@ class ModelRunner:
         self.block_size = kv_cache.spec.block_size
         self.device = kv_cache.data.device
         self.graphs: DecodeGraphs | None = None
-        if use_cuda_graphs and self.device.type == "cuda":
+        refusal = decode_graphs_refusal(self.device, enforce_eager=not use_cuda_graphs)
+        if refusal is None:
             max_blocks = -(-max_model_len // self.block_size)
             self.graphs = DecodeGraphs(model, kv_cache.layers, max_num_seqs, max_blocks)
+        elif self.device.type == "cuda":
+            log.info("decode runs eagerly on %s: %s", self.device, refusal)
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -43,9 +51,12 @@ class ModelRunner:
         seq_lens = self._tensor(lens, torch.long)  # (B,)
         cu_seqlens = torch.zeros(len(seqs) + 1, dtype=torch.int32, device=self.device)
         cu_seqlens[1:] = seq_lens.cumsum(0)
-        seq_index = torch.repeat_interleave(torch.arange(len(seqs), device=self.device), seq_lens)
-        positions = torch.arange(input_ids.numel(), device=self.device) - (
-            cu_seqlens[:-1].long().repeat_interleave(seq_lens)
+        total = sum(lens)  # known on the host: output_size spares repeat_interleave a sync
+        seq_index = torch.repeat_interleave(
+            torch.arange(len(seqs), device=self.device), seq_lens, output_size=total
+        )  # (T,)
+        positions = torch.arange(total, device=self.device) - (
+            cu_seqlens[:-1].long().repeat_interleave(seq_lens, output_size=total)
         )  # (T,) position within its own sequence
         block_tables = self._block_tables(seqs)  # (B, max_blocks)
         slot_mapping = (

@@ -17,7 +17,17 @@ from disagg.engine.attention_metadata import AttentionMetadata
 from disagg.engine.block_allocator import BlockAllocator
 from disagg.engine.checkpoint import load_model
 from disagg.engine.config import DEFAULT_CPU_KV_MEMORY, EngineConfig
-from disagg.engine.kv_cache import KVCache, KVCacheSpec
+from disagg.engine.device import decode_graphs_refusal, make_current
+from disagg.engine.device import resolve as resolve_device
+from disagg.engine.kv_cache import (
+    CUDA_CONTEXT_BYTES,
+    KVCache,
+    KVCacheSpec,
+    MemoryBudget,
+    graph_pool_bytes,
+    sampler_bytes,
+    transfer_bytes,
+)
 from disagg.engine.model_config import DTYPES, ModelConfig
 from disagg.engine.model_source import resolve_model_dir
 from disagg.engine.runner import ModelRunner
@@ -34,13 +44,30 @@ __all__ = ["ModelWorker", "Prompt", "resolve_model_dir"]
 
 
 class ModelWorker:
-    def __init__(self, config: EngineConfig):
+    """``decode_graphs=False``: no decode CUDA graphs (a prefill node never decodes).
+    ``transfers``: this process moves KV to or from peers (a node): its pool leaves room
+    for their staging buffers."""
+
+    def __init__(
+        self, config: EngineConfig, *, decode_graphs: bool = True, transfers: bool = False
+    ):
+        self._decode_graphs = decode_graphs and not config.enforce_eager
+        self._transfers = transfers
         self.config = config
         self.model_dir = resolve_model_dir(config.model)
         self.model_config = ModelConfig.from_dir(self.model_dir)
-        self.device = torch.device(config.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device", "CUDA was asked for but torch sees no CUDA device")
+        device = torch.device(config.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError("device", "CUDA was asked for but torch sees no CUDA device")
+            if (device.index or 0) >= torch.cuda.device_count():
+                raise ConfigError(
+                    "device", f"{device} does not exist: {torch.cuda.device_count()} GPU(s) visible"
+                )
+        self.device = resolve_device(device)
+        # Loading, profiling and graph capture run on this thread: on our device. Other
+        # threads that touch CUDA make it current themselves (disagg.engine.device).
+        make_current(self.device)
         self.dtype = self._resolve_dtype()
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         if self.tokenizer is None:
@@ -76,7 +103,7 @@ class ModelWorker:
             self.kv_cache,
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
-            use_cuda_graphs=not config.enforce_eager,
+            use_cuda_graphs=self._decode_graphs,
         )
 
     def execute(
@@ -184,18 +211,43 @@ class ModelWorker:
             return self.config.kv_cache_memory
         if self.device.type == "cpu":
             return DEFAULT_CPU_KV_MEMORY
-        # What the GPU may hold, less what is in use, less the activations of the
-        # largest prefill batch (measured by running one).
-        activations = self._peak_prefill_bytes(spec, max_len)
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activations
-        if budget <= 0:
+        budget = self._memory_budget(spec, max_len)
+        log.info("%s: %s", self.device, budget.describe())
+        if budget.kv_bytes <= 0:
             raise ConfigError(
                 "gpu_memory_utilization",
-                f"{self.config.gpu_memory_utilization} of the GPU leaves no room for the KV cache "
-                f"after weights, other processes and {activations / 2**20:.0f} MiB of activations",
+                f"{self.config.gpu_memory_utilization} of the GPU leaves no room for the KV "
+                f"cache: {budget.describe()}",
             )
-        return budget
+        return budget.kv_bytes
+
+    def _memory_budget(self, spec: KVCacheSpec, max_len: int) -> MemoryBudget:
+        """This process's share of the GPU, less what it holds (weights), less what must
+        stay free for what runs once the pool is allocated (see ``MemoryBudget``)."""
+        from kv_transfer.p2p import DEFAULT_PIPELINE_DEPTH
+
+        c, cfg = self.model_config, self.config
+        activations = self._peak_prefill_bytes(spec, max_len)  # measured by running one
+        free, total = torch.cuda.mem_get_info(self.device)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        graphs = 0
+        if self._decode_graphs and decode_graphs_refusal(self.device, enforce_eager=False) is None:
+            graphs = graph_pool_bytes(
+                cfg.max_num_seqs, c.hidden_size, c.intermediate_size, itemsize
+            )
+        largest_transfer = max(max_len, cfg.max_num_batched_tokens)
+        return MemoryBudget(
+            total=total,
+            free=free,
+            utilization=cfg.gpu_memory_utilization,
+            ours=torch.cuda.memory_reserved(self.device) + CUDA_CONTEXT_BYTES,
+            activations=activations,
+            graphs=graphs,
+            sampler=sampler_bytes(cfg.max_num_seqs, c.vocab_size),
+            transfers=transfer_bytes(spec, largest_transfer, DEFAULT_PIPELINE_DEPTH, nccl=True)
+            if self._transfers
+            else 0,
+        )
 
     @torch.inference_mode()
     def _peak_prefill_bytes(self, spec: KVCacheSpec, max_len: int) -> int:

@@ -19,17 +19,18 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 
+from disagg.engine.device import device_thread_pool
 from disagg.engine.sequence import Sequence
 from disagg.engine.worker import ModelWorker
 from disagg.node.link import CoordinatorLink
 from disagg.node.local_queue import CounterQueue
 from disagg.node.settings import NodeSettings, prepare_process, registration
-from disagg.node.transfers import TransferDone, TransferThreads
+from disagg.node.transfers import TransferDone, TransferThreads, pair_backend
 from disagg.protocol.cluster import (
     CoordinatorToNode,
     Counters,
@@ -147,7 +148,7 @@ class NodeRuntime(ABC):
     def run(self) -> None:
         last_room: dict[str, int] | None = None
         heard = time.monotonic()
-        model = ThreadPoolExecutor(1, thread_name_prefix="model")
+        model = device_thread_pool(self.worker.device, "model")  # steps run on our GPU
         running: tuple[Any, Future[Any]] | None = None
         try:
             while not self.stopping:
@@ -207,23 +208,40 @@ def start_node(settings: NodeSettings, node_class: type[NodeRuntime]) -> None:
     with peers form through the store on first use), register with the coordinator, run
     until told to stop. Exits without tearing transfer groups down (a dead peer can make
     that hang)."""
-    from kv_transfer import make_backend
-    from kv_transfer.pairs import PairGroups, new_endpoint
+    from kv_transfer.cuda_ipc import export_kv_pool
+    from kv_transfer.factory import device_identity
+    from kv_transfer.pairs import PairGroups, configure_nccl_error_handling, new_endpoint
 
     prepare_process(settings)
-    worker = ModelWorker(settings.engine_config())
-    backend_name = "nccl" if worker.device.type == "cuda" else "gloo"
+    configure_nccl_error_handling()  # before any NCCL group: a broken pair is not the node
+    # A prefill node never decodes: no decode graphs (their memory goes to the KV pool).
+    worker = ModelWorker(
+        settings.engine_config(), decode_graphs=settings.role == "decode", transfers=True
+    )
+    on_cuda = worker.device.type == "cuda"
     endpoint = new_endpoint(settings.node_id)
+    pool = worker.kv_cache.data
     # Both sides of a pair are alive and told to move KV at the same moment when it forms.
-    pairs = PairGroups(settings.store, endpoint, backend_name, settings.transfer_timeout)
+    # They swap device identities then: two nodes on one GPU move KV over CUDA IPC (NCCL
+    # refuses two ranks on one device), swapping their pools' handles; others over NCCL
+    # (CUDA) or gloo (CPU).
+    pairs = PairGroups(
+        settings.store,
+        endpoint,
+        "nccl" if on_cuda else "gloo",
+        settings.transfer_timeout,
+        device_id=device_identity(worker.device),
+        share=(lambda: export_kv_pool(pool).to_bytes()) if on_cuda else None,
+    )
     transfers = TransferThreads(
         pairs,
-        lambda group: make_backend(
-            backend_name, device=worker.device, group=group, checksums=settings.checksums
+        lambda group: pair_backend(
+            group, device=worker.device, pool=pool, checksums=settings.checksums
         ),
         worker.kv_cache.layers,
         worker.block_size,
         settings.transfer_timeout,
+        device=worker.device,
     )
     link = CoordinatorLink(settings.coordinator, settings.node_id, settings.curve_server_key)
     link.register(registration(settings, worker, endpoint))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from disagg.engine.config import EngineConfig
+from disagg.engine.config import DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
 from disagg.engine.worker import ModelWorker
 from disagg.protocol.cluster import Register, Role
 
@@ -31,6 +31,8 @@ class NodeSettings:
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # a shared GPU: a part
+    max_model_len: int | None = None
     max_num_seqs: int = 256
     max_batch_tokens: int = 8192
     threads: int | None = None
@@ -52,6 +54,13 @@ class NodeSettings:
         p.add_argument("--block-size", type=int, default=16)
         p.add_argument("--num-blocks", type=int, default=None)
         p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
+        p.add_argument(
+            "--gpu-memory-utilization",
+            type=float,
+            default=DEFAULT_GPU_MEMORY_UTILIZATION,
+            help="fraction of the GPU this node may use (nodes sharing a GPU split it)",
+        )
+        p.add_argument("--max-model-len", type=int, default=None, help="tokens per request")
         p.add_argument("--max-num-seqs", type=int, default=256)
         p.add_argument("--max-batch-tokens", type=int, default=8192)
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -75,6 +84,8 @@ class NodeSettings:
             block_size=self.block_size,
             num_blocks=self.num_blocks,
             kv_cache_memory=self.kv_cache_memory,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_batch_tokens,
             seed=self.seed,

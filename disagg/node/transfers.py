@@ -17,9 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
-from kv_transfer import KVTransferBackend, KVTransferError, TransferStats
+import torch
+
+from disagg.engine.device import device_thread_pool
+from kv_transfer import KVTransferBackend, KVTransferError, TransferStats, make_backend
+from kv_transfer.cuda_ipc import CudaIpcBackend, KVPoolHandle, open_kv_pool
 from kv_transfer.errors import TransferChannelError, TransferTimeout
-from kv_transfer.pairs import PairGroups
+from kv_transfer.pairs import PairGroup, PairGroups
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,33 @@ class TransferDone:
         )
 
 
+def open_pool_handle(share: bytes) -> torch.Tensor:
+    """A same-GPU peer's KV pool, from the handle it shared while the pair formed."""
+    return open_kv_pool(KVPoolHandle.from_bytes(share))
+
+
+def pair_backend(
+    group: PairGroup,
+    *,
+    device: torch.device,
+    pool: torch.Tensor,
+    checksums: bool,
+    open_pool: Callable[[bytes], torch.Tensor] = open_pool_handle,
+) -> KVTransferBackend:
+    """The backend for a pair group as it formed (``PairGroup.transport``): p2p over its
+    gloo/NCCL group, or, when both nodes are on one GPU, CUDA IPC with the peer's pool
+    mapped (``open_pool`` of what it shared; tests pass a CPU shared pool instead)."""
+    if group.transport == "cuda_ipc":
+        backend = CudaIpcBackend(group, device, pool=pool, checksums=checksums)
+        backend.attach_peer_pool(1 - group.rank, open_pool(group.peer_share))
+        return backend
+    kind = group.transport or group.name
+    return make_backend(kind, device=device, group=group, checksums=checksums)
+
+
 class TransferThreads:
-    """``make_backend(group)`` builds the backend for one pair group."""
+    """``make_backend(group)`` builds the backend for one pair group. Each peer's thread
+    makes ``device`` (the KV cache's) its current CUDA device before anything else."""
 
     def __init__(
         self,
@@ -56,7 +85,10 @@ class TransferThreads:
         kv_layers: list,
         block_size: int,
         timeout: float,
+        *,
+        device: torch.device | str = "cpu",
     ):
+        self.device = torch.device(device)
         self.pairs = pairs
         self.make_backend = make_backend
         self.block_size = block_size
@@ -91,7 +123,7 @@ class TransferThreads:
     def _submit(self, role, rids, block_ids, peer, epoch) -> None:
         pool = self._peers.get(peer)
         if pool is None:
-            pool = self._peers[peer] = ThreadPoolExecutor(1, thread_name_prefix=f"kv-{peer}")
+            pool = self._peers[peer] = device_thread_pool(self.device, f"kv-{peer}")
         self.in_flight += 1
         pool.submit(self._run, role, tuple(rids), list(block_ids), peer, epoch)
 
@@ -117,8 +149,10 @@ class TransferThreads:
                 known[1].close(timeout=0.1)
             except Exception:
                 log.debug("closing the channel of epoch %d with %s failed", known[0], peer)
-        self._backends[peer] = (epoch, self.make_backend(group), peer_rank)
-        return self._backends[peer][1], peer_rank
+        backend = self.make_backend(group)
+        log.info("KV with %s at epoch %d over %s", peer, epoch, backend.name)
+        self._backends[peer] = (epoch, backend, peer_rank)
+        return backend, peer_rank
 
     def _run(self, role, rids, block_ids, peer, epoch) -> None:
         # Both sides derive the same id from the same rids; the header carries its digest.

@@ -17,9 +17,10 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_RUNNABLE = HAS_TRITON and (DEVICE.type == "cuda" or interpreter_enabled())
 
 # Max abs error of a fast path against the float64 naive result, for outputs of size ~1:
-# a few ulps of the dtype (float32 is looser on CUDA, where tl.dot may use TF32).
+# a few ulps of the dtype (float32 tl.dot runs in IEEE precision, not TF32, on a GPU
+# too; its sums are ordered differently from the reference's, hence a little looser).
 TOL = {
-    torch.float32: 2e-5 if DEVICE.type == "cpu" else 2e-3,
+    torch.float32: 2e-5 if DEVICE.type == "cpu" else 1e-4,
     torch.float16: 4e-3,
     torch.bfloat16: 3e-2,
 }

@@ -105,3 +105,12 @@ def test_dispatch_follows_backend(
     monkeypatch.setattr(module, "resolve", lambda tensor: backend)
     getattr(module, name)(*[CPU] * arity)
     assert calls == [backend]
+
+
+def test_float32_attention_asks_tl_dot_for_ieee_precision():
+    """Triton's default runs float32 tl.dot as TF32 (10-bit mantissa) on a GPU, far from
+    the float32 reference the engine is compared with; 16-bit inputs keep the default."""
+    from disagg_kernels._triton import dot_precision
+
+    assert dot_precision(torch.float32) == "ieee"
+    assert dot_precision(torch.bfloat16) == dot_precision(torch.float16) == "tf32"

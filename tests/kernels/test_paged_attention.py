@@ -119,3 +119,34 @@ def test_torch_grouped_batch_matches_naive(fill) -> None:
     torch.testing.assert_close(
         out.double().cpu(), _naive(query, keys, values, 32**-0.5), atol=TOL[torch.float32], rtol=0
     )
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("dtype", "splits"), [(torch.float32, 2), (torch.float32, 5), (torch.float16, 3)]
+)
+def test_split_context_matches_naive(dtype, splits) -> None:
+    """Split-K: each context cut into ``splits`` parts merged by log-sum-exp; contexts
+    shorter than a split leave later splits empty (they must weigh nothing), and NaN in
+    the slots past each context must not leak through any split."""
+    torch.manual_seed(splits)
+    query, k_cache, v_cache, tables, lens, keys, values = _case(
+        [1, 9, 70], 16, 2, 2, 32, dtype, pad_entry=-1
+    )
+    got = paged_decode_attention_triton(
+        query, k_cache, v_cache, tables, lens, 0.2, block_n=16, num_splits=splits
+    )
+    assert got.dtype == dtype
+    torch.testing.assert_close(
+        got.double().cpu(), _naive(query, keys, values, 0.2), atol=TOL[dtype], rtol=0
+    )
+
+
+def test_contexts_split_only_when_the_batch_leaves_sms_idle() -> None:
+    from disagg_kernels.paged_attention import MAX_SPLITS, decode_splits
+
+    assert decode_splits(programs=8, max_tokens=32768, sm_count=132) == MAX_SPLITS
+    assert decode_splits(programs=8, max_tokens=1024, sm_count=132) == 2  # >= 512 tokens each
+    assert decode_splits(programs=64, max_tokens=32768, sm_count=132) == 5
+    assert decode_splits(programs=512, max_tokens=32768, sm_count=132) == 1  # SMs busy
+    assert decode_splits(programs=1, max_tokens=300, sm_count=132) == 1  # too short to split

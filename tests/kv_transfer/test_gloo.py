@@ -30,6 +30,9 @@ from tests.kv_transfer._caches import (
 )
 from tests.kv_transfer._pair import run_pair
 
+# Each test runs over plain gloo and over gloo in NCCL's order (conftest.py).
+pytestmark = pytest.mark.usefixtures("message_order")
+
 TIMEOUT = 5.0  # per transfer; generous for 2 busy cores, far below the pair deadline
 
 

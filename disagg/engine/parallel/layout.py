@@ -69,6 +69,16 @@ class ParallelLayout:
         start = stage * base + min(stage, extra)
         return range(start, start + base + (1 if stage < extra else 0))
 
+    def tp_kv_heads(self, tp_rank: int, num_kv_heads: int) -> range:
+        """Global indices of the KV heads tensor rank ``tp_rank`` holds (on every stage)."""
+        tp = self.tp
+        if tp <= num_kv_heads:
+            per_rank = num_kv_heads // tp
+            return range(tp_rank * per_rank, (tp_rank + 1) * per_rank)
+        # Replicated: tp/kv consecutive ranks share one KV head.
+        start = tp_rank // (tp // num_kv_heads)
+        return range(start, start + 1)
+
     def rank_of(self, stage: int, tp_rank: int) -> int:
         return stage * self.tp + tp_rank
 
@@ -77,13 +87,6 @@ class ParallelLayout:
         stage, t = divmod(rank, self.tp)
         tp = self.tp
         heads_per_rank = cfg.num_heads // tp
-        kv = cfg.num_kv_heads
-        if tp <= kv:
-            kv_per_rank = kv // tp
-            kv_start = t * kv_per_rank
-        else:  # replicated: tp/kv consecutive ranks share one KV head
-            kv_per_rank = 1
-            kv_start = t // (tp // kv)
         inter = cfg.intermediate_size // tp
         vocab = -(-cfg.vocab_size // tp)
         return RankShard(
@@ -93,7 +96,7 @@ class ParallelLayout:
             tp_rank=t,
             layers=self.stage_layers(stage, cfg.num_layers),
             q_heads=range(t * heads_per_rank, (t + 1) * heads_per_rank),
-            kv_heads=range(kv_start, kv_start + kv_per_rank),
+            kv_heads=self.tp_kv_heads(t, cfg.num_kv_heads),
             intermediate=range(t * inter, (t + 1) * inter),
             vocab=range(t * vocab, min((t + 1) * vocab, cfg.vocab_size)),
             vocab_padded=vocab,
