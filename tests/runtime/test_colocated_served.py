@@ -165,3 +165,30 @@ def test_light_client_share_on_a_colocated_node(fairness_run):
         assert share >= floor, (share, floor, served)
     else:
         assert share < floor, (share, floor, served)  # FCFS: visibly not fair
+
+
+def parse_serve(argv: list[str]) -> ServeOptions:
+    import argparse
+
+    from disagg.serve_cli import add_serve_arguments, serve_options
+
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    return serve_options(p.parse_args(argv))
+
+
+def test_serve_command_line_colocated_and_deployment(tmp_path):
+    from disagg.deployment import parse_deployment, save_deployment
+
+    o = parse_serve(["--colocated", "3"])
+    assert (o.prefill, o.decode, o.colocated) == (0, 0, 3)
+    assert (parse_serve([]).prefill, parse_serve([]).decode) == (1, 1)
+    with pytest.raises(MixedDeploymentError, match="never mixed"):
+        parse_serve(["--colocated", "2", "--prefill", "1"])
+    dep = parse_deployment(
+        {"colocated": {"instances": 2},
+         "nodes": [{"role": "colocated", "index": 0}, {"role": "colocated", "index": 1}]}
+    )  # fmt: skip
+    save_deployment(dep, tmp_path / "c.yaml")
+    o = parse_serve(["--deployment", str(tmp_path / "c.yaml")])
+    assert (o.prefill, o.decode, o.colocated) == (0, 0, 2)
