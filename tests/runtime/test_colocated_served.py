@@ -29,6 +29,7 @@ def colocated(tmp_path_factory):
     served.stop(drain_timeout=5)
 
 
+@pytest.mark.slow
 def test_greedy_equals_offline_on_two_colocated_nodes(colocated, offline):
     jobs = workload(seed=2, n=16)  # three clients, concurrent, prompts across block edges
     done = asyncio.run(serve_all(colocated.client_address, jobs))
@@ -72,6 +73,7 @@ def test_serve_options_refuse_a_mix_by_name():
     assert ServeOptions(colocated=2, prefill=0, decode=0).colocated == 2
 
 
+@pytest.mark.slow
 def test_a_colocated_node_killed_mid_stream_loses_no_request(tmp_path, offline):
     """SIGKILL (no goodbye) while it streams: its requests resume on the other node from
     the tokens already sent; every stream has no gap or repeat and equals offline."""
