@@ -88,6 +88,11 @@ class ServeOptions:
     restart_nodes: bool = True  # a node process that dies is started again
     events_log: str | None = None  # each ended request's lifetime events, as JSON lines
     http_port: int | None = None  # the OpenAI-compatible gateway's port (0: any free)
+    # Simulated nodes (disagg.simulated): one process of prefill + decode nodes whose
+    # model steps sleep this latency profile's batch times; the coordinator is the real one.
+    simulated: bool = False
+    latency_profile: str | None = None
+    simulated_tp: int = 1
 
     def __post_init__(self) -> None:
         if self.policy == "vtc":
@@ -117,6 +122,12 @@ class ServeOptions:
             raise ConfigError(
                 "reject_over_slo", "needs SLOs (a deployment with slo:) and a factor > 0"
             )
+        if self.simulated and not self.latency_profile:
+            raise ConfigError("latency_profile", "--simulated needs --latency-profile FILE")
+        if self.simulated and self.colocated:
+            raise ConfigError("simulated", "there are no simulated colocated nodes yet")
+        if self.simulated and self.external_nodes:
+            raise ConfigError("simulated", "simulated nodes run here: no --external-nodes")
         if not 0 <= self.port < 65535 - 2:
             raise ConfigError("port", f"must be in [0, 65532], got {self.port}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
@@ -233,8 +244,46 @@ class ServedCluster:
         return address.replace(self.options.host, self.options.advertise_host, 1)
 
     def _spawn_nodes(self) -> None:
+        if self.options.simulated:
+            self._spawn_simulated()
+            return
         for role, node_id in self.node_ids():
             self._spawn(role, node_id)
+
+    def simulated_command(self, *, python: str = sys.executable) -> list[str]:
+        """The one process that runs every simulated node."""
+        o = self.options
+        assert o.latency_profile is not None
+        return [
+            python, "-m", "disagg.simulated",
+            "--coordinator", self.node_address,
+            "--latency-profile", o.latency_profile,
+            "--model", self.model_dir,
+            "--prefill", str(o.prefill),
+            "--decode", str(o.decode),
+            "--tp", str(o.simulated_tp),
+            "--block-size", str(o.block_size),
+            "--max-batch-tokens", str(o.max_batch_tokens),
+            "--max-num-seqs", str(o.max_num_seqs),
+        ]  # fmt: skip
+
+    def _spawn_simulated(self) -> None:
+        o = self.options
+        env = dict(os.environ)
+        if o.cluster_secret:
+            env[CLUSTER_SECRET_ENV] = o.cluster_secret
+        out = None
+        if o.log_dir:
+            Path(o.log_dir).mkdir(parents=True, exist_ok=True)
+            out = open(Path(o.log_dir) / "simulated.log", "ab")  # noqa: SIM115
+            self._logs.append(out)
+        self.processes["simulated"] = subprocess.Popen(
+            self.simulated_command(),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
 
     def _spawn(self, role: str, node_id: str) -> None:
         o = self.options
@@ -356,7 +405,9 @@ class ServedCluster:
         except BaseException:
             self.stop(drain_timeout=0)
             raise
-        if self.options.restart_nodes and not self.options.external_nodes:
+        # (Simulated nodes share one process: it is not restarted node by node.)
+        o = self.options
+        if o.restart_nodes and not o.external_nodes and not o.simulated:
             self._supervisor = threading.Thread(
                 target=self._supervise, name="node-supervisor", daemon=True
             )

@@ -83,6 +83,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="append each finished or failed request's lifetime events and latency breakdown "
         "to FILE, one JSON line per request (docs/operations.md)",
     )
+    sim = p.add_argument_group("simulated nodes (the real coordinator, nodes that sleep)")
+    sim.add_argument(
+        "--simulated",
+        action="store_true",
+        help="run --prefill + --decode simulated nodes in one process: each model step "
+        "sleeps the latency profile's time for its batch; tokens are deterministic",
+    )
+    sim.add_argument("--latency-profile", default=None, metavar="FILE", help="for --simulated")
+    sim.add_argument("--simulated-tp", type=int, default=1, metavar="N", help="profile's tp")
+    sim.add_argument("--max-num-seqs", type=int, default=None, metavar="N", help="decode batch cap")
     p.add_argument(
         "--reject-over-slo",
         type=float,
@@ -116,7 +126,12 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         restart_nodes=args.restart_nodes,
         events_log=args.events_log,
         http_port=args.http_port,
+        simulated=args.simulated,
+        latency_profile=args.latency_profile,
+        simulated_tp=args.simulated_tp,
     )
+    if args.max_num_seqs is not None:
+        fields["max_num_seqs"] = args.max_num_seqs
     if args.deployment:
         from disagg.deployment import load_deployment
 

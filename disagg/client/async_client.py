@@ -35,11 +35,14 @@ from disagg.errors import (
 )
 from disagg.protocol import (
     Abort,
+    Accepted,
     Error,
     Finished,
     Generate,
     Ping,
+    Pong,
     Sampling,
+    Tokens,
     decode_reply,
     encode,
 )
@@ -100,7 +103,7 @@ class AsyncClient:
         self.routing_id = b"c" + uuid.uuid4().bytes
         sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
         if server_key is not None:  # CurveZMQ: encrypt, and talk only to that server
-            from disagg.coordinator.auth import configure_curve_client
+            from disagg.protocol.curve import configure_curve_client
 
             try:
                 configure_curve_client(sock, server_key)
@@ -322,6 +325,13 @@ class AsyncClient:
         except ProtocolError as e:
             self._on_unreadable(e)
             return
+        if msg.type == "batch":  # several replies decided at once: each as if alone
+            for one in msg.messages:
+                self._take(one)
+        else:
+            self._take(msg)
+
+    def _take(self, msg: Accepted | Tokens | Finished | Error | Pong) -> None:
         if msg.type == "pong":
             pong = self._pings.pop(msg.nonce, None)
             if pong is not None and not pong.done():

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -76,6 +76,7 @@ class CoordinatorMetrics:
         self.registry = CollectorRegistry()
         self._max_clients = max_clients
         self._clients: set[str] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._server: object | None = None
         reg, ns = self.registry, namespace
 
@@ -181,10 +182,10 @@ class CoordinatorMetrics:
     # -- requests ----------------------------------------------------------------------
 
     def request_arrived(self, client_id: str) -> None:
-        self._arrived.labels(self._label(client_id)).inc()
+        self._child(self._arrived, self._label(client_id)).inc()
 
     def request_rejected(self, client_id: str, reason: str) -> None:
-        self._rejected.labels(self._label(client_id), reason).inc()
+        self._child(self._rejected, self._label(client_id), reason).inc()
 
     def request_finished(
         self, client_id: str, finish_reason: str, ttft_s: float | None, tpot_s: float | None
@@ -192,20 +193,20 @@ class CoordinatorMetrics:
         """``ttft_s`` is None when no token was made (aborted early); ``tpot_s`` is None
         for requests with fewer than two output tokens."""
         label = self._label(client_id)
-        self._finished.labels(label, finish_reason).inc()
+        self._child(self._finished, label, finish_reason).inc()
         if ttft_s is not None:
-            self._ttft.labels(label).observe(ttft_s)
+            self._child(self._ttft, label).observe(ttft_s)
         if tpot_s is not None:
-            self._tpot.labels(label).observe(tpot_s)
+            self._child(self._tpot, label).observe(tpot_s)
 
     def request_failed(self, client_id: str, code: str) -> None:
-        self._failed.labels(self._label(client_id), code).inc()
+        self._child(self._failed, self._label(client_id), code).inc()
 
     def slo_observed(self, client_id: str, met: bool) -> None:
         """One finished request met both SLOs (``met``) or not; feeds the counter and the
         sliding-window attainment gauge."""
         label = self._label(client_id)
-        self._slo.labels(label, "true" if met else "false").inc()
+        self._child(self._slo, label, "true" if met else "false").inc()
         self._attainment.observe(label, met)
 
     # -- fairness ----------------------------------------------------------------------
@@ -214,29 +215,29 @@ class CoordinatorMetrics:
         """Service charged to ``client_id`` at ``stage`` (``amount`` >= 0)."""
         if stage not in ("prefill", "decode"):
             raise ValueError(f"stage must be 'prefill' or 'decode', got {stage!r}")
-        self._service.labels(self._label(client_id), stage).inc(amount)
+        self._child(self._service, self._label(client_id), stage).inc(amount)
 
     def set_counter(self, client_id: str, merged_value: float) -> None:
         """The client's merged counter. Clients past the cardinality cap are not
         reported: one gauge cannot stand for many clients' counters."""
         label = self._label(client_id)
         if label == client_id:
-            self._counter.labels(label).set(merged_value)
+            self._child(self._counter, label).set(merged_value)
 
     # -- pools and nodes ---------------------------------------------------------------
 
     def set_queue_depth(self, pool: str, depth: int) -> None:
-        self._queue_depth.labels(pool).set(depth)
+        self._child(self._queue_depth, pool).set(depth)
 
     def kv_transfer(self, nbytes: int, seconds: float) -> None:
         self._kv_bytes.inc(nbytes)
         self._kv_seconds.observe(seconds)
 
     def preemption(self, node_id: str) -> None:
-        self._preemptions.labels(node_id).inc()
+        self._child(self._preemptions, node_id).inc()
 
     def set_node_alive(self, node_id: str, role: str, alive: bool) -> None:
-        self._node_up.labels(node_id, role).set(1 if alive else 0)
+        self._child(self._node_up, node_id, role).set(1 if alive else 0)
 
     # -- export ------------------------------------------------------------------------
 
@@ -259,6 +260,15 @@ class CoordinatorMetrics:
         if server is not None:
             server.shutdown()  # type: ignore[attr-defined]
             server.server_close()  # type: ignore[attr-defined]
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept: prometheus_client's lookup takes a lock and
+        builds the key each time, and the coordinator calls this per request and token."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _label(self, client_id: str) -> str:
         clients = self._clients

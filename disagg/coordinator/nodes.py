@@ -3,7 +3,6 @@ each can still take (credit)."""
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ class NodeState:
     max_batch_tokens: int
     pid: int
     alive: bool = True
-    last_seen: float = field(default_factory=time.monotonic)
+    last_seen: float = 0.0  # when it was last heard from (the coordinator's clock)
     free_tokens: int = 0
     tasks_seen: int = 0
     queued: int = 0
@@ -31,11 +30,12 @@ class NodeState:
     next_task: int = 0
     # Tasks sent that the node had not seen at its last credit: (task number, tokens).
     unacked: deque[tuple[int, int]] = field(default_factory=deque)
+    unacked_tokens: int = 0  # their sum (dispatch reads it per request)
     requests: set[int] = field(default_factory=set)  # rids it has work or KV for
     model_s: float = 0.0  # model time of the batches and steps it reported
 
     @classmethod
-    def from_register(cls, identity: bytes, msg: Register) -> NodeState:
+    def from_register(cls, identity: bytes, msg: Register, now: float) -> NodeState:
         return cls(
             node_id=msg.node_id,
             identity=identity,
@@ -47,24 +47,26 @@ class NodeState:
             max_batch_tokens=msg.max_batch_tokens,
             pid=msg.pid,
             free_tokens=msg.capacity_tokens,
+            last_seen=now,
         )
 
-    def update(self, credit: Credit) -> None:
-        self.last_seen = time.monotonic()
+    def update(self, credit: Credit, now: float) -> None:
+        self.last_seen = now
         self.free_tokens = credit.free_tokens
         self.tasks_seen = credit.tasks_seen
         self.queued, self.running, self.held = credit.queued, credit.running, credit.held
         while self.unacked and self.unacked[0][0] <= credit.tasks_seen:
-            self.unacked.popleft()
+            self.unacked_tokens -= self.unacked.popleft()[1]
 
     def available(self) -> int:
         """Tokens of KV this node can still take, counting tasks in flight to it."""
-        return self.free_tokens - sum(tokens for _, tokens in self.unacked)
+        return self.free_tokens - self.unacked_tokens
 
     def reserve(self, tokens: int) -> int:
         """A new task of ``tokens`` (block-rounded) is sent: its number."""
         self.next_task += 1
         self.unacked.append((self.next_task, tokens))
+        self.unacked_tokens += tokens
         return self.next_task
 
     def blocks_tokens(self, num_tokens: int) -> int:

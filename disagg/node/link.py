@@ -11,6 +11,7 @@ from disagg.errors import DisaggError, ProtocolError
 from disagg.protocol.cluster import (
     CoordinatorToNode,
     Credit,
+    NodeBatch,
     Refused,
     Register,
     Welcome,
@@ -35,7 +36,7 @@ class CoordinatorLink:
         self.socket.setsockopt(zmq.IDENTITY, node_id.encode())
         self.socket.setsockopt(zmq.LINGER, 1000)
         if server_key is not None:
-            from disagg.coordinator.auth import configure_curve_client
+            from disagg.protocol.curve import configure_curve_client
 
             configure_curve_client(self.socket, server_key)
         self.socket.connect(address)
@@ -84,9 +85,14 @@ class CoordinatorLink:
             except zmq.Again:
                 return out
             try:
-                out.append(decode_from_coordinator(frames))
+                msg = decode_from_coordinator(frames)
             except ProtocolError as e:  # a coordinator bug or a stray peer: log, go on
                 log.error("%s: dropped a malformed coordinator message: %s", self.node_id, e)
+                continue
+            if isinstance(msg, NodeBatch):  # several decided at once: each as if alone
+                out.extend(msg.messages)
+            else:
+                out.append(msg)
 
     def heartbeat_due(self, interval: float) -> bool:
         return time.monotonic() - self.last_sent >= interval

@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +49,10 @@ MIN_BINS = 4
 class ServedRecorder:
     """Records a coordinator's prefill batches, decode steps and request timings.
 
-    ``attach`` wraps the coordinator's node-message handler on that one object (the
-    coordinator's code is untouched): every message is recorded, then handled as
-    before. Call from the thread that built the coordinator, before traffic; read
-    ``log()`` after traffic stops."""
+    ``attach`` adds it as the coordinator's node observer: it sees every message from a
+    live node, with the time it arrived, before the coordinator handles it. Call from
+    the thread that built the coordinator, before traffic; read ``log()`` after traffic
+    stops."""
 
     def __init__(self) -> None:
         self.prefill: list[list[float]] = []  # [start, seconds, Σl, Σl², B]
@@ -64,12 +63,10 @@ class ServedRecorder:
     def attach(self, coordinator) -> ServedRecorder:
         from disagg.protocol.cluster import Prefilled, StepTokens
 
-        handle = coordinator._on_node_message
         self._events = coordinator.events
         requests = coordinator.requests
 
-        def observe(node, msg) -> None:
-            now = time.monotonic()
+        def observe(node, msg, now: float) -> None:
             if isinstance(msg, Prefilled) and msg.results:
                 lens = [requests[r.rid].num_prompt_tokens for r in msg.results if r.rid in requests]
                 r0 = msg.results[0]
@@ -92,9 +89,8 @@ class ServedRecorder:
                 self.decode.append(
                     [node.node_id, now, msg.step_s, len(msg.items), context, going_on]
                 )
-            handle(node, msg)
 
-        coordinator._on_node_message = observe
+        coordinator.add_node_observer(observe)
         return self
 
     def log(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The wire protocol between clients and the coordinator's client endpoint.
 
 Clients use a ZeroMQ DEALER, the coordinator a ROUTER. Each message is three frames,
-``[b"disagg", b"1", JSON payload]``; ``docs/protocol.md`` is the full specification, written
+``[b"disagg", b"2", JSON payload]``; ``docs/protocol.md`` is the full specification, written
 so that a client in another language can be built from it.
 
     frames = encode(Tokens(request_id="r1", index=0, token_ids=[42], text=" hi"))
@@ -25,6 +25,7 @@ from disagg.protocol.codec import (
 from disagg.protocol.messages import (
     Abort,
     Accepted,
+    Batch,
     ClientMessage,
     Error,
     ErrorCode,
@@ -49,6 +50,7 @@ __all__ = [
     "SUPPORTED_VERSIONS",
     "Abort",
     "Accepted",
+    "Batch",
     "ClientMessage",
     "Error",
     "ErrorCode",

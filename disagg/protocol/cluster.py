@@ -1,6 +1,6 @@
 """The typed messages between the coordinator's node endpoint and prefill/decode nodes.
 
-Same framing as the client protocol, under its own magic: ``[b"disagg-node", b"2", JSON]``
+Same framing as the client protocol, under its own magic: ``[b"disagg-node", b"3", JSON]``
 (a client that dials the node port by mistake is refused, not misread). Nodes use a
 DEALER, the coordinator a ROUTER. Tensors never travel here: KV moves over
 ``kv_transfer``; these messages say which request moves where.
@@ -43,7 +43,7 @@ its requests' life is shorter::
     colocated -> coordinator Admitted         (blocks allocated: input charged now)
     colocated -> coordinator StepTokens       (the prefill's first token, then every step)
 
-The role and ``Admitted`` are additive within version 2: a coordinator that predates
+The role and ``Admitted`` are additive within version 3: a coordinator that predates
 them cannot decode the registration (the role fails validation), so the node's
 registration times out and it never runs under a coordinator that cannot serve it.
 """
@@ -59,7 +59,8 @@ from disagg.errors import ProtocolError
 from disagg.protocol.messages import Sampling
 
 NODE_MAGIC = b"disagg-node"
-NODE_PROTOCOL_VERSION = b"2"
+# Version 3 added ``NodeBatch`` (a node's messages of one coordinator turn in one).
+NODE_PROTOCOL_VERSION = b"3"
 MAX_NODE_MESSAGE_BYTES = 64 << 20
 
 Role = Literal["prefill", "decode", "colocated"]
@@ -284,6 +285,20 @@ class Shutdown(_NodeMessage):
     type: Literal["shutdown"] = "shutdown"
 
 
+class NodeBatch(_NodeMessage):
+    """Several messages to one node that the coordinator decided at once, in order (a
+    node acts on each as if it came alone)."""
+
+    type: Literal["batch"] = "batch"
+    messages: list[
+        Annotated[
+            Welcome | Refused | PrefillTask | DecodeTask | Push | PullGo | SourceLost
+            | Release | Counters | Shutdown,
+            Field(discriminator="type"),
+        ]
+    ]  # fmt: skip
+
+
 NodeToCoordinator = (
     Register
     | Credit
@@ -307,6 +322,7 @@ CoordinatorToNode = (
     | Release
     | Counters
     | Shutdown
+    | NodeBatch
 )
 
 _UP: TypeAdapter[Any] = TypeAdapter(Annotated[NodeToCoordinator, Field(discriminator="type")])

@@ -24,7 +24,8 @@ from disagg.errors import ProtocolError
 from disagg.protocol.messages import MAX_ID_CHARS, ClientMessage, Message, ServerMessage
 
 MAGIC = b"disagg"
-PROTOCOL_VERSION = b"1"
+# Version 2 added ``batch`` (one message per connection for what was decided at once).
+PROTOCOL_VERSION = b"2"
 SUPPORTED_VERSIONS: tuple[bytes, ...] = (PROTOCOL_VERSION,)
 # What a coordinator accepts from one client message by default: room for a prompt of
 # ~150k token ids (about 7 bytes each as JSON), small enough that no peer makes it parse
@@ -78,7 +79,7 @@ def decode(
     """The message in ``frames`` (identity frame already removed).
 
     ``expect`` narrows the accepted types: ``"request"`` (generate, abort, ping) on the
-    coordinator, ``"reply"`` (accepted, tokens, finished, error, pong) on a client; a
+    coordinator, ``"reply"`` (accepted, tokens, finished, error, pong, batch) on a client; a
     message of the other direction is then an ``unknown_type``. Payloads over
     ``max_bytes`` are refused before they are parsed.
     """

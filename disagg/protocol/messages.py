@@ -190,6 +190,18 @@ class Pong(_Message):
     nonce: Id
 
 
+class Batch(_Message):
+    """Several replies to one connection that the coordinator decided at once (one
+    decode step's tokens, a burst of acceptances and completions): one message where
+    version 1 sent one each. Each element means exactly what it would alone; they are
+    read in order."""
+
+    type: Literal["batch"] = "batch"
+    messages: list[
+        Annotated[Accepted | Tokens | Finished | Error | Pong, Field(discriminator="type")]
+    ]
+
+
 ClientMessage = Generate | Abort | Ping
-ServerMessage = Accepted | Tokens | Finished | Error | Pong
+ServerMessage = Accepted | Tokens | Finished | Error | Pong | Batch
 Message = ClientMessage | ServerMessage

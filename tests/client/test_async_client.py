@@ -19,6 +19,7 @@ from disagg.protocol import (
     MAGIC,
     PROTOCOL_VERSION,
     Accepted,
+    Batch,
     Error,
     Finished,
     Generate,
@@ -81,6 +82,54 @@ def test_stream_yields_chunks_in_order_then_the_completion(run, fake):
     (gen,) = fake.requests()
     assert gen.stream is True
     assert fake.aborted() == set()
+
+
+def _batched_with_the_first(seen: list[Generate]):
+    """Replies as the coordinator batches them: the second request's script sends one
+    batch with its acceptance, both streams' chunks (and one for a request the client no
+    longer has) and both completions."""
+
+    def script(gen: Generate):
+        seen.append(gen)
+        accepted = Accepted(request_id=gen.request_id, prompt_token_ids=prompt_ids(gen))
+        if len(seen) == 1:
+            return [accepted]
+        first, second = seen
+        chunks = [
+            Tokens(request_id=first.request_id, index=0, token_ids=[65, 66], text="AB"),
+            Tokens(request_id="long-gone", index=3, token_ids=[1], text="?"),
+            Tokens(request_id=second.request_id, index=0, token_ids=[67], text="C"),
+        ]
+        done = [
+            Finished(
+                request_id=g.request_id, finish_reason="length", token_ids=ids, text=text,
+                prompt_token_ids=prompt_ids(g),
+            )
+            for g, ids, text in ((first, [65, 66], "AB"), (second, [67], "C"))
+        ]  # fmt: skip
+        return [Delay(0.01), Batch(messages=[accepted, *chunks, *done])]
+
+    return script
+
+
+def test_a_batch_reaches_each_request_it_names_in_order(run):
+    with FakeCoordinator(_batched_with_the_first([])) as fake:
+
+        async def main():
+            async with AsyncClient(fake.address, timeout=5) as client:
+
+                async def read(prompt: str):
+                    stream = client.stream(prompt, client_id="c", max_tokens=2)
+                    return [(c.index, c.token_ids, c.text) async for c in stream], stream
+
+                first = asyncio.ensure_future(read("one"))
+                await fake.await_for(lambda: len(fake.requests()) == 1)
+                second = await read("two")
+                return await first, second
+
+        (chunks_1, s1), (chunks_2, s2) = run(main())
+    assert chunks_1 == [(0, [65, 66], "AB")] and s1.completion.token_ids == [65, 66]
+    assert chunks_2 == [(0, [67], "C")] and s2.completion.text == "C"
 
 
 def _reverse_order(gen: Generate):
@@ -472,11 +521,11 @@ def test_a_peer_speaking_another_version_is_told_the_supported_ones(fake):
     sock = zmq.Context.instance().socket(zmq.DEALER)
     try:
         sock.connect(fake.address)
-        sock.send_multipart([MAGIC, b"2", b'{"type":"ping","request_id":"r2","nonce":"n"}'])
-        assert sock.poll(3000), "no reply to a version-2 message"
+        sock.send_multipart([MAGIC, b"1", b'{"type":"ping","request_id":"r2","nonce":"n"}'])
+        assert sock.poll(3000), "no reply to a version-1 message"
         reply = decode_reply(sock.recv_multipart())
     finally:
         sock.close(linger=0)
     assert reply.type == "error" and reply.code == "bad_message"
     assert (reply.reason, reply.field, reply.request_id) == ("unsupported_version", "version", "r2")
-    assert "supported versions: 1" in reply.message
+    assert "supported versions: 2" in reply.message

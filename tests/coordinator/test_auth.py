@@ -14,12 +14,14 @@ from disagg.coordinator.auth import (
     ClientLimits,
     OpenAccess,
     check_cluster_secret,
-    configure_curve_client,
-    configure_curve_server,
-    generate_curve_keypair,
     make_access,
 )
 from disagg.errors import AuthenticationError, ConfigError, RequestRejectedError
+from disagg.protocol.curve import (
+    configure_curve_client,
+    configure_curve_server,
+    generate_curve_keypair,
+)
 
 ALICE_KEY = "sk-alice-0123456789abcdef"
 BOB_KEY = "sk-bob-0123456789abcdef"

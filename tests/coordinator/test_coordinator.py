@@ -1,6 +1,7 @@
-"""The coordinator against scripted fake nodes: registration checks, retries, the KV
-lease, duplicate token reports, malformed node messages. (The real nodes are exercised
-in tests/runtime.)"""
+"""The coordinator over its real sockets, against scripted fake nodes and a real client:
+registration, retries ending in the client's exception, malformed node messages, a
+restarted node. (The same decisions are tested on the core alone in test_core.py; the
+real nodes are exercised in tests/runtime.)"""
 
 from __future__ import annotations
 
@@ -17,18 +18,13 @@ from disagg.coordinator.server import Coordinator, CoordinatorSettings
 from disagg.engine.worker import resolve_model_dir
 from disagg.protocol import Sampling
 from disagg.protocol.cluster import (
-    DecodeTask,
+    NodeBatch,
     Prefilled,
     PrefillResult,
     PrefillTask,
-    Push,
     Refused,
     Register,
-    Release,
-    SourceLost,
-    StepTokens,
     TaskFailed,
-    TokenItem,
     Welcome,
     decode_from_coordinator,
     encode_node,
@@ -64,6 +60,7 @@ class FakeNode:
         self.sock.setsockopt(zmq.IDENTITY, node_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
+        self.buffered: list = []  # read from a NodeBatch, not yet returned
         fields = dict(
             node_id=node_id, role=role, endpoint=f"{node_id}@0a", model="tiny-test", block_size=16,
             capacity_tokens=4096, max_model_len=1024, max_batch_tokens=4096, pid=1,
@@ -78,10 +75,13 @@ class FakeNode:
     def recv(self, timeout: float = 10.0, skip=("counters",)):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.sock.poll(int(max(0.0, deadline - time.monotonic()) * 1000)):
-                msg = decode_from_coordinator(self.sock.recv_multipart())
+            while self.buffered:
+                msg = self.buffered.pop(0)
                 if msg.type not in skip:
                     return msg
+            if self.sock.poll(int(max(0.0, deadline - time.monotonic()) * 1000)):
+                msg = decode_from_coordinator(self.sock.recv_multipart())
+                self.buffered += msg.messages if isinstance(msg, NodeBatch) else [msg]
         raise AssertionError("the coordinator sent nothing")
 
     def close(self) -> None:
@@ -122,22 +122,6 @@ def generate_in_background(address: str, **kwargs):
     return pool.submit(run)
 
 
-def prefilled(rid: int, first_token: int) -> Prefilled:
-    """The prefill node's report of ``rid`` prefilled, its first token not the last."""
-    return Prefilled(
-        results=[
-            PrefillResult(rid=rid, first_token=first_token, prefill_start=0.0, prefill_s=0.001)
-        ]
-    )
-
-
-def last_token(rid: int, token: int) -> StepTokens:
-    """A decode step that produces ``rid``'s second and last token."""
-    return StepTokens(
-        items=[TokenItem(rid=rid, index=1, token_ids=[token], finish_reason="length")]
-    )
-
-
 def test_a_request_failing_on_every_attempt_ends_in_request_failed(running):
     node = FakeNode(running.node_address, "prefill-0", "prefill")
     result = generate_in_background(running.client_address, max_tokens=4)
@@ -149,38 +133,6 @@ def test_a_request_failing_on_every_attempt_ends_in_request_failed(running):
         result.result(timeout=20)
     assert not running.coordinator.requests
     node.close()
-
-
-def test_kv_lease_expiry_releases_and_the_decode_node_recomputes_no_token_repeats():
-    r = Running(kv_lease_s=0.3)
-    try:
-        prefill = FakeNode(r.node_address, "prefill-0", "prefill")
-        decode = FakeNode(r.node_address, "decode-0", "decode")
-        result = generate_in_background(r.client_address, max_tokens=3, temperature=0)
-        task = prefill.recv()
-        assert isinstance(task, PrefillTask)
-        prefill.send(
-            Prefilled(results=[PrefillResult(rid=task.rid, first_token=7, prefill_start=time.monotonic(), prefill_s=0.001)])
-        )  # fmt: skip
-        work = decode.recv()
-        assert isinstance(work, DecodeTask) and work.source == "prefill-0@0a"
-        assert work.output_token_ids == [7]
-        # nobody pulls: after the lease the holder releases and the decoder is told
-        assert isinstance(prefill.recv(), Release)
-        assert isinstance(decode.recv(), SourceLost)
-        # the decoder recomputes and reports; a repeated report is ignored
-        step = StepTokens(items=[TokenItem(rid=work.rid, index=1, token_ids=[8])])
-        decode.send(step)
-        decode.send(step)
-        decode.send(
-            StepTokens(items=[TokenItem(rid=work.rid, index=2, token_ids=[9], finish_reason="length")])
-        )  # fmt: skip
-        done = result.result(timeout=20)
-        assert done.token_ids == [7, 8, 9] and done.finish_reason == "length"
-        prefill.close()
-        decode.close()
-    finally:
-        r.close()
 
 
 def test_malformed_node_messages_are_dropped_and_service_goes_on(running):
@@ -196,98 +148,6 @@ def test_malformed_node_messages_are_dropped_and_service_goes_on(running):
     )  # fmt: skip
     assert result.result(timeout=20).token_ids == [3]
     node.close()
-
-
-def test_pull_of_a_request_not_held_is_answered_with_source_lost(running):
-    prefill = FakeNode(running.node_address, "prefill-0", "prefill")
-    decode = FakeNode(running.node_address, "decode-0", "decode")
-    result = generate_in_background(running.client_address, max_tokens=2, temperature=0)
-    task = prefill.recv()
-    prefill.send(prefilled(task.rid, 4))
-    work = decode.recv()
-    from disagg.protocol.cluster import PullGo, PullRequest
-
-    decode.send(PullRequest(rids=[work.rid, 999_999]))
-    replies = [decode.recv(), decode.recv()]
-    assert any(isinstance(m, PullGo) and m.rids == [work.rid] for m in replies)
-    assert any(isinstance(m, Release) and m.rid == 999_999 for m in replies)
-    push = prefill.recv()
-    assert isinstance(push, Push) and push.rids == [work.rid] and push.dest == "decode-0@0a"
-    decode.send(last_token(work.rid, 5))
-    assert result.result(timeout=20).token_ids == [4, 5]
-    prefill.close()
-    decode.close()
-
-
-def test_a_source_lost_with_its_pull_under_way_is_told_to_the_decode_node(running):
-    """The prefill node holding a request's KV dies after the pull started: the decode
-    node is told at once (its receive may otherwise wait out the transfer timeout) and
-    the request completes from its recompute there."""
-    from disagg.protocol.cluster import PullGo, PullRequest
-
-    prefill = FakeNode(running.node_address, "prefill-0", "prefill")
-    decode = FakeNode(running.node_address, "decode-0", "decode")
-    result = generate_in_background(running.client_address, max_tokens=2, temperature=0)
-    task = prefill.recv()
-    prefill.send(prefilled(task.rid, 4))
-    work = decode.recv()
-    decode.send(PullRequest(rids=[work.rid]))
-    assert isinstance(decode.recv(), PullGo)
-    assert isinstance(prefill.recv(skip=("counters",)), Push)
-    prefill.close()  # killed mid-transfer; a new incarnation declares the old one gone
-    again = FakeNode(running.node_address, "prefill-0", "prefill", endpoint="prefill-0@0b")
-    lost = decode.recv(skip=("counters",))
-    assert isinstance(lost, SourceLost) and lost.rid == work.rid
-    decode.send(last_token(work.rid, 5))
-    assert result.result(timeout=20).token_ids == [4, 5]
-    again.close()
-    decode.close()
-
-
-def test_a_broken_kv_channel_moves_to_the_next_epoch_and_is_given_up_after_three(running):
-    """Each break reported by a side moves the pair to the next epoch (the next Push and
-    PullGo carry it, so both sides form a fresh channel); after MAX_PAIR_EPOCHS breaks the
-    pair is given up: the decode task comes without a source and the prefill node is told
-    to release the KV."""
-    from disagg.coordinator.server import MAX_PAIR_EPOCHS
-    from disagg.protocol.cluster import Pulled, PullGo, PullRequest, Pushed
-
-    prefill = FakeNode(running.node_address, "prefill-0", "prefill")
-    decode = FakeNode(running.node_address, "decode-0", "decode")
-    for attempt in range(MAX_PAIR_EPOCHS + 1):
-        result = generate_in_background(running.client_address, max_tokens=2, temperature=0)
-        # (a finished request's Release may reach the prefill node before its Pushed)
-        task = prefill.recv(skip=("counters", "release"))
-        assert isinstance(task, PrefillTask), task
-        prefill.send(prefilled(task.rid, 4))
-        work = decode.recv()
-        assert isinstance(work, DecodeTask)
-        if attempt < MAX_PAIR_EPOCHS:
-            assert work.source == "prefill-0@0a"
-            decode.send(PullRequest(rids=[work.rid]))
-            pull, push = decode.recv(), prefill.recv(skip=("counters", "release"))
-            assert isinstance(pull, PullGo) and pull.epoch == attempt
-            assert isinstance(push, Push) and push.epoch == attempt
-            # Both sides see the channel break; only the first report moves the epoch.
-            decode.send(
-                Pulled(rids=[work.rid], error="timed out", broken_peer=True,
-                       source="prefill-0@0a", epoch=attempt)
-            )  # fmt: skip
-            prefill.send(
-                Pushed(rids=[work.rid], error="closed", broken_peer=True,
-                       dest="decode-0@0a", epoch=attempt)
-            )  # fmt: skip
-        else:  # given up: recompute on the decode node, the held KV released
-            assert work.source is None
-            release = prefill.recv()
-            while isinstance(release, Release) and release.rid != work.rid:
-                release = prefill.recv()
-            assert isinstance(release, Release) and release.rid == work.rid
-        decode.send(last_token(work.rid, 5))
-        assert result.result(timeout=20).token_ids == [4, 5]
-    assert running.coordinator.pair_epochs[("prefill-0@0a", "decode-0@0a")] == MAX_PAIR_EPOCHS
-    prefill.close()
-    decode.close()
 
 
 def test_a_new_process_under_a_live_node_id_replaces_it_and_gets_its_work(running):

@@ -138,8 +138,8 @@ def test_cli_refits_a_profile_from_a_served_log(tmp_path, capsys):
     assert "--base" in capsys.readouterr().err
 
 
-def test_recorder_sees_batches_steps_and_requests_then_hands_on():
-    handled = []
+def test_recorder_sees_batches_steps_and_requests_as_the_coordinators_observer():
+    observers = []
     tracked = {
         7: SimpleNamespace(num_prompt_tokens=10, arrival_time=1.0),
         8: SimpleNamespace(num_prompt_tokens=30, arrival_time=1.5),
@@ -148,25 +148,25 @@ def test_recorder_sees_batches_steps_and_requests_then_hands_on():
     coordinator = SimpleNamespace(
         requests=tracked,
         events=SimpleNamespace(get=lambda rid: transfer if rid == "7" else None),
-        _on_node_message=lambda node, msg: handled.append(msg),
+        add_node_observer=observers.append,
     )
     recorder = ServedRecorder().attach(coordinator)
     node = SimpleNamespace(node_id="p0")
     results = [
         PrefillResult(rid=rid, first_token=5, prefill_start=2.0, prefill_s=0.25) for rid in (7, 8)
     ]
-    coordinator._on_node_message(node, Prefilled(results=results))
+    (observe,) = observers
+    observe(node, Prefilled(results=results), 2.3)
     items = [
         TokenItem(rid=7, index=3, token_ids=[1]),
         TokenItem(rid=8, index=1, token_ids=[1], finish_reason="length"),
     ]
-    coordinator._on_node_message(node, StepTokens(items=items, step_s=0.01))
-    assert len(handled) == 2  # the coordinator still handles every message
+    observe(node, StepTokens(items=items, step_s=0.01), 2.6)
     log = recorder.log()
     assert log["prefill"] == [[2.0, 0.25, 40, 10 * 10 + 30 * 30, 2]]
-    assert log["decode"][0][2:] == [0.01, 2, (10 + 3) + (30 + 1), True]
+    assert log["decode"][0] == ["p0", 2.6, 0.01, 2, (10 + 3) + (30 + 1), True]
     (r7, r8) = log["requests"]
-    assert r7[:3] == [1.0, 2.0, 2.25] and r7[4:] == [10, 2.5]
+    assert r7 == [1.0, 2.0, 2.25, 2.3, 10, 2.5]
     assert r8[5] is None  # no transfer recorded
 
 

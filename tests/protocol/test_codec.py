@@ -22,6 +22,7 @@ from disagg.protocol import (
     PROTOCOL_VERSION,
     Abort,
     Accepted,
+    Batch,
     Error,
     Finished,
     Generate,
@@ -104,6 +105,10 @@ messages = st.one_of(
 )
 
 
+single_replies = messages.filter(lambda m: m.type not in ("generate", "abort", "ping"))
+messages = st.one_of(messages, st.builds(Batch, messages=st.lists(single_replies, max_size=4)))
+
+
 @settings(max_examples=300, deadline=None)
 @given(messages)
 def test_every_message_round_trips(msg):
@@ -128,7 +133,7 @@ def test_sampling_mirrors_sampling_params():
 
 def test_a_generate_with_only_required_fields_gets_the_defaults():
     payload = b'{"type":"generate","request_id":"r","client_id":"c","prompt":"hi"}'
-    msg = decode_request([MAGIC, b"1", payload])
+    msg = decode_request([MAGIC, PROTOCOL_VERSION, payload])
     assert msg.sampling == Sampling() and msg.stream is False and msg.api_key is None
     assert msg.sampling.to_params() == SamplingParams()
 
@@ -137,7 +142,9 @@ def test_sampling_values_are_checked_by_to_params_naming_the_field():
     payload = (
         b'{"type":"generate","request_id":"r","client_id":"c","prompt":"hi","sampling":{"top_p":0}}'
     )
-    msg = decode_request([MAGIC, b"1", payload])  # well-formed: a request problem, not a wire one
+    msg = decode_request(
+        [MAGIC, PROTOCOL_VERSION, payload]
+    )  # well-formed: a request problem, not a wire one
     with pytest.raises(InvalidRequestError) as caught:
         msg.sampling.to_params()
     assert caught.value.field == "top_p"
@@ -146,7 +153,7 @@ def test_sampling_values_are_checked_by_to_params_naming_the_field():
 # -- every ProtocolError code ----------------------------------------------------------
 
 
-def _frames(payload: bytes | str, version: bytes = b"1") -> list[bytes]:
+def _frames(payload: bytes | str, version: bytes = PROTOCOL_VERSION) -> list[bytes]:
     return [MAGIC, version, payload.encode() if isinstance(payload, str) else payload]
 
 
@@ -160,11 +167,12 @@ def _refused(frames, **kwargs) -> ProtocolError:
     ("frames", "code"),
     [
         ([], "bad_frames"),
-        ([MAGIC, b"1"], "bad_frames"),
-        ([MAGIC, b"1", b"{}", b"extra"], "bad_frames"),
-        ([b"vllm", b"1", b'{"type":"ping","nonce":"n"}'], "wrong_magic"),
-        ([b"", b"1", b'{"type":"ping","nonce":"n"}'], "wrong_magic"),
-        (_frames('{"type":"ping","nonce":"n"}', version=b"2"), "unsupported_version"),
+        ([MAGIC, b"2"], "bad_frames"),
+        ([MAGIC, b"2", b"{}", b"extra"], "bad_frames"),
+        ([b"vllm", b"2", b'{"type":"ping","nonce":"n"}'], "wrong_magic"),
+        ([b"", b"2", b'{"type":"ping","nonce":"n"}'], "wrong_magic"),
+        (_frames('{"type":"ping","nonce":"n"}', version=b"1"), "unsupported_version"),
+        (_frames('{"type":"ping","nonce":"n"}', version=b"3"), "unsupported_version"),
         (_frames('{"type":"ping","nonce":"n"}', version=b""), "unsupported_version"),
         (_frames("{not json"), "not_json"),
         (_frames(b'{"type":"ping","nonce":"\xff"}'), "not_json"),  # not UTF-8
@@ -186,9 +194,9 @@ def test_each_way_of_being_wrong_has_its_code(frames, code):
 
 
 def test_an_unsupported_version_names_the_supported_ones():
-    err = _refused(_frames('{"type":"abort","request_id":"r7"}', version=b"2"))
+    err = _refused(_frames('{"type":"abort","request_id":"r7"}', version=b"1"))
     assert err.field == "version" and err.request_id == "r7"
-    assert "'2'" in err.message and "supported versions: 1" in err.message
+    assert "'1'" in err.message and "supported versions: 2" in err.message
     reply = error_reply(err)
     assert reply == Error(
         request_id="r7",
@@ -197,7 +205,7 @@ def test_an_unsupported_version_names_the_supported_ones():
         reason="unsupported_version",
         message=err.message,
     )
-    # The reply is itself a valid version-1 message.
+    # The reply is itself a valid message of the version this side speaks.
     assert decode_reply(encode(reply)) == reply
 
 

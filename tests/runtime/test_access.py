@@ -94,7 +94,7 @@ def test_status_without_a_server_says_so(capsys):
 
 def test_curve_encrypted_endpoints(tmp_path, offline):
     from disagg.client import ServerUnavailable
-    from disagg.coordinator.auth import generate_curve_keypair
+    from disagg.protocol.curve import generate_curve_keypair
 
     keys = generate_curve_keypair(tmp_path / "curve")
     cluster = start_cluster(tmp_path, curve_secret_key=str(keys.secret_key_file))

@@ -1,0 +1,188 @@
+"""Node messages: registration (the cluster secret, one model, one role per id, a new
+incarnation replacing a live one), credit, prefill results and decode steps (tokens
+charged and forwarded exactly once: a stale or repeated report is dropped), and the
+hand-off and failure reports (delegated to ``kv`` and ``failures``); a colocated node's
+``Admitted`` charges its requests' input, once each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from disagg.coordinator.auth import check_cluster_secret
+from disagg.coordinator.core.kv import KVPairing
+from disagg.coordinator.core.state import log
+from disagg.coordinator.nodes import NodeState
+from disagg.coordinator.tracked import Phase, Tracked
+from disagg.protocol import Tokens
+from disagg.protocol.cluster import (
+    Admitted,
+    Credit,
+    Goodbye,
+    Prefilled,
+    PrefillResult,
+    Pulled,
+    PullRequest,
+    Pushed,
+    Refused,
+    Register,
+    Release,
+    StepTokens,
+    TaskFailed,
+    TokenItem,
+    Welcome,
+)
+
+
+class NodeReports(KVPairing):
+    def _on_register(self, identity: bytes, msg: Register) -> None:
+        existing = self.nodes.get(msg.node_id)
+        if existing is not None and existing.alive and existing.endpoint == msg.endpoint:
+            self._send_node(
+                existing, Welcome(node_id=msg.node_id, counters=self._counters(msg.role))
+            )
+            return  # a repeated hello
+        reason = None
+        if not check_cluster_secret(self.settings.cluster_secret, msg.secret):
+            reason = "wrong or missing cluster secret"
+        elif self.model_fingerprint not in (None, msg.model):
+            reason = f"model {msg.model} differs from the cluster's {self.model_fingerprint}"
+        elif (msg.role == "colocated") != self.settings.colocated:
+            reason = (
+                f"a {msg.role} node in a "
+                f"{'colocated' if self.settings.colocated else 'disaggregated'} cluster: "
+                "colocated nodes are never mixed with prefill/decode nodes (no fairness "
+                "bound is stated for the mix)"
+            )
+        elif existing is not None and existing.alive and existing.role != msg.role:
+            reason = f"a live {existing.role} node is already registered as {msg.node_id}"
+        if reason is None and existing is not None and existing.alive:
+            # A new process under a live node's id (restarted before its heartbeats were
+            # missed). Its routing id is the node id, so ZeroMQ already routes to the new
+            # connection: the old process can no longer be reached, and what it held is lost.
+            self._node_lost(existing, f"replaced by a new process ({msg.endpoint})")
+        if reason is not None:
+            log.warning("refused node %s: %s", msg.node_id, reason)
+            self.outbox.nodes.append((identity, Refused(reason=reason)))
+            return
+        self.model_fingerprint = msg.model
+        node = NodeState.from_register(identity, msg, self.now)
+        self.nodes[msg.node_id] = node
+        self.by_identity[identity] = node
+        log.info("node %s (%s, %s) joined", msg.node_id, msg.role, msg.endpoint)
+        if self.metrics:
+            self.metrics.set_node_alive(node.node_id, node.role, True)
+        self._send_node(node, Welcome(node_id=msg.node_id, counters=self._counters(msg.role)))
+
+    def _on_node_message(self, node: NodeState, msg: Any) -> None:
+        if isinstance(msg, Credit):
+            node.update(msg, self.now)
+        elif isinstance(msg, Prefilled):
+            if msg.results:
+                tokens = sum(
+                    self.requests[r.rid].num_prompt_tokens
+                    for r in msg.results
+                    if r.rid in self.requests
+                )
+                self.ttft_predictor.observe_batch(tokens, msg.results[0].prefill_s)
+                node.model_s += msg.results[0].prefill_s
+            for result in msg.results:
+                self._on_prefilled(node, result)
+        elif isinstance(msg, StepTokens):
+            node.model_s += msg.step_s
+            for item in msg.items:
+                t = self.requests.get(item.rid)
+                if t is not None:
+                    t.model_s += msg.step_s
+                self._on_tokens(node, item)
+            if msg.preempted and self.metrics:
+                for _ in msg.preempted:
+                    self.metrics.preemption(node.node_id)
+        elif isinstance(msg, Admitted):
+            self._on_admitted(node, msg.rids)
+        elif isinstance(msg, PullRequest):
+            self._on_pull_request(node, msg.rids)
+        elif isinstance(msg, Pushed):
+            self._on_pushed(node, msg)
+        elif isinstance(msg, Pulled):
+            self._on_pulled(node, msg)
+        elif isinstance(msg, TaskFailed):
+            self._on_task_failed(node, msg)
+        elif isinstance(msg, Goodbye):
+            self._node_lost(node, "said goodbye")
+
+    def _on_prefilled(self, node: NodeState, r: PrefillResult) -> None:
+        t = self.requests.get(r.rid)
+        if t is None or t.phase is not Phase.PREFILLING or t.prefill_node != node.node_id:
+            if r.finish_reason is None:
+                self._send_node(node, Release(rid=r.rid))  # aborted or re-dispatched meanwhile
+            return
+        self.events.record(str(t.rid), "prefill_start", node_id=node.node_id, t=r.prefill_start)
+        self.events.record(
+            str(t.rid), "prefill_end", node_id=node.node_id, t=r.prefill_start + r.prefill_s
+        )
+        t.model_s += r.prefill_s
+        self._leave_prefill_backlog(t)
+        if r.finish_reason is not None:
+            node.requests.discard(t.rid)
+        else:
+            t.kv_node, t.kv_since = node.node_id, self.now
+        self._add_tokens(t, [r.first_token])
+        if r.finish_reason is not None:
+            self._finish(t, r.finish_reason, text_end=r.text_end)
+            return
+        t.phase = Phase.WAITING_DECODE
+        self.pools.decode.add(t)
+
+    def _on_admitted(self, node: NodeState, rids: list[int]) -> None:
+        """A colocated node admitted ``rids``: their input is charged now, once."""
+        policy = self.pools.prefill
+        for rid in rids:
+            t = self.requests.get(rid)
+            if t is None or t.decode_node != node.node_id or t.phase is not Phase.DECODING:
+                continue
+            self._leave_prefill_backlog(t)
+            if not t.input_charged:
+                policy.on_admitted(t, t.num_prompt_tokens)
+                t.input_charged = True
+                if self.metrics:
+                    self.metrics.charge(t.client_id, "prefill", self._cost_in(t.num_prompt_tokens))
+
+    def _on_tokens(self, node: NodeState, item: TokenItem) -> None:
+        t = self.requests.get(item.rid)
+        if t is None or t.decode_node != node.node_id or t.phase is not Phase.DECODING:
+            return  # a stale report (aborted, or moved after its node was declared dead)
+        have = t.num_output_tokens
+        if item.index > have:
+            log.error("request %d: tokens from %d but %d sent; dropped", t.rid, item.index, have)
+            return
+        new = item.token_ids[have - item.index :]
+        if not new:
+            return
+        if have == 1 and item.index == 1:
+            self.events.record(str(t.rid), "decode_start", node_id=node.node_id, t=self.now)
+        self._add_tokens(t, new)
+        if item.finish_reason is not None:
+            node.requests.discard(t.rid)
+            self.events.record(str(t.rid), "decode_end", node_id=node.node_id, t=self.now)
+            self._finish(t, item.finish_reason, text_end=item.text_end)
+
+    def _add_tokens(self, t: Tracked, tokens: list[int]) -> None:
+        """Charges ``tokens`` (new, in order) as output and streams them."""
+        index = t.num_output_tokens
+        t.output_token_ids.extend(tokens)
+        if t.first_token_at is None:
+            t.first_token_at = self.now
+        self.pools.decode.on_tokens(t, len(tokens))
+        if self.metrics:  # summed per client, exported once per message (see on_node)
+            charges = self.decode_charges
+            charges[t.client_id] = charges.get(t.client_id, 0.0) + self._cost_out(len(tokens))
+        if t.stream:  # (built unvalidated: every field is the coordinator's own, checked)
+            self._reply(
+                t.identity,
+                Tokens.model_construct(
+                    request_id=t.request_id,
+                    index=index,
+                    token_ids=tokens,
+                    text=t.text.delta(t.output_token_ids),
+                ),
+            )
