@@ -62,7 +62,7 @@ def test_a_prefill_node_is_refused_by_a_colocated_cluster_by_name(colocated):
 
 
 def node_fingerprint(cluster) -> str:
-    fingerprint = cluster.coordinator.model_fingerprint
+    fingerprint = cluster.coordinator.core.model_fingerprint
     assert fingerprint is not None
     return fingerprint
 
