@@ -17,6 +17,20 @@ YAML (JSON is accepted too: JSON is YAML). One object::
     cluster_secret: null
     predicted: {...}            # the planner's figures, for comparing with measurements
 
+A colocated deployment (prefill and decode on the same instances) has ``colocated:``
+instead of ``prefill:`` and ``decode:``, and nodes of role ``colocated``::
+
+    colocated: {tp: 1, pp: 1, instances: 4}
+    nodes:
+      - {role: colocated, index: 0, devices: [0]}
+      ...
+
+The two kinds are never mixed in one deployment (:class:`MixedDeploymentError`): the
+fairness bounds this system states are for one kind of pool (two-stage VTC over
+prefill and decode pools, or single-stage VTC over colocated nodes); a client's requests
+split between a colocated pool and a disaggregated one would be ordered by one counter
+fed by two services of different speeds, and no bound for that is stated or tested.
+
 Every mistake is a :class:`ConfigError` whose ``field`` is the dotted path of the
 culprit (``nodes.2.devices``, ``slo.ttft_s``) and whose message names the file.
 """
@@ -43,6 +57,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class MixedDeploymentError(ConfigError):
+    """A deployment with colocated nodes beside prefill or decode nodes: refused, since
+    no fairness bound is stated for the mix."""
+
+
 class PhaseLayout(_Strict):
     """One phase's instances: each on ``tp * pp`` devices."""
 
@@ -58,7 +77,7 @@ class PhaseLayout(_Strict):
 class NodeRole(_Strict):
     """One instance of one phase, on ``devices`` (GPU indices) of ``host``; [] = CPU."""
 
-    role: Literal["prefill", "decode"]
+    role: Literal["prefill", "decode", "colocated"]
     index: Annotated[int, Field(ge=0)]
     host: str = Field("localhost", min_length=1)
     devices: list[Annotated[int, Field(ge=0)]] = []
@@ -81,8 +100,9 @@ class Deployment(_Strict):
     device: Literal["cpu", "cuda"] = "cpu"
     policy: str = "two-stage-vtc"
     slo: SLO | None = None
-    prefill: PhaseLayout
-    decode: PhaseLayout
+    prefill: PhaseLayout | None = None
+    decode: PhaseLayout | None = None
+    colocated: PhaseLayout | None = None
     nodes: list[NodeRole]
     coordinator: CoordinatorAddress = CoordinatorAddress()
     cluster_secret: str | None = None
@@ -99,7 +119,7 @@ class Deployment(_Strict):
                 "coordinator.node_port",
                 f"must differ from client_port ({self.coordinator.client_port})",
             )
-        for role in ("prefill", "decode"):
+        for role in self._check_layout():
             layout: PhaseLayout = getattr(self, role)
             indices = [n.index for n in self.nodes if n.role == role]
             if len(indices) != layout.instances:
@@ -117,6 +137,13 @@ class Deployment(_Strict):
         taken: dict[tuple[str, int], int] = {}
         for i, node in enumerate(self.nodes):
             layout = getattr(self, node.role)
+            if layout is None:
+                raise MixedDeploymentError(
+                    f"nodes[{i}].role",
+                    f"a {node.role} node in a {self.kind} deployment: colocated nodes are "
+                    "never mixed with prefill/decode nodes (no fairness bound is stated "
+                    "for the mix)",
+                )
             if node.devices and len(node.devices) != layout.devices_per_instance:
                 raise ConfigError(
                     f"nodes[{i}].devices",
@@ -140,6 +167,26 @@ class Deployment(_Strict):
             raise ConfigError(f"nodes[{i}].devices", "device is cuda: list the GPU indices")
         return self
 
+    @property
+    def kind(self) -> Literal["disaggregated", "colocated"]:
+        return "colocated" if self.colocated is not None else "disaggregated"
+
+    def _check_layout(self) -> tuple[str, ...]:
+        """The roles this deployment has: prefill and decode, or colocated alone."""
+        if self.colocated is not None:
+            mixed = [r for r in ("prefill", "decode") if getattr(self, r) is not None]
+            if mixed:
+                raise MixedDeploymentError(
+                    mixed[0],
+                    f"a deployment is colocated or disaggregated, not both: drop {mixed[0]}: "
+                    "or colocated: (no fairness bound is stated for the mix)",
+                )
+            return ("colocated",)
+        for role in ("prefill", "decode"):
+            if getattr(self, role) is None:
+                raise ConfigError(role, "required: give prefill: and decode:, or colocated:")
+        return ("prefill", "decode")
+
 
 def parse_deployment(data: Any, source: str = "<deployment>") -> Deployment:
     """Validate a deployment already parsed; errors name the field and ``source``."""
@@ -148,7 +195,11 @@ def parse_deployment(data: Any, source: str = "<deployment>") -> Deployment:
     try:
         return Deployment.model_validate(data)
     except ValidationError as exc:
-        raise config_error(exc, source=source, model=Deployment) from None
+        err = config_error(exc, source=source, model=Deployment)
+        causes = [e.get("ctx", {}).get("error") for e in exc.errors(include_url=False)]
+        if any(isinstance(c, MixedDeploymentError) for c in causes):  # keep the type
+            raise MixedDeploymentError(err.field, err.reason) from None
+        raise err from None
 
 
 def load_deployment(path: str | Path) -> Deployment:

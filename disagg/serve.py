@@ -58,6 +58,7 @@ class ServeOptions:
     dtype: str = "auto"
     prefill: int = 1
     decode: int = 1
+    colocated: int = 0  # colocated nodes instead (then prefill = decode = 0: never mixed)
     policy: str = "two-stage-vtc"
     host: str = "127.0.0.1"
     port: int = 5555  # clients; nodes use port + 1, the KV rendezvous port + 2 (0: any free)
@@ -100,9 +101,21 @@ class ServeOptions:
             raise ConfigError(
                 "policy", f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}"
             )
-        for name in ("prefill", "decode"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"needs at least one {name} node")
+        if self.colocated:
+            if self.prefill or self.decode:
+                from disagg.deployment import MixedDeploymentError
+
+                raise MixedDeploymentError(
+                    "colocated",
+                    f"{self.colocated} colocated node(s) beside {self.prefill} prefill and "
+                    f"{self.decode} decode: colocated nodes are never mixed with prefill/"
+                    "decode nodes (no fairness bound is stated for the mix); set prefill "
+                    "and decode to 0",
+                )
+        else:
+            for name in ("prefill", "decode"):
+                if getattr(self, name) < 1:
+                    raise ConfigError(name, f"needs at least one {name} node")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError("device", f"must be cpu or cuda, got {self.device!r}")
         if self.reject_over_slo is not None and (self.slo is None or not self.reject_over_slo > 0):
@@ -111,6 +124,8 @@ class ServeOptions:
             )
         if self.simulated and not self.latency_profile:
             raise ConfigError("latency_profile", "--simulated needs --latency-profile FILE")
+        if self.simulated and self.colocated:
+            raise ConfigError("simulated", "there are no simulated colocated nodes yet")
         if self.simulated and self.external_nodes:
             raise ConfigError("simulated", "simulated nodes run here: no --external-nodes")
         if not 0 <= self.port < 65535 - 2:
@@ -149,6 +164,7 @@ class ServedCluster:
                 reject_over_slo=o.reject_over_slo,
                 curve_secret_key=o.curve_secret_key,
                 events_log=o.events_log,
+                colocated=o.colocated > 0,
             ),
             access=self.access,
             metrics=self.metrics,
@@ -170,6 +186,8 @@ class ServedCluster:
     def node_ids(self) -> list[tuple[str, str]]:
         """(role, node id) of every node, prefill nodes first."""
         o = self.options
+        if o.colocated:
+            return [("colocated", f"colocated-{i}") for i in range(o.colocated)]
         roles = [("prefill", f"prefill-{i}") for i in range(o.prefill)]
         return roles + [("decode", f"decode-{i}") for i in range(o.decode)]
 
@@ -269,7 +287,7 @@ class ServedCluster:
 
     def _spawn(self, role: str, node_id: str) -> None:
         o = self.options
-        threads = o.threads_per_node or max(1, (os.cpu_count() or 1) // (o.prefill + o.decode))
+        threads = o.threads_per_node or max(1, (os.cpu_count() or 1) // len(self.node_ids()))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         if o.cluster_secret:
             env[CLUSTER_SECRET_ENV] = o.cluster_secret
@@ -321,7 +339,7 @@ class ServedCluster:
     def _announce_node_commands(self) -> None:
         o = self.options
         self.announce(
-            f"disagg serve: waiting for {o.prefill} prefill and {o.decode} decode node(s); "
+            f"disagg serve: waiting for {_describe_nodes(o)}; "
             "start each where it should run"
             + (f" (with {CLUSTER_SECRET_ENV} set)" if o.cluster_secret else "")
             + ":"
@@ -376,7 +394,10 @@ class ServedCluster:
         try:
             self._call(
                 self.coordinator.wait_for_nodes(
-                    self.options.prefill, self.options.decode, self.options.startup_timeout
+                    self.options.prefill,
+                    self.options.decode,
+                    self.options.startup_timeout,
+                    colocated=self.options.colocated,
                 ),
                 timeout=self.options.startup_timeout + 5,
                 watch_processes=True,
@@ -471,6 +492,12 @@ class ServedCluster:
         self.stop()
 
 
+def _describe_nodes(o: ServeOptions) -> str:
+    if o.colocated:
+        return f"{o.colocated} colocated node(s)"
+    return f"{o.prefill} prefill + {o.decode} decode node(s)"
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -493,7 +520,7 @@ def run_serve(options: ServeOptions) -> int:
     cluster.start()
     o = options
     print(
-        f"disagg serve: {o.prefill} prefill + {o.decode} decode node(s), model {o.model}, "
+        f"disagg serve: {_describe_nodes(o)}, model {o.model}, "
         f"policy {o.policy}, device {o.device}",
         flush=True,
     )

@@ -14,8 +14,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="Hugging Face model directory, or 'tiny'")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill nodes")
-    p.add_argument("--decode", type=int, default=1, metavar="M", help="decode nodes")
+    # Default 1 each, or 0 with --colocated (None here: a count given beside --colocated
+    # is a mix, refused by name).
+    p.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill nodes (1)")
+    p.add_argument("--decode", type=int, default=None, metavar="M", help="decode nodes (1)")
+    p.add_argument(
+        "--colocated",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K colocated nodes (prefill and decode on each) instead of prefill/decode nodes",
+    )
     p.add_argument("--policy", default="two-stage-vtc", choices=POLICIES)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5555, help="client port (nodes: +1, KV: +2)")
@@ -93,13 +102,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _count(given: int | None, colocated: int) -> int:
+    return given if given is not None else (0 if colocated else 1)
+
+
 def serve_options(args: argparse.Namespace) -> ServeOptions:
     fields = dict(
         model=args.model,
         device=args.device,
         dtype=args.dtype,
-        prefill=args.prefill,
-        decode=args.decode,
+        prefill=_count(args.prefill, args.colocated),
+        decode=_count(args.decode, args.colocated),
+        colocated=args.colocated,
         policy=args.policy,
         host=args.host,
         port=args.port,
@@ -126,8 +140,9 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
             model=dep.model,
             device=dep.device,
             policy=dep.policy,
-            prefill=dep.prefill.instances,
-            decode=dep.decode.instances,
+            prefill=dep.prefill.instances if dep.prefill else 0,
+            decode=dep.decode.instances if dep.decode else 0,
+            colocated=dep.colocated.instances if dep.colocated else 0,
             cluster_secret=dep.cluster_secret,
             node_devices={f"{n.role}-{n.index}": n.devices for n in dep.nodes if n.devices},
             slo=(dep.slo.ttft_s, dep.slo.tpot_s) if dep.slo else None,

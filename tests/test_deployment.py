@@ -10,6 +10,7 @@ import pytest
 
 from disagg.deployment import (
     Deployment,
+    MixedDeploymentError,
     NodeRole,
     PhaseLayout,
     load_deployment,
@@ -129,3 +130,51 @@ def test_file_errors_name_the_file(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="one mapping"):
         load_deployment(listy)
+
+
+COLOCATED = {
+    "model": "tiny",
+    "colocated": {"instances": 2},
+    "nodes": [{"role": "colocated", "index": 0}, {"role": "colocated", "index": 1}],
+}
+
+
+def test_a_colocated_deployment_round_trips(tmp_path):
+    dep = parse_deployment(COLOCATED)
+    assert dep.kind == "colocated" and dep.prefill is None and dep.decode is None
+    path = tmp_path / "c.yaml"
+    save_deployment(dep, path)
+    assert load_deployment(path) == dep
+    assert parse_deployment(GOOD).kind == "disaggregated"
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda d: d.update(prefill={"instances": 1}), "prefill"),
+        (lambda d: d.update(decode={"instances": 1}), "decode"),
+        (lambda d: d["nodes"].append({"role": "decode", "index": 0}), "nodes[2].role"),
+    ],
+)
+def test_colocated_nodes_beside_prefill_or_decode_are_refused_by_name(edit, field):
+    data = copy.deepcopy(COLOCATED)
+    edit(data)
+    with pytest.raises(MixedDeploymentError, match="colocated") as info:
+        parse_deployment(data)
+    assert info.value.field == field
+
+
+def test_a_colocated_node_in_a_disaggregated_deployment_is_refused():
+    data = copy.deepcopy(GOOD)
+    data["nodes"].append({"role": "colocated", "index": 0, "devices": [4]})
+    with pytest.raises(MixedDeploymentError, match="never mixed") as info:
+        parse_deployment(data)
+    assert info.value.field == "nodes[3].role"
+
+
+def test_a_deployment_needs_both_phases_or_colocated():
+    data = copy.deepcopy(GOOD)
+    del data["decode"]
+    with pytest.raises(ConfigError, match="colocated") as info:
+        parse_deployment(data)
+    assert info.value.field == "decode"

@@ -157,18 +157,22 @@ class Coordinator:
         ]
         await self._stopped.wait()
 
-    async def wait_for_nodes(self, prefill: int, decode: int, timeout: float) -> None:
+    async def wait_for_nodes(
+        self, prefill: int, decode: int, timeout: float, *, colocated: int = 0
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if (
                 len(self.live_nodes("prefill")) >= prefill
                 and len(self.live_nodes("decode")) >= decode
+                and len(self.live_nodes("colocated")) >= colocated
             ):
                 return
             await asyncio.sleep(0.05)
         raise ServerUnavailable(
-            f"only {len(self.live_nodes('prefill'))}/{prefill} prefill and "
-            f"{len(self.live_nodes('decode'))}/{decode} decode nodes registered "
+            f"only {len(self.live_nodes('prefill'))}/{prefill} prefill, "
+            f"{len(self.live_nodes('decode'))}/{decode} decode and "
+            f"{len(self.live_nodes('colocated'))}/{colocated} colocated nodes registered "
             f"within {timeout:.0f} s",
             address=self.settings.node_address,
             timeout=timeout,

@@ -216,7 +216,9 @@ def start_node(settings: NodeSettings, node_class: type[NodeRuntime]) -> None:
     configure_nccl_error_handling()  # before any NCCL group: a broken pair is not the node
     # A prefill node never decodes: no decode graphs (their memory goes to the KV pool).
     worker = ModelWorker(
-        settings.engine_config(), decode_graphs=settings.role == "decode", transfers=True
+        settings.engine_config(),
+        decode_graphs=settings.role in ("decode", "colocated"),
+        transfers=True,
     )
     on_cuda = worker.device.type == "cuda"
     endpoint = new_endpoint(settings.node_id)

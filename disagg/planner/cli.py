@@ -17,7 +17,7 @@ from disagg.planner.presets import (
     resolve_gpu,
     resolve_model,
 )
-from disagg.planner.report import format_table, to_deployment, to_json
+from disagg.planner.report import LAYOUTS, chosen_layout, format_table, to_deployment, to_json
 from disagg.planner.space import Cluster
 from disagg.sim.latency import load_profile
 
@@ -61,6 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("-o", "--output", help="write the deployment file (YAML) here")
     p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="auto",
+        help="which deployment -o writes (auto: colocated when its goodput per GPU is higher)",
+    )
+    p.add_argument(
         "--serve-model",
         help="the model the deployment file names (default: --model)",
     )
@@ -83,12 +89,13 @@ def run_plan(args: argparse.Namespace) -> int:
     result = plan(req)
     if args.output:
         device = "cpu" if req.gpu is CPU_NODE else "cuda"
-        deployment = to_deployment(result, args.serve_model or args.model, device)
+        deployment = to_deployment(result, args.serve_model or args.model, device, args.layout)
         save_deployment(deployment, args.output)
     if args.json:
         print(json.dumps(to_json(result), indent=2))
     else:
         print(format_table(result))
         if args.output:
-            print(f"deployment written to {args.output}")
+            kind = chosen_layout(result, args.layout)
+            print(f"{kind} deployment written to {args.output}")
     return 0

@@ -174,14 +174,43 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.0f} ms"
 
 
-def to_deployment(result: PlanResult, model: str, device: str = "cuda") -> dep.Deployment:
+LAYOUTS = ("auto", "disaggregated", "colocated")
+
+
+def chosen_layout(result: PlanResult, layout: str = "auto") -> str:
+    """Which deployment ``-o`` writes: ``auto`` takes colocated when its goodput per GPU
+    is higher than the best disaggregated one's (the plan's ratio below 1)."""
+    if layout not in LAYOUTS:
+        raise ConfigError("layout", f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    if layout == "colocated" and result.colocated is None:
+        raise ConfigError("layout", "no colocated layout fits this cluster")
+    if layout == "auto":
+        ratio = result.ratio
+        return "colocated" if ratio is not None and ratio < 1 else "disaggregated"
+    return layout
+
+
+def to_deployment(
+    result: PlanResult, model: str, device: str = "cuda", layout: str = "auto"
+) -> dep.Deployment:
     """The deployment file for the plan (with a rate: for the fewest GPUs that serve
-    it). Each instance must sit on one host: the file names one host per instance."""
+    it, when disaggregated; a colocated layout is written as the plan scored it).
+    ``layout``: see :func:`chosen_layout`. Each instance must sit on one host: the file
+    names one host per instance."""
     req, d = result.request, result.best.deployment
-    if result.sized is not None:
-        d = result.sized[0]
+    kind = chosen_layout(result, layout)
+    j = to_json(result)
+    if kind == "colocated":
+        assert result.colocated is not None
+        d = result.colocated.deployment
+        scored = j["colocated"]
+    else:
+        scored = j["predicted"]
+        if result.sized is not None:
+            d = result.sized[0]
     nodes = []
     for role, index, gpus in assign_devices(d, req.cluster):
+        role = "colocated" if kind == "colocated" else role
         hosts = sorted({n for n, _ in gpus})
         if len(hosts) > 1:
             raise ConfigError(
@@ -198,19 +227,20 @@ def to_deployment(result: PlanResult, model: str, device: str = "cuda") -> dep.D
                 devices=[g for _, g in gpus] if device == "cuda" else [],
             )
         )
-    j = to_json(result)
     predicted = {
-        "per_gpu_goodput": j["per_gpu_goodput"],
-        "goodput": j["goodput"],
-        "attainment": j["predicted"]["attainment"],
-        "ttft_p90_s": j["predicted"]["ttft_p90_s"],
-        "tpot_p90_s": j["predicted"]["tpot_p90_s"],
+        "layout": kind,
+        "per_gpu_goodput": scored["per_gpu_goodput"],
+        "goodput": scored["goodput"],
+        "attainment": scored["attainment"],
+        "ttft_p90_s": scored["ttft_p90_s"],
+        "tpot_p90_s": scored["tpot_p90_s"],
+        "disaggregated_per_gpu_goodput": j["per_gpu_goodput"],
         "colocated_per_gpu_goodput": j["colocated_per_gpu_goodput"],
         "workload": j["workload"],
         "gpu": j["gpu"],
         "latency": j["latency"],
     }
-    if "for_rate" in j:  # what is predicted for the GPUs written, at the rate asked
+    if "for_rate" in j and kind == "disaggregated":  # predicted for the GPUs written
         f = j["for_rate"]
         predicted.update(
             rate=f["rate"],
@@ -218,13 +248,20 @@ def to_deployment(result: PlanResult, model: str, device: str = "cuda") -> dep.D
             ttft_p90_s=f["ttft_p90_s"],
             tpot_p90_s=f["tpot_p90_s"],
         )
+    phases: dict[str, dep.PhaseLayout] = (
+        {"colocated": dep.PhaseLayout(**_layout(d, "colocated"))}
+        if kind == "colocated"
+        else {
+            "prefill": dep.PhaseLayout(**_layout(d, "prefill")),
+            "decode": dep.PhaseLayout(**_layout(d, "decode")),
+        }
+    )
     return dep.Deployment(
         model=model,
         device=device,
         policy=req.policy,
         slo=dep.SLO(ttft_s=req.slo.ttft, tpot_s=req.slo.tpot, attainment=req.slo.attainment),
-        prefill=dep.PhaseLayout(**_layout(d, "prefill")),
-        decode=dep.PhaseLayout(**_layout(d, "decode")),
         nodes=nodes,
         predicted=predicted,
+        **phases,
     )

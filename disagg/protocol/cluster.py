@@ -35,6 +35,17 @@ short requests costs one handshake, not one each.
 A ``DecodeTask`` without a source (KV lost: prefill node died, transfer failed, lease
 expired, decode node died mid-stream) is *resumed* by recomputation on the decode node
 from the prompt and the tokens already streamed.
+
+A *colocated* node (role ``colocated``) runs both phases of the requests it holds, so
+its requests' life is shorter::
+
+    coordinator -> colocated DecodeTask       (no source: prefill prompt + tokens so far)
+    colocated -> coordinator Admitted         (blocks allocated: input charged now)
+    colocated -> coordinator StepTokens       (the prefill's first token, then every step)
+
+The role and ``Admitted`` are additive within version 3: a coordinator that predates
+them cannot decode the registration (the role fails validation), so the node's
+registration times out and it never runs under a coordinator that cannot serve it.
 """
 
 from __future__ import annotations
@@ -52,7 +63,7 @@ NODE_MAGIC = b"disagg-node"
 NODE_PROTOCOL_VERSION = b"3"
 MAX_NODE_MESSAGE_BYTES = 64 << 20
 
-Role = Literal["prefill", "decode"]
+Role = Literal["prefill", "decode", "colocated"]
 FinishReason = Literal["stop", "length"]
 # A KV endpoint: node id, "@", incarnation tag (kv_transfer.pairs.new_endpoint).
 Endpoint = Annotated[str, Field(min_length=3, max_length=256, pattern=r"^[^@|]+@[0-9a-f]+$")]
@@ -163,6 +174,15 @@ class StepTokens(_NodeMessage):
     items: list[TokenItem]
     preempted: list[int] = Field(default_factory=list)
     step_s: float = 0.0  # model time of the step (forward + sampling)
+
+
+class Admitted(_NodeMessage):
+    """A colocated node admitted ``rids`` into its running batch (their KV blocks are
+    allocated; their prefill is the next step): the coordinator charges their input now,
+    once per request (a resumed or preempted request's recompute is not charged again)."""
+
+    type: Literal["admitted"] = "admitted"
+    rids: list[int]
 
 
 class TaskFailed(_NodeMessage):
@@ -287,6 +307,7 @@ NodeToCoordinator = (
     | Pushed
     | Pulled
     | StepTokens
+    | Admitted
     | TaskFailed
     | Goodbye
 )

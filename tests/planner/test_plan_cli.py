@@ -28,7 +28,7 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_json_and_deployment_file_agree(capsys, tmp_path):
     path = tmp_path / "deployment.yaml"
-    code, out, err = run(capsys, *BASE, "--json", "-o", str(path))
+    code, out, err = run(capsys, *BASE, "--json", "-o", str(path), "--layout", "disaggregated")
     assert code == 0, err
     j = json.loads(out)
     for key in ("prefill", "decode"):
@@ -52,13 +52,40 @@ def test_json_and_deployment_file_agree(capsys, tmp_path):
     assert len(devices) == len(set(devices)) == used
 
 
+def test_the_file_is_colocated_when_colocation_wins(capsys, tmp_path):
+    """This setting's colocated goodput per GPU beats the disaggregated one (ratio < 1):
+    -o writes the colocated layout the plan scored, with its predictions; --layout
+    disaggregated writes the other, and both are read back as the kind they are."""
+    path = tmp_path / "auto.yaml"
+    code, out, err = run(capsys, *BASE, "--json", "-o", str(path))
+    assert code == 0, err
+    j = json.loads(out)
+    assert j["ratio_to_colocated"] < 1
+    dep = load_deployment(path)
+    assert dep.kind == "colocated" and dep.prefill is None and dep.decode is None
+    c = j["colocated"]
+    assert dep.colocated is not None
+    assert dep.colocated.model_dump() == {k: c[k] for k in ("tp", "pp", "instances")}
+    assert [n.role for n in dep.nodes] == ["colocated"] * c["instances"]
+    assert sorted(n.index for n in dep.nodes) == list(range(c["instances"]))
+    assert dep.predicted["layout"] == "colocated"
+    assert dep.predicted["per_gpu_goodput"] == c["per_gpu_goodput"]
+    assert dep.predicted["disaggregated_per_gpu_goodput"] == j["per_gpu_goodput"]
+    devices = [d for n in dep.nodes for d in n.devices]
+    assert len(devices) == len(set(devices)) == c["gpus"]
+    code, out, _ = run(capsys, *BASE, "-o", str(tmp_path / "d.yaml"), "--layout", "colocated")
+    assert code == 0 and "colocated deployment written" in out
+    assert load_deployment(tmp_path / "d.yaml").kind == "colocated"
+
+
 def test_a_rate_gets_the_fewest_gpus_that_serve_it_and_the_file_has_those(capsys, tmp_path):
     code, out, err = run(capsys, *BASE, "--json")
     assert code == 0, err
     full = json.loads(out)
     rate = round(full["goodput"] * 0.3, 2)  # about a third of what the 4 GPUs serve
     path = tmp_path / "deployment.yaml"
-    code, out, err = run(capsys, *BASE, "--json", "--rate", str(rate), "-o", str(path))
+    argv = [*BASE, "--json", "--rate", str(rate), "-o", str(path), "--layout", "disaggregated"]
+    code, out, err = run(capsys, *argv)
     assert code == 0, err
     f = json.loads(out)["for_rate"]
     assert f["rate"] == rate and f["attainment"] >= 0.9

@@ -164,6 +164,7 @@ def test_cpu_plan_writes_a_cpu_deployment(tmp_path, capsys):
     save_profile(profile, tmp_path / "p.json")
     out = tmp_path / "d.yaml"
     argv = [*CPU_PLAN, "--latency-profile", str(tmp_path / "p.json"), "-o", str(out), "--json"]
+    argv += ["--layout", "disaggregated"]
     assert main(argv) == 0, capsys.readouterr().err
     j = json.loads(capsys.readouterr().out)
     assert j["gpu"] == "cpu" and j["gpus_used"] == 2

@@ -1,7 +1,9 @@
 """Dispatch and credit: each pool's policy queue is drained in its order to the node of
 that kind with the most room (a head that does not fit waits; it is not overtaken);
-input is charged when the prefill pool first admits a request. And the publication of
-the counters to every node."""
+input is charged when the prefill pool first admits a request. A colocated cluster has
+one pool, drained to colocated nodes; their input is charged when the node reports the
+request admitted (``node_reports``). And the publication of the counters to every
+node."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ HEARTBEAT_S = 1.0
 
 class Dispatch(CoreState):
     def _dispatch(self) -> None:
+        if self.settings.colocated:
+            self._dispatch_colocated()
         self._dispatch_prefill()
         self._dispatch_decode()
         if self.metrics:
@@ -89,6 +93,40 @@ class Dispatch(CoreState):
                 ),
             )
 
+    def _dispatch_colocated(self) -> None:
+        """The one queue, in its order, to the colocated node with the most room, as a
+        task without a KV source: the node prefills prompt + the tokens already sent
+        (none, or those of a node that died) and decodes."""
+        policy = self.pools.prefill
+        nodes = self.live_nodes("colocated")
+        if not nodes:
+            return
+        while (t := policy.peek()) is not None:
+            node = max(nodes, key=NodeState.available)
+            need = node.blocks_tokens(t.num_prompt_tokens + t.num_output_tokens + 1)
+            if node.available() < need:
+                break  # the head waits for room; it is not overtaken
+            policy.pop()
+            if not t.output_token_ids:
+                t.prefill_node = node.node_id
+            t.phase, t.decode_node = Phase.DECODING, node.node_id
+            t.dispatched_at = t.dispatched_at or self.now
+            node.requests.add(t.rid)
+            self.events.record(str(t.rid), "dispatched", node_id=node.node_id, t=self.now)
+            self._send_node(
+                node,
+                DecodeTask(
+                    task=node.reserve(need),
+                    rid=t.rid,
+                    client_id=t.client_id,
+                    prompt_token_ids=t.prompt_token_ids,
+                    output_token_ids=t.output_token_ids,
+                    sampling=t.sampling,
+                    counter=self._counter_of(policy, t.client_id),
+                    arrival=t.arrival_time,
+                ),
+            )
+
     def _publish(self) -> None:
         versions = tuple(ledger.version for ledger in self.pools.ledgers)
         now = self.now
@@ -97,6 +135,7 @@ class Dispatch(CoreState):
         self._published_versions, self._published_at = versions, now
         self.pools.publish()
         by_role = {role: self._counters(role) for role in ("prefill", "decode")}
+        by_role["colocated"] = by_role["prefill"]  # one pool: prefill and decode are it
         for node in self.live_nodes():
             self._send_node(node, Counters(values=by_role[node.role]))
         if self.metrics:

@@ -107,9 +107,12 @@ class Failures(Endings):
         have = {
             "prefill": bool(self.live_nodes("prefill")),
             "decode": bool(self.live_nodes("decode")),
+            "colocated": bool(self.live_nodes("colocated")),
         }
         for t in list(self.requests.values()):
             need = {Phase.QUEUED: "prefill", Phase.WAITING_DECODE: "decode"}.get(t.phase)
+            if need is not None and self.settings.colocated:
+                need = "colocated"
             if need is not None and not have[need]:
                 if t.unplaced_since is None:
                     t.unplaced_since = now

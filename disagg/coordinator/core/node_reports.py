@@ -1,7 +1,8 @@
 """Node messages: registration (the cluster secret, one model, one role per id, a new
 incarnation replacing a live one), credit, prefill results and decode steps (tokens
 charged and forwarded exactly once: a stale or repeated report is dropped), and the
-hand-off and failure reports (delegated to ``kv`` and ``failures``)."""
+hand-off and failure reports (delegated to ``kv`` and ``failures``); a colocated node's
+``Admitted`` charges its requests' input, once each."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from disagg.coordinator.nodes import NodeState
 from disagg.coordinator.tracked import Phase, Tracked
 from disagg.protocol import Tokens
 from disagg.protocol.cluster import (
+    Admitted,
     Credit,
     Goodbye,
     Prefilled,
@@ -44,6 +46,13 @@ class NodeReports(KVPairing):
             reason = "wrong or missing cluster secret"
         elif self.model_fingerprint not in (None, msg.model):
             reason = f"model {msg.model} differs from the cluster's {self.model_fingerprint}"
+        elif (msg.role == "colocated") != self.settings.colocated:
+            reason = (
+                f"a {msg.role} node in a "
+                f"{'colocated' if self.settings.colocated else 'disaggregated'} cluster: "
+                "colocated nodes are never mixed with prefill/decode nodes (no fairness "
+                "bound is stated for the mix)"
+            )
         elif existing is not None and existing.alive and existing.role != msg.role:
             reason = f"a live {existing.role} node is already registered as {msg.node_id}"
         if reason is None and existing is not None and existing.alive:
@@ -88,6 +97,8 @@ class NodeReports(KVPairing):
             if msg.preempted and self.metrics:
                 for _ in msg.preempted:
                     self.metrics.preemption(node.node_id)
+        elif isinstance(msg, Admitted):
+            self._on_admitted(node, msg.rids)
         elif isinstance(msg, PullRequest):
             self._on_pull_request(node, msg.rids)
         elif isinstance(msg, Pushed):
@@ -121,6 +132,20 @@ class NodeReports(KVPairing):
             return
         t.phase = Phase.WAITING_DECODE
         self.pools.decode.add(t)
+
+    def _on_admitted(self, node: NodeState, rids: list[int]) -> None:
+        """A colocated node admitted ``rids``: their input is charged now, once."""
+        policy = self.pools.prefill
+        for rid in rids:
+            t = self.requests.get(rid)
+            if t is None or t.decode_node != node.node_id or t.phase is not Phase.DECODING:
+                continue
+            self._leave_prefill_backlog(t)
+            if not t.input_charged:
+                policy.on_admitted(t, t.num_prompt_tokens)
+                t.input_charged = True
+                if self.metrics:
+                    self.metrics.charge(t.client_id, "prefill", self._cost_in(t.num_prompt_tokens))
 
     def _on_tokens(self, node: NodeState, item: TokenItem) -> None:
         t = self.requests.get(item.rid)

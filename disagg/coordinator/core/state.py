@@ -22,7 +22,8 @@ from disagg.engine.model_config import ModelConfig
 from disagg.engine.tokenizer import Tokenizer
 from disagg.protocol.cluster import _NodeMessage
 from disagg.protocol.codec import DEFAULT_MAX_MESSAGE_BYTES
-from disagg.scheduling import FairnessConfig, make_pool_policies
+from disagg.scheduling import FairnessConfig, make_policy, make_pool_policies
+from disagg.scheduling.factory import PoolPolicies
 from disagg.scheduling.vtc import CounterOrdered
 
 log = logging.getLogger("disagg.coordinator")
@@ -50,6 +51,19 @@ class CoordinatorSettings:
     reject_over_slo: float | None = None
     curve_secret_key: str | None = None  # CurveZMQ keypair file: both endpoints encrypted
     events_log: str | None = None  # append each ended request's events here (JSON lines)
+    colocated: bool = False  # colocated nodes only (prefill/decode nodes are refused)
+
+
+# Single-stage VTC on a colocated cluster: what each cluster policy becomes there.
+COLOCATED_POLICY = {"per-stage-vtc": "vtc", "two-stage-vtc": "vtc"}
+
+
+def colocated_pool(policy: str, fairness: FairnessConfig) -> PoolPolicies:
+    """A colocated cluster's one pool: one policy as both pools (the same object), so
+    input and output are charged to one counter per client."""
+    one = make_policy(COLOCATED_POLICY.get(policy, policy), fairness)
+    ledgers = [one.ledger] if isinstance(one, CounterOrdered) else []
+    return PoolPolicies(one, one, ledgers=ledgers)
 
 
 class CoreState:
@@ -79,7 +93,11 @@ class CoreState:
         self.finished_log: deque[tuple[str, float, float]] = deque(maxlen=100_000)
         # (prefill endpoint, decode endpoint) -> the epoch of their KV channel
         self.pair_epochs: dict[tuple[str, str], int] = {}
-        self.pools = make_pool_policies(s.policy, s.fairness)
+        self.pools = (
+            colocated_pool(s.policy, s.fairness)
+            if s.colocated
+            else make_pool_policies(s.policy, s.fairness)
+        )
         self.nodes: dict[str, NodeState] = {}
         self.by_identity: dict[bytes, NodeState] = {}
         self.model_fingerprint: str | None = None
