@@ -72,6 +72,7 @@ class ServeOptions:
     block_size: int = 16
     max_batch_tokens: int = 8192
     max_num_seqs: int = 256
+    max_model_len: int | None = None  # tokens per request; None: the model's context
     threads_per_node: int | None = None
     drain_timeout: float = 30.0
     dead_after_s: float = 3.0
@@ -128,6 +129,8 @@ class ServeOptions:
             raise ConfigError("simulated", "there are no simulated colocated nodes yet")
         if self.simulated and self.external_nodes:
             raise ConfigError("simulated", "simulated nodes run here: no --external-nodes")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("max_model_len", f"must be >= 1, got {self.max_model_len}")
         if not 0 <= self.port < 65535 - 2:
             raise ConfigError("port", f"must be in [0, 65532], got {self.port}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
@@ -230,6 +233,8 @@ class ServedCluster:
         ]  # fmt: skip
         if o.num_blocks:
             cmd += ["--num-blocks", str(o.num_blocks)]
+        if o.max_model_len:  # nodes size activations and the KV pool for this, not the model's
+            cmd += ["--max-model-len", str(o.max_model_len)]
         share = memory_shares(self._gpus, DEFAULT_GPU_MEMORY_UTILIZATION).get(node_id)
         if share is not None:  # a GPU shared with other nodes: an equal part of it
             cmd += ["--gpu-memory-utilization", f"{share:.4f}"]

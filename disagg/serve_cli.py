@@ -11,7 +11,18 @@ from disagg.serve import POLICIES, ServeOptions, run_serve
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="Hugging Face model directory, or 'tiny'")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="Hugging Face model directory, a .gguf file, 'smollm2-135m-instruct' or 'tiny'",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens per request (prompt + output); default: the model's context length",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     # Default 1 each, or 0 with --colocated (None here: a count given beside --colocated
@@ -132,6 +143,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
     )
     if args.max_num_seqs is not None:
         fields["max_num_seqs"] = args.max_num_seqs
+    if args.max_model_len is not None:
+        fields["max_model_len"] = args.max_model_len
     if args.deployment:
         from disagg.deployment import load_deployment
 

@@ -9,7 +9,11 @@ from disagg.planner.timing import ProfileGrid, profile_engine
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="tiny", help="Hugging Face model directory, or 'tiny'")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="Hugging Face model directory, a .gguf file, 'smollm2-135m-instruct' or 'tiny'",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument(
