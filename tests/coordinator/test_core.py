@@ -358,5 +358,21 @@ def test_the_metrics_show_each_clients_service_exactly_once():
     assert alice == pytest.approx(2 * out + (cost(0, 2) - cost(0, 0)))
 
 
+def test_an_aborted_request_is_counted_as_finished_with_reason_abort():
+    from disagg.coordinator.metrics import CoordinatorMetrics
+    from tests.coordinator.test_metrics import value
+
+    metrics = CoordinatorMetrics()
+    h = CoreHarness(metrics=metrics)
+    h.register("prefill-0", "prefill")
+    h.generate(client_id="carol", max_tokens=8)
+    h.take_node("prefill-0")
+    h.take_client()  # accepted
+    h.client(Abort(request_id="r1"))
+    assert not h.take_client() and not h.core.requests
+    finished = "disagg_requests_finished_total"
+    assert value(metrics, finished, client_id="carol", finish_reason="abort") == 1
+
+
 def one_each(msgs: list, kind: type) -> list:
     return [m for m in msgs if isinstance(m, kind)]

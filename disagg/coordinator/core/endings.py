@@ -17,7 +17,9 @@ class Endings(CoreState):
         self._release_everywhere(t)
         t.finished_at = self.now
         self.events.record(str(t.rid), "finished", t=self.now)
-        if not reply:
+        if not reply:  # aborted: no reply, but the ending is counted like any other
+            if self.metrics:
+                self.metrics.request_finished(t.client_id, reason, None, None)
             return
         text = self.tokenizer.decode(t.output_token_ids) if self.tokenizer else ""
         if text_end is not None:
