@@ -127,9 +127,48 @@ def served_outcome(results: list[tuple[float, float]], slo):
     from disagg.planner.goodput import Outcome, _p90
 
     met = sum(ttft <= slo.ttft and tpot <= slo.tpot for ttft, tpot in results)
-    ttfts = [r[0] for r in results]
-    tpots = [r[1] for r in results]
+    finished = [r for r in results if r[0] != float("inf")]  # P90s over finished ones
+    ttfts = [r[0] for r in finished]
+    tpots = [r[1] for r in finished]
     return Outcome(met / len(results), _p90(ttfts), _p90(tpots))
+
+
+def predicted_requests(evaluator, d, rate: float) -> list[tuple[float, float]]:
+    """(TTFT, TPOT) of each request in the simulator's run of ``d`` at ``rate``, in
+    arrival order (inf when unfinished): the run :meth:`Evaluator.run` scores, built the
+    same way for a tp-1, pp-1 disaggregated deployment (the caller checks that its
+    attainment is the Evaluator's)."""
+    from disagg.sim.cluster import ClusterSpec
+    from disagg.sim.simulator import Simulator
+
+    lat = evaluator.latency
+    prefill, decode = lat.instance(d.prefill), lat.instance(d.decode)
+    spec = ClusterSpec(
+        kind="disagg", prefill=d.n_prefill, decode=d.n_decode,
+        max_batch_tokens=evaluator.max_batch_tokens, max_batch_size=evaluator.max_batch_size,
+        transfer_bandwidth=evaluator.transfer_bandwidth(d), transfer_latency=lat.handoff_s,
+        prefill_gap=lat.prefill_gap_s, prefill_jitter=lat.prefill_jitter,
+    )  # fmt: skip
+    w = evaluator.workload.at_rate(rate, evaluator.drain)
+    sim = Simulator(w, spec, policy=evaluator.policy, latency=prefill, decode_latency=decode)
+    result = sim.run()
+    inf = float("inf")
+    by_arrival = sorted(result.requests, key=lambda r: (r.arrival_time, r.seq_id))
+    return [
+        (r.first_token_time - r.arrival_time + lat.ttft_overhead_s, r.tpot)
+        if r.finish_time is not None
+        else (inf, inf)
+        for r in by_arrival
+    ]
+
+
+def gaps(served: list[float], predicted: list[float]) -> tuple[float, float, float]:
+    """Median, P90 and largest |.| of served minus predicted, request by request."""
+    import statistics
+
+    diffs = sorted(s - p for s, p in zip(served, predicted, strict=True))
+    p90 = statistics.quantiles(diffs, n=10, method="inclusive")[-1]
+    return statistics.median(diffs), p90, max(diffs, key=abs)
 
 
 def relative(served: float | None, predicted: float | None) -> float | None:
@@ -205,7 +244,7 @@ def main() -> None:
         for k, rate in enumerate(rates):
             wall = time.monotonic()
             results = asyncio.run(drive(address, workload, rate, seed=k))
-            served.append(served_outcome(results, slo))
+            served.append(results)
             print(f"  served {rate:.2f} req/s in {time.monotonic() - wall:.0f} s")
     finally:
         server.send_signal(signal.SIGTERM)
@@ -217,8 +256,9 @@ def main() -> None:
         f"{args.requests} {args.workload} requests (seed {args.seed}); SLOs TTFT "
         f"{slo.ttft * 1e3:.0f} ms, TPOT {slo.tpot * 1e3:.0f} ms; policy {defaults.policy}"
     )
+    outcomes = [served_outcome(results, slo) for results in served]
     print(f"{'rate':>8} {'':>10} {'attainment':>10} {'P90 TTFT':>10} {'P90 TPOT':>10}")
-    for rate, pred, meas in zip(rates, predicted, served, strict=True):
+    for rate, pred, meas in zip(rates, predicted, outcomes, strict=True):
         print(f"{rate:>8.2f} {'predicted':>10} {pred.attainment:>10.1%} {_ms(pred.ttft_p90)} "
               f"{_ms(pred.tpot_p90)}")  # fmt: skip
         print(f"{'':>8} {'served':>10} {meas.attainment:>10.1%} {_ms(meas.ttft_p90)} "
@@ -226,6 +266,16 @@ def main() -> None:
         print(f"{'':>8} {'diff':>10} {(meas.attainment - pred.attainment) * 100:>+8.1f}pp "
               f"{_pct(relative(meas.ttft_p90, pred.ttft_p90))} "
               f"{_pct(relative(meas.tpot_p90, pred.tpot_p90))}")  # fmt: skip
+    print()
+    print("served minus predicted, request by request: median / P90 / largest")
+    for rate, results in zip(rates, served, strict=True):
+        mine = predicted_requests(evaluator, d, rate)
+        again = served_outcome(mine, slo).attainment
+        assert abs(again - evaluator.run(d, rate).attainment) < 1e-9, "not the Evaluator's run"
+        ttft = gaps([r[0] for r in results], [r[0] for r in mine])
+        tpot = gaps([r[1] for r in results], [r[1] for r in mine])
+        print(f"  {rate:.2f} req/s: TTFT " + " / ".join(f"{x * 1e3:+.1f}" for x in ttft)
+              + " ms; TPOT " + " / ".join(f"{x * 1e3:+.2f}" for x in tpot) + " ms")  # fmt: skip
     print(f"total {time.monotonic() - t0:.0f} s on {os.cpu_count()} cores (shared)")
 
 
