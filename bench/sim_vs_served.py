@@ -225,7 +225,9 @@ def main() -> None:
     if not rates:
         k = knee(lambda r: evaluator.meets(d, r), 0.5, 40.0, 0.5)
         rates = [round(k * f, 2) for f in (0.7, 1.0, 1.2)]
-        print(f"predicted knee: {k:.1f} req/s (highest 0.5 req/s step meeting {slo.attainment:.0%})")
+        print(
+            f"predicted knee: {k:.1f} req/s (highest 0.5 req/s step meeting {slo.attainment:.0%})"
+        )
     predicted = [evaluator.run(d, r) for r in rates]
 
     options = dict(

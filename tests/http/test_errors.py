@@ -176,7 +176,7 @@ def idle_kv(cluster, timeout: float = 20.0) -> dict[str, int]:
 
 def outcomes(cluster, client_id: str) -> dict[str, float]:
     """The coordinator's counts for ``client_id``: arrived, and ended by finish reason or
-    error code. An aborted request has arrived and neither finished nor failed."""
+    error code (an aborted request ends as finished with reason ``abort``)."""
     samples = scrape(f"http://127.0.0.1:{cluster.metrics_port}/metrics")
     out = {}
     for name, key in (("finished", "finish_reason"), ("failed", "code"), ("arrived", None)):
@@ -206,7 +206,7 @@ def test_a_client_that_disconnects_mid_stream_frees_the_kv_on_both_nodes(served,
         wait_until(lambda: free_kv(served) != idle, "the request holds KV blocks")
     # Leaving the block closed the connection: the gateway aborted the request.
     assert idle_kv(served) == idle
-    assert outcomes(served, "leaves-a-stream") == {"arrived": 1.0}  # aborted
+    assert outcomes(served, "leaves-a-stream") == {"arrived": 1.0, "abort": 1.0}
 
 
 def test_a_client_that_gives_up_on_a_non_streamed_request_frees_it(served):
@@ -219,7 +219,7 @@ def test_a_client_that_gives_up_on_a_non_streamed_request_frees_it(served):
     ):
         c.post("/v1/completions", json=body)
     assert idle_kv(served) == idle
-    assert outcomes(served, "gives-up") == {"arrived": 1.0}  # aborted
+    assert outcomes(served, "gives-up") == {"arrived": 1.0, "abort": 1.0}
 
 
 def test_health_and_metrics(http):
