@@ -170,7 +170,7 @@ class Intake(Endings):
                     f"(limit {rpm} per minute)",
                 )
         queued = self.in_flight_per_client.get(client, 0)
-        cap = limits.max_queued_requests or self.settings.max_in_flight_per_client
+        cap = limits.max_in_flight_per_client or self.settings.max_in_flight_per_client
         if queued >= cap:
             raise RequestRejectedError(
                 "queue_full",
