@@ -99,7 +99,7 @@ class Intake(Endings):
             str(t.rid),
             "arrived",
             client_id=client,
-            client_request_id=t.request_id,
+            request_id=t.request_id,
             t=t.arrival_time,
         )
         if self.metrics:
