@@ -79,6 +79,7 @@ class RequestRejectedError(DisaggError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+        self.message = message
 
 
 # -- the wire protocol and the client library ------------------------------------------
@@ -109,18 +110,14 @@ class ProtocolError(DisaggError):
         self.request_id = request_id
 
 
-class InvalidRequest(InvalidRequestError):
-    """The client's request is invalid: found locally before sending, or reported by the
-    coordinator (``invalid_request``). ``field`` names the argument to change."""
-
-
-class RequestRejected(RequestRejectedError):
-    """The coordinator will not take this valid request now (``rejected``); ``reason`` is
-    machine-readable (``rate_limit``, ``queue_full``, ...), ``message`` is for people."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(reason, message)
-        self.message = message
+# The client library's names for the same two concepts (one class each, so a server-side
+# check and the client's raise, and catch, the same type).
+#: The client's request is invalid: found locally before sending, or reported by the
+#: coordinator (``invalid_request``). ``field`` names the argument to change.
+InvalidRequest = InvalidRequestError
+#: The coordinator will not take this valid request now (``rejected``); ``reason`` is
+#: machine-readable (``rate_limit``, ``queue_full``, ...), ``message`` is for people.
+RequestRejected = RequestRejectedError
 
 
 class ServerUnavailable(DisaggError):
@@ -153,7 +150,6 @@ class AuthenticationError(RequestRejectedError):
 
     def __init__(self, message: str) -> None:
         super().__init__("unauthorized", message)
-        self.message = message
 
 
 class RankFailedError(DisaggError):

@@ -65,7 +65,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--tpot-slo", type=float, default=None, help="seconds (overrides the deployment's)"
     )
     limits = p.add_argument_group("per-client limits (without --api-keys; a key file sets its own)")
-    limits.add_argument("--max-queued-per-client", type=int, default=None, metavar="N")
+    limits.add_argument("--max-in-flight-per-client", type=int, default=None, metavar="N")
+    # The flag's old name, refused by name so a script using it does not lose its limit.
+    limits.add_argument("--max-queued-per-client", type=int, default=None, help=argparse.SUPPRESS)
     limits.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N")
     limits.add_argument("--max-tokens-limit", type=int, default=None, metavar="N")
     limits.add_argument("--requests-per-minute", type=int, default=None, metavar="N")
@@ -175,8 +177,10 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
     fields["reject_over_slo"] = args.reject_over_slo
     fields["curve_secret_key"] = args.curve_secret_key
     fields["external_nodes"] = args.external_nodes
+    if args.max_queued_per_client is not None:
+        raise ConfigError("--max-queued-per-client", "renamed to --max-in-flight-per-client")
     limit_values = {
-        "max_queued_requests": args.max_queued_per_client,
+        "max_in_flight_per_client": args.max_in_flight_per_client,
         "max_prompt_tokens": args.max_prompt_tokens,
         "max_tokens": args.max_tokens_limit,
         "requests_per_minute": args.requests_per_minute,

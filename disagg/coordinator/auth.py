@@ -41,7 +41,7 @@ MIN_API_KEY_CHARS = 16
 class ClientLimits:
     """Per-client limits; ``None`` means no limit of that kind."""
 
-    max_queued_requests: int | None = None
+    max_in_flight_per_client: int | None = None
     max_prompt_tokens: int | None = None
     max_tokens: int | None = None
     requests_per_minute: int | None = None
@@ -192,10 +192,22 @@ _PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 class _Limits(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_queued_requests: _PositiveInt | None = None
+    max_in_flight_per_client: _PositiveInt | None = None
     max_prompt_tokens: _PositiveInt | None = None
     max_tokens: _PositiveInt | None = None
     requests_per_minute: _PositiveInt | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        # The limit's old name: refused by name, so a file written for it does not
+        # silently lose the limit (an unknown-field error would not say what to write).
+        if isinstance(data, dict) and "max_queued_requests" in data:
+            raise ConfigError(
+                "max_queued_requests",
+                "renamed to 'max_in_flight_per_client' (requests accepted and not yet ended)",
+            )
+        return data
 
 
 class _Entry(BaseModel):

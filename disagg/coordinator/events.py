@@ -44,13 +44,13 @@ _PHASES = ("prefill", "transfer", "decode")
 @dataclass(slots=True)
 class RequestRecord:
     """One request's events as ``(name, time, node_id)`` in the order recorded.
-    ``request_id`` is the coordinator's own id (unique while it runs);
-    ``client_request_id`` the id the client chose (``Completion.request_id``; unique per
+    ``rid`` is the coordinator's own id (unique while it runs);
+    ``request_id`` the id the client chose (``Completion.request_id``; unique per
     connection only)."""
 
-    request_id: str
+    rid: str
     client_id: str | None
-    client_request_id: str | None = None
+    request_id: str | None = None
     events: list[tuple[str, float, str | None]] = field(default_factory=list)
 
     def first(self, name: str) -> float | None:
@@ -91,44 +91,42 @@ class RequestEvents:
 
     def record(
         self,
-        request_id: str,
+        rid: str,
         event: str,
         *,
         client_id: str | None = None,
-        client_request_id: str | None = None,
+        request_id: str | None = None,
         node_id: str | None = None,
         t: float | None = None,
     ) -> None:
-        """Append ``event`` for ``request_id`` at time ``t`` (now by default). The first
+        """Append ``event`` for ``rid`` at time ``t`` (now by default). The first
         event of a request (normally ``arrived``, with its ``client_id`` and the client's
-        own ``client_request_id``) opens its record, evicting the oldest request when
+        own ``request_id``) opens its record, evicting the oldest request when
         full."""
         if event not in _EVENT_SET:
             raise ValueError(f"unknown request event {event!r}; known: {', '.join(EVENTS)}")
-        rec = self._records.get(request_id)
+        rec = self._records.get(rid)
         if rec is None:
-            rec = self._records[request_id] = RequestRecord(
-                request_id, client_id, client_request_id
-            )
+            rec = self._records[rid] = RequestRecord(rid, client_id, request_id)
             if len(self._records) > self.capacity:
                 self._records.popitem(last=False)
         else:
             rec.client_id = rec.client_id or client_id
-            rec.client_request_id = rec.client_request_id or client_request_id
+            rec.request_id = rec.request_id or request_id
         rec.events.append((event, self._clock() if t is None else t, node_id))
         if self._log is not None and event in _TERMINAL:
             self._log.write(json.dumps(self._line(rec)) + "\n")
 
-    def get(self, request_id: str) -> RequestRecord | None:
-        return self._records.get(request_id)
+    def get(self, rid: str) -> RequestRecord | None:
+        return self._records.get(rid)
 
     def __len__(self) -> int:
         return len(self._records)
 
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self._records
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._records
 
-    def breakdown(self, request_id: str) -> dict[str, float]:
+    def breakdown(self, rid: str) -> dict[str, float]:
         """Seconds spent in each part of the request's life. Keys appear only when their
         events were recorded:
 
@@ -141,7 +139,7 @@ class RequestEvents:
         - ``total``: arrival to ``finished`` or ``failed``.
 
         Raises ``KeyError`` for a request not (or no longer) in the log."""
-        rec = self._records[request_id]
+        rec = self._records[rid]
         out: dict[str, float] = {}
         arrived = rec.first("arrived")
         first_prefill = rec.first("prefill_start")
@@ -160,8 +158,8 @@ class RequestEvents:
         return out
 
     def dump_jsonl(self, path: str | Path) -> int:
-        """Write one JSON object per request, oldest first: ``request_id``, ``client_id``,
-        ``client_request_id``, ``unix_time`` (of its first event), ``events`` (``[{"event", "t", "node_id"}]``)
+        """Write one JSON object per request, oldest first: ``rid``, ``client_id``,
+        ``request_id``, ``unix_time`` (of its first event), ``events`` (``[{"event", "t", "node_id"}]``)
         and ``breakdown``. Returns the number of requests written."""
         with Path(path).open("w", encoding="utf-8") as f:
             for rec in self._records.values():
@@ -170,12 +168,12 @@ class RequestEvents:
 
     def _line(self, rec: RequestRecord) -> dict:
         return {
-            "request_id": rec.request_id,
+            "rid": rec.rid,
             "client_id": rec.client_id,
-            "client_request_id": rec.client_request_id,
+            "request_id": rec.request_id,
             "unix_time": rec.events[0][1] + self._wall_offset,
             "events": [{"event": e, "t": t, "node_id": n} for e, t, n in rec.events],
-            "breakdown": self.breakdown(rec.request_id),
+            "breakdown": self.breakdown(rec.rid),
         }
 
 

@@ -33,3 +33,16 @@ def test_a_max_model_len_below_one_is_refused_by_name():
     with pytest.raises(ConfigError) as err:
         ServeOptions(max_model_len=0)
     assert err.value.field == "max_model_len"
+
+
+def test_the_per_client_cap_flag_reaches_the_limits():
+    options = _options("--max-in-flight-per-client", "3")
+    assert options.client_limits is not None
+    assert options.client_limits.max_in_flight_per_client == 3
+
+
+def test_the_cap_flags_old_name_is_refused_naming_the_new_one():
+    with pytest.raises(ConfigError) as err:
+        _options("--max-queued-per-client", "3")
+    assert err.value.field == "--max-queued-per-client"
+    assert "--max-in-flight-per-client" in err.value.reason

@@ -32,7 +32,7 @@ keys:
     client_id: alice
     weight: 2
     limits:
-      max_queued_requests: 8
+      max_in_flight_per_client: 8
       max_prompt_tokens: 1024
       max_tokens: 256
       requests_per_minute: 120
@@ -54,7 +54,10 @@ def test_key_maps_to_its_client_whatever_client_id_is_claimed(keys):
         "alice",
         2.0,
         ClientLimits(
-            max_queued_requests=8, max_prompt_tokens=1024, max_tokens=256, requests_per_minute=120
+            max_in_flight_per_client=8,
+            max_prompt_tokens=1024,
+            max_tokens=256,
+            requests_per_minute=120,
         ),
     )
     bob = keys.resolve(BOB_KEY, "alice")  # the file held only bob's key's digest
@@ -128,7 +131,7 @@ GOOD = {"key": ALICE_KEY, "client_id": "alice"}
                 f"keys[1].limits.{name}",
             )
             for name in (
-                "max_queued_requests",
+                "max_in_flight_per_client",
                 "max_prompt_tokens",
                 "max_tokens",
                 "requests_per_minute",
@@ -250,3 +253,14 @@ def test_curve_server_needs_the_secret_key_file(tmp_path):
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+def test_the_caps_old_key_is_refused_naming_the_new_one(tmp_path):
+    # A file written for the old name must not be served without its limit.
+    path = tmp_path / "keys.json"
+    entry = {"key": BOB_KEY, "client_id": "b", "limits": {"max_queued_requests": 8}}
+    path.write_text(json.dumps({"keys": [entry]}))
+    with pytest.raises(ConfigError) as info:
+        ApiKeys.load(path)
+    assert info.value.field == "keys[0].limits.max_queued_requests"
+    assert "max_in_flight_per_client" in info.value.reason

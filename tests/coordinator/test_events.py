@@ -116,11 +116,11 @@ def test_default_times_come_from_the_clock():
 def test_dump_jsonl_writes_one_request_per_line(tmp_path):
     log = RequestEvents()
     play(log, "r1", HAPPY)
-    log.record("r2", "arrived", client_id="bob", client_request_id="bob-7", t=20.0)
+    log.record("r2", "arrived", client_id="bob", request_id="bob-7", t=20.0)
     path = tmp_path / "events.jsonl"
     assert log.dump_jsonl(path) == 2
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [line["request_id"] for line in lines] == ["r1", "r2"]
+    assert [line["rid"] for line in lines] == ["r1", "r2"]
     first = lines[0]
     assert first["client_id"] == "alice"
     assert first["events"][0] == {"event": "arrived", "t": 10.0, "node_id": None}
@@ -128,7 +128,7 @@ def test_dump_jsonl_writes_one_request_per_line(tmp_path):
     assert first["breakdown"]["total"] == 4.5
     assert lines[1]["unix_time"] - first["unix_time"] == pytest.approx(10.0)
     assert lines[1]["breakdown"] == {}
-    assert (first["client_request_id"], lines[1]["client_request_id"]) == (None, "bob-7")
+    assert (first["request_id"], lines[1]["request_id"]) == (None, "bob-7")
 
 
 def test_log_path_gets_one_line_per_ended_request_as_it_ends(tmp_path):
@@ -139,7 +139,7 @@ def test_log_path_gets_one_line_per_ended_request_as_it_ends(tmp_path):
     log.record("r1", "finished", t=14.5)
     play(log, "r2", [("arrived", 20.0, None), ("failed", 21.0, None)])
     lines = [json.loads(x) for x in path.read_text().splitlines()]
-    assert [x["request_id"] for x in lines] == ["r1", "r2"]
+    assert [x["rid"] for x in lines] == ["r1", "r2"]
     assert lines[0]["breakdown"]["total"] == 4.5 and lines[1]["breakdown"] == {"total": 1.0}
     assert lines[0]["events"][-1] == {"event": "finished", "t": 14.5, "node_id": None}
     log.close()

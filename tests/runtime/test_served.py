@@ -140,7 +140,7 @@ def test_each_finished_request_is_appended_to_the_events_log(cluster):
     path = cluster.options.events_log
     lines = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines()]
     (line,) = [x for x in lines if x["client_id"] == "events-reader"]
-    assert line["client_request_id"] == done.request_id  # what the client can match on
+    assert line["request_id"] == done.request_id  # what the client can match on
     names = [e["event"] for e in line["events"]]
     assert names == [e for e in EVENTS if e != "failed"]  # every event, in order
     nodes = {e["event"]: e["node_id"] for e in line["events"]}

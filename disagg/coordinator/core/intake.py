@@ -99,7 +99,7 @@ class Intake(Endings):
             str(t.rid),
             "arrived",
             client_id=client,
-            client_request_id=t.request_id,
+            request_id=t.request_id,
             t=t.arrival_time,
         )
         if self.metrics:
@@ -170,7 +170,7 @@ class Intake(Endings):
                     f"(limit {rpm} per minute)",
                 )
         queued = self.in_flight_per_client.get(client, 0)
-        cap = limits.max_queued_requests or self.settings.max_in_flight_per_client
+        cap = limits.max_in_flight_per_client or self.settings.max_in_flight_per_client
         if queued >= cap:
             raise RequestRejectedError(
                 "queue_full",
