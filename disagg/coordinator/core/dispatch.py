@@ -7,9 +7,11 @@ node."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from disagg.coordinator.core.state import CoreState
 from disagg.coordinator.nodes import NodeState
-from disagg.coordinator.tracked import Phase
+from disagg.coordinator.tracked import Phase, Tracked
 from disagg.protocol.cluster import Counters, DecodeTask, PrefillTask, Release
 
 # Unchanged counters are sent again after this long: the coordinator's heartbeat.
@@ -64,12 +66,8 @@ class Dispatch(CoreState):
         nodes = self.live_nodes("decode")
         if not nodes:
             return
-        while (t := policy.peek()) is not None:
-            node = max(nodes, key=NodeState.available)
-            need = node.blocks_tokens(t.num_prompt_tokens + t.num_output_tokens + 1)
-            if node.available() < need:
-                break
-            policy.pop()
+        while (head := self._take_head(policy, nodes)) is not None:
+            t, node, need = head
             holder = self.nodes.get(t.kv_node) if t.kv_node else None
             source = holder.endpoint if holder is not None and holder.alive else None
             if holder is not None and source and self._given_up((source, node.endpoint)):
@@ -78,20 +76,7 @@ class Dispatch(CoreState):
                 t.kv_node, source = None, None
             t.phase, t.decode_node, t.pull_started = Phase.DECODING, node.node_id, False
             node.requests.add(t.rid)
-            self._send_node(
-                node,
-                DecodeTask(
-                    task=node.reserve(need),
-                    rid=t.rid,
-                    client_id=t.client_id,
-                    prompt_token_ids=t.prompt_token_ids,
-                    output_token_ids=t.output_token_ids,
-                    sampling=t.sampling,
-                    counter=self._counter_of(policy, t.client_id),
-                    arrival=t.arrival_time,
-                    source=source,
-                ),
-            )
+            self._send_decode_task(node, t, need, policy, source)
 
     def _dispatch_colocated(self) -> None:
         """The one queue, in its order, to the colocated node with the most room, as a
@@ -101,31 +86,50 @@ class Dispatch(CoreState):
         nodes = self.live_nodes("colocated")
         if not nodes:
             return
-        while (t := policy.peek()) is not None:
-            node = max(nodes, key=NodeState.available)
-            need = node.blocks_tokens(t.num_prompt_tokens + t.num_output_tokens + 1)
-            if node.available() < need:
-                break  # the head waits for room; it is not overtaken
-            policy.pop()
+        while (head := self._take_head(policy, nodes)) is not None:
+            t, node, need = head
             if not t.output_token_ids:
                 t.prefill_node = node.node_id
             t.phase, t.decode_node = Phase.DECODING, node.node_id
             t.dispatched_at = t.dispatched_at or self.now
             node.requests.add(t.rid)
             self.events.record(str(t.rid), "dispatched", node_id=node.node_id, t=self.now)
-            self._send_node(
-                node,
-                DecodeTask(
-                    task=node.reserve(need),
-                    rid=t.rid,
-                    client_id=t.client_id,
-                    prompt_token_ids=t.prompt_token_ids,
-                    output_token_ids=t.output_token_ids,
-                    sampling=t.sampling,
-                    counter=self._counter_of(policy, t.client_id),
-                    arrival=t.arrival_time,
-                ),
-            )
+            self._send_decode_task(node, t, need, policy)
+
+    def _take_head(
+        self, policy: Any, nodes: list[NodeState]
+    ) -> tuple[Tracked, NodeState, int] | None:
+        """The queue's head and the live node with the most room, taken off the queue if
+        it fits there; a head that does not fit waits and is not overtaken."""
+        t = policy.peek()
+        if t is None:
+            return None
+        node = max(nodes, key=NodeState.available)
+        need = node.blocks_tokens(t.num_prompt_tokens + t.num_output_tokens + 1)
+        if node.available() < need:
+            return None
+        policy.pop()
+        return t, node, need
+
+    def _send_decode_task(
+        self, node: NodeState, t: Tracked, need: int, policy: Any, source: str | None = None
+    ) -> None:
+        """A decode or colocated task: resume from the prompt and the tokens already
+        sent, pulling the KV from ``source`` when one holds it."""
+        self._send_node(
+            node,
+            DecodeTask(
+                task=node.reserve(need),
+                rid=t.rid,
+                client_id=t.client_id,
+                prompt_token_ids=t.prompt_token_ids,
+                output_token_ids=t.output_token_ids,
+                sampling=t.sampling,
+                counter=self._counter_of(policy, t.client_id),
+                arrival=t.arrival_time,
+                source=source,
+            ),
+        )
 
     def _publish(self) -> None:
         versions = tuple(ledger.version for ledger in self.pools.ledgers)
