@@ -22,7 +22,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from disagg.engine.sampler import sample
 from disagg.engine.sequence import Sequence, blocks_for_tokens
 from disagg.node.local_queue import CounterQueue
 from disagg.node.runtime import NodeRuntime
@@ -64,7 +63,7 @@ class ColocatedNode(NodeRuntime):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.running: dict[int, Held] = {}  # KV computed: decode these
-        self.watermark = watermark(self.worker.kv_cache.num_blocks)
+        self.watermark = watermark(self.worker.num_blocks)
         self.stepping: dict[int, Held] = {}  # the batch on the model thread
 
     # -- messages --------------------------------------------------------------------
@@ -92,6 +91,7 @@ class ColocatedNode(NodeRuntime):
         held = self.running.pop(rid, None)
         if held is not None:
             self._free(held)
+            self.worker.forget(rid)
 
     def on_transfer(self, done: TransferDone) -> None:
         log.warning("colocated node got a KV transfer it never asked for (%s)", done.rids)
@@ -160,9 +160,7 @@ class ColocatedNode(NodeRuntime):
     def execute(self, step: ColocatedBatch) -> tuple[list[int], float]:
         seqs = [h.seq for h in step.items]
         start = time.perf_counter()
-        runner = self.worker.runner
-        logits = runner.prefill(seqs) if step.prefill else runner.decode(seqs)
-        tokens = sample(logits, seqs, self.generator)
+        tokens = self.worker.execute(seqs, step.prefill, self.generator)
         return tokens, time.perf_counter() - start
 
     def finish_step(self, step: ColocatedBatch, result) -> None:
@@ -171,6 +169,7 @@ class ColocatedNode(NodeRuntime):
             for h in step.items:
                 self.running.pop(h.rid, None)
                 self._free(h)
+                self.worker.forget(h.rid)
                 if not h.released:
                     self.link.send(TaskFailed(rid=h.rid, message=f"step failed: {result!r}"))
             return
@@ -180,6 +179,7 @@ class ColocatedNode(NodeRuntime):
             seq = h.seq
             if h.released:  # released during the step: its blocks are free to go now
                 self._free(h)
+                self.worker.forget(h.rid)
                 continue
             seq.output_token_ids.append(token)
             reason = self.worker.finish_reason(seq, token)
@@ -197,6 +197,7 @@ class ColocatedNode(NodeRuntime):
             else:
                 self.running.pop(h.rid, None)
                 self._free(h)
+                self.worker.forget(h.rid)
         self.link.send(StepTokens(items=items, preempted=step.preempted, step_s=step_s))
 
     def _make_room(self) -> list[int]:

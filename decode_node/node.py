@@ -15,7 +15,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from disagg.engine.sampler import sample
 from disagg.engine.sequence import Sequence, blocks_for_tokens
 from disagg.node.local_queue import CounterQueue
 from disagg.node.runtime import NodeRuntime
@@ -64,7 +63,7 @@ class DecodeNode(NodeRuntime):
         self.pulling: dict[int, Decoding] = {}
         self.recompute: dict[int, Decoding] = {}
         self.running: dict[int, Decoding] = {}
-        self.watermark = watermark(self.worker.kv_cache.num_blocks)
+        self.watermark = watermark(self.worker.num_blocks)
         self.stepping: dict[int, Decoding] = {}  # the batch on the model thread
         # rid -> (peer, blocks) of a receive given up on (its source died): the blocks
         # stay with the transfer until it ends, then are freed.
@@ -101,7 +100,8 @@ class DecodeNode(NodeRuntime):
             d.receiving = True
             n = d.seq.num_prompt_tokens
             blocks += d.seq.block_table[: blocks_for_tokens(n, self.block_size)]
-        self.transfers.recv(tuple(msg.rids), blocks, msg.source, msg.epoch)
+        peer_layout = (msg.peer_tp, msg.peer_pp)
+        self.transfers.recv(tuple(msg.rids), blocks, msg.source, msg.epoch, peer_layout)
 
     def _source_lost(self, rid: int) -> None:
         """``rid``'s KV source is gone: recompute it here. A receive already under way
@@ -143,6 +143,7 @@ class DecodeNode(NodeRuntime):
         )
         if d is not None:
             self.worker.allocator.free(d.seq.block_table)
+            self.worker.forget(rid)
 
     def on_transfer(self, done: TransferDone) -> None:
         self.link.send(Pulled(source=done.peer, **done.report()))
@@ -158,6 +159,7 @@ class DecodeNode(NodeRuntime):
             del self.pulling[rid]
             if d.released:
                 self.worker.allocator.free(d.seq.block_table)
+                self.worker.forget(d.rid)
             elif done.error is None:
                 self.running[d.rid] = d
             else:  # the KV did not arrive whole: recompute it here
@@ -235,9 +237,7 @@ class DecodeNode(NodeRuntime):
     def execute(self, step: DecodeBatch) -> tuple[list[int], float]:
         seqs = [d.seq for d in step.items]
         start = time.perf_counter()
-        runner = self.worker.runner
-        logits = runner.prefill(seqs) if step.prefill else runner.decode(seqs)
-        tokens = sample(logits, seqs, self.generator)
+        tokens = self.worker.execute(seqs, step.prefill, self.generator)
         return tokens, time.perf_counter() - start
 
     def finish_step(self, step: DecodeBatch, result) -> None:
@@ -247,6 +247,7 @@ class DecodeNode(NodeRuntime):
             for d in step.items:
                 self.running.pop(d.rid, None)
                 allocator.free(d.seq.block_table)
+                self.worker.forget(d.rid)
                 if not d.released:
                     self.link.send(TaskFailed(rid=d.rid, message=f"decode failed: {result!r}"))
             return
@@ -256,6 +257,7 @@ class DecodeNode(NodeRuntime):
             seq = d.seq
             if d.released:  # released during the step: its blocks are free to go now
                 allocator.free(seq.block_table)
+                self.worker.forget(d.rid)
                 continue
             seq.output_token_ids.append(token)
             reason = self.worker.finish_reason(seq, token)
@@ -273,6 +275,7 @@ class DecodeNode(NodeRuntime):
             else:
                 self.running.pop(d.rid, None)
                 allocator.free(seq.block_table)
+                self.worker.forget(d.rid)
         self.link.send(StepTokens(items=items, preempted=step.preempted, step_s=step_s))
 
     def _make_room(self) -> list[int]:

@@ -9,7 +9,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from disagg.engine.sampler import sample
 from disagg.engine.sequence import Sequence, blocks_for_tokens
 from disagg.node.local_queue import CounterQueue
 from disagg.node.runtime import NodeRuntime
@@ -89,7 +88,8 @@ class PrefillNode(NodeRuntime):
                 continue
             held.pushing = True
             blocks += held.blocks[: blocks_for_tokens(held.num_tokens, self.block_size)]
-        self.transfers.send(tuple(msg.rids), blocks, msg.dest, msg.epoch)
+        peer_layout = (msg.peer_tp, msg.peer_pp)
+        self.transfers.send(tuple(msg.rids), blocks, msg.dest, msg.epoch, peer_layout)
 
     def _release(self, rid: int) -> None:
         if self.waiting.remove(rid) is not None:
@@ -153,11 +153,12 @@ class PrefillNode(NodeRuntime):
 
     def execute(self, seqs: list[Sequence]) -> tuple[list[int], float, float]:
         start = time.monotonic()
-        logits = self.worker.runner.prefill(seqs)
-        tokens = sample(logits, seqs, self.generator)
+        tokens = self.worker.execute(seqs, True, self.generator)
         return tokens, start, time.monotonic() - start
 
     def finish_step(self, seqs: list[Sequence], result) -> None:
+        for seq in seqs:  # this node runs a sequence once; what it holds after is KV
+            self.worker.forget(seq.seq_id)
         if isinstance(result, Exception):
             for seq in seqs:
                 self.worker.allocator.free(seq.block_table)

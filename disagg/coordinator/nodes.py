@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from disagg.engine.parallel.handoff import KVNodeLayout
 from disagg.protocol.cluster import Credit, Register, Role
 
 
@@ -20,6 +21,7 @@ class NodeState:
     max_model_len: int
     max_batch_tokens: int
     pid: int
+    kv: KVNodeLayout | None = None  # its pool's shape and parallel layout, if stated
     alive: bool = True
     last_seen: float = 0.0  # when it was last heard from (the coordinator's clock)
     free_tokens: int = 0
@@ -46,6 +48,7 @@ class NodeState:
             max_model_len=msg.max_model_len,
             max_batch_tokens=msg.max_batch_tokens,
             pid=msg.pid,
+            kv=msg.kv,
             free_tokens=msg.capacity_tokens,
             last_seen=now,
         )
@@ -68,6 +71,11 @@ class NodeState:
         self.unacked.append((self.next_task, tokens))
         self.unacked_tokens += tokens
         return self.next_task
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(tp, pp) of its ranks; (1, 1) when not stated."""
+        return (self.kv.tp, self.kv.pp) if self.kv is not None else (1, 1)
 
     def blocks_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size) * self.block_size

@@ -30,6 +30,8 @@ from disagg.engine.kv_cache import (
 )
 from disagg.engine.model_config import DTYPES, ModelConfig
 from disagg.engine.model_source import resolve_model_dir
+from disagg.engine.parallel.handoff import KVNodeLayout
+from disagg.engine.parallel.layout import ParallelLayout
 from disagg.engine.runner import ModelRunner
 from disagg.engine.sampler import sample
 from disagg.engine.sequence import Sequence
@@ -112,6 +114,33 @@ class ModelWorker:
         """Runs one batch and samples each sequence's next token."""
         logits = self.runner.prefill(seqs) if is_prefill else self.runner.decode(seqs)
         return sample(logits, seqs, generator)
+
+    def forget(self, seq_id: int) -> None:
+        """``seq_id`` will not be run again. One process keeps no state per sequence
+        outside it; a parallel worker's driver rank does (its sampling state)."""
+
+    @property
+    def fingerprint(self) -> str:
+        """The model as nodes and the coordinator compare it: directory name, shape and
+        dtype."""
+        c = self.model_config
+        return (
+            f"{self.model_dir.name}:L{c.num_layers}:H{c.num_heads}/{c.num_kv_heads}:"
+            f"D{c.head_dim}:V{c.vocab_size}:{str(self.dtype).removeprefix('torch.')}"
+        )
+
+    @property
+    def kv_layout(self) -> KVNodeLayout:
+        """Its KV pool's shape and parallel layout, as a node registers it."""
+        layout = getattr(self, "layout", None) or ParallelLayout(1, 1)
+        return KVNodeLayout.of(
+            self.fingerprint, self.model_config, self.block_size, self.dtype, layout
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        """KV blocks of the pool (per rank, the same ids on every rank)."""
+        return self.allocator.num_blocks
 
     def close(self) -> None:
         """Nothing to stop in one process (a parallel worker stops its ranks)."""

@@ -20,17 +20,18 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from disagg.engine.device import device_thread_pool
 from disagg.engine.sequence import Sequence
 from disagg.engine.worker import ModelWorker
+from disagg.errors import RankFailedError
 from disagg.node.link import CoordinatorLink
 from disagg.node.local_queue import CounterQueue
 from disagg.node.settings import NodeSettings, prepare_process, registration
-from disagg.node.transfers import TransferDone, TransferThreads, pair_backend
+from disagg.node.transfers import TransferDone, TransferThreads
 from disagg.protocol.cluster import (
     CoordinatorToNode,
     Counters,
@@ -40,6 +41,9 @@ from disagg.protocol.cluster import (
     Role,
     Shutdown,
 )
+
+if TYPE_CHECKING:
+    from disagg.node.rank_transfers import RankTransfers
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ class NodeRuntime(ABC):
         settings: NodeSettings,
         worker: ModelWorker,
         link: CoordinatorLink,
-        transfers: TransferThreads,
+        transfers: TransferThreads | RankTransfers,
     ):
         self.settings = settings
         self.worker = worker
@@ -80,6 +84,7 @@ class NodeRuntime(ABC):
         self.generator = torch.Generator(worker.device).manual_seed(settings.seed)
         self.tasks_seen = 0
         self.stopping = False
+        self.failed = False  # a rank of this node was lost: the node stops
         # Tasks waiting on this node, in merged-counter order (each role's own kind).
         self.waiting: CounterQueue[Any] = CounterQueue()
         self.waker = Waker()
@@ -173,8 +178,15 @@ class NodeRuntime(ABC):
                 for done in self.transfers.completed():
                     self.on_transfer(done)
                 if running is not None and running[1].done():
-                    self.finish_step(running[0], running[1].result())
+                    result = running[1].result()
+                    if isinstance(result, RankFailedError):
+                        self._lose_node(str(result))
+                        break
+                    self.finish_step(running[0], result)
                     running = None
+                if self.transfers.failure is not None:
+                    self._lose_node(self.transfers.failure)
+                    break
                 self.between_steps()  # after finish_step: slots it freed are taken now
                 if running is None:
                     batch = self.prepare_step()
@@ -195,6 +207,12 @@ class NodeRuntime(ABC):
                 self.link.close()
                 model.shutdown(wait=False)
 
+    def _lose_node(self, why: str) -> None:
+        """A rank is lost: this node cannot run its requests any more. It says goodbye
+        (the coordinator re-dispatches them, as for any node lost) and exits."""
+        log.error("a rank of this node failed (%s): the node stops", why)
+        self.failed = True
+
     def _guarded(self, batch: Any) -> Any:
         try:
             return self.execute(batch)
@@ -204,55 +222,59 @@ class NodeRuntime(ABC):
 
 
 def start_node(settings: NodeSettings, node_class: type[NodeRuntime]) -> None:
-    """Everything a node process does: load the model, take a fresh KV endpoint (pairs
-    with peers form through the store on first use), register with the coordinator, run
-    until told to stop. Exits without tearing transfer groups down (a dead peer can make
-    that hang)."""
-    from kv_transfer.cuda_ipc import export_kv_pool
-    from kv_transfer.factory import device_identity
-    from kv_transfer.pairs import PairGroups, configure_nccl_error_handling, new_endpoint
+    """Everything a node process does: load the model (here, or on ``tp x pp`` rank
+    processes that this process leads), take a fresh KV endpoint (pairs with peers' ranks
+    form through the store on first use), register with the coordinator, run until told
+    to stop. Exits without tearing transfer groups down (a dead peer can make that hang);
+    a rank lost is the node lost (exit status 1; ranks die with this process)."""
+    from disagg.engine.parallel.leader import ParallelModelWorker
+    from disagg.engine.parallel.plan import RankKVService
+    from disagg.node.rank_transfers import RankTransfers, make_transfer_threads
+    from kv_transfer.pairs import configure_nccl_error_handling, new_endpoint
 
     prepare_process(settings)
     configure_nccl_error_handling()  # before any NCCL group: a broken pair is not the node
-    # A prefill node never decodes: no decode graphs (their memory goes to the KV pool).
-    worker = ModelWorker(
-        settings.engine_config(),
-        decode_graphs=settings.role in ("decode", "colocated"),
-        transfers=True,
-    )
-    on_cuda = worker.device.type == "cuda"
+    config = settings.engine_config()
     endpoint = new_endpoint(settings.node_id)
-    pool = worker.kv_cache.data
-    # Both sides of a pair are alive and told to move KV at the same moment when it forms.
-    # They swap device identities then: two nodes on one GPU move KV over CUDA IPC (NCCL
-    # refuses two ranks on one device), swapping their pools' handles; others over NCCL
-    # (CUDA) or gloo (CPU).
-    pairs = PairGroups(
-        settings.store,
-        endpoint,
-        "nccl" if on_cuda else "gloo",
-        settings.transfer_timeout,
-        device_id=device_identity(worker.device),
-        share=(lambda: export_kv_pool(pool).to_bytes()) if on_cuda else None,
-    )
-    transfers = TransferThreads(
-        pairs,
-        lambda group: pair_backend(
-            group, device=worker.device, pool=pool, checksums=settings.checksums
-        ),
-        worker.kv_cache.layers,
-        worker.block_size,
-        settings.transfer_timeout,
-        device=worker.device,
-    )
+    worker: ModelWorker
+    transfers: TransferThreads | RankTransfers
+    if config.world_size > 1:
+        service = RankKVService(
+            settings.store, endpoint, settings.transfer_timeout, settings.checksums
+        )
+        pworker = ParallelModelWorker(config, kv_service=service)
+        worker = pworker
+        transfers = RankTransfers(pworker.group.kv_conns, pworker.kv_layout)
+    else:
+        # A prefill node never decodes: no decode graphs (their memory goes to the KV pool).
+        worker = ModelWorker(
+            config, decode_graphs=settings.role in ("decode", "colocated"), transfers=True
+        )
+        # Both sides of a pair are alive and told to move KV at the same moment when it
+        # forms. They swap device identities then: two nodes on one GPU move KV over CUDA
+        # IPC (NCCL refuses two ranks on one device), swapping their pools' handles;
+        # others over NCCL (CUDA) or gloo (CPU).
+        transfers = make_transfer_threads(
+            settings.store,
+            endpoint,
+            0,
+            worker.kv_cache,
+            worker.kv_layout,
+            settings.transfer_timeout,
+            checksums=settings.checksums,
+        )
+    layout = worker.kv_layout
     link = CoordinatorLink(settings.coordinator, settings.node_id, settings.curve_server_key)
     link.register(registration(settings, worker, endpoint))
-    log.info("%s registered (KV endpoint %s)", settings.node_id, endpoint)
+    log.info(
+        "%s registered (KV endpoint %s, tp %d x pp %d)", settings.node_id, endpoint,
+        layout.tp, layout.pp,
+    )  # fmt: skip
     node = node_class(settings, worker, link, transfers)
     node.run()
     transfers.close()
     logging.shutdown()
-    os._exit(0)
+    os._exit(1 if node.failed else 0)
 
 
 def node_main(

@@ -42,6 +42,8 @@ class NodeSettings:
     checksums: bool = False
     seed: int = 0
     curve_server_key: str | None = None  # the coordinator's CurveZMQ public key file
+    tensor_parallel_size: int = 1  # the node's model on tp x pp rank processes
+    pipeline_parallel_size: int = 1
 
     @classmethod
     def add_arguments(cls, p: argparse.ArgumentParser) -> None:
@@ -70,6 +72,14 @@ class NodeSettings:
         p.add_argument("--checksums", action="store_true", help="debug: KV checksums")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--curve-server-key", default=None, help="coordinator's CurveZMQ key")
+        p.add_argument(
+            "--tensor-parallel-size", "--tp", type=int, default=1,
+            help="ranks per pipeline stage (each layer's heads and MLP split across them)",
+        )  # fmt: skip
+        p.add_argument(
+            "--pipeline-parallel-size", "--pp", type=int, default=1,
+            help="pipeline stages (the layers split across them)",
+        )  # fmt: skip
 
     @classmethod
     def from_args(cls, role: Role, args: argparse.Namespace) -> NodeSettings:
@@ -89,6 +99,8 @@ class NodeSettings:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_batch_tokens,
             seed=self.seed,
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
         )
 
 
@@ -103,24 +115,18 @@ def prepare_process(settings: NodeSettings) -> None:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
 
-def model_fingerprint(worker: ModelWorker) -> str:
-    c = worker.model_config
-    return (
-        f"{worker.model_dir.name}:L{c.num_layers}:H{c.num_heads}/{c.num_kv_heads}:"
-        f"D{c.head_dim}:V{c.vocab_size}:{str(worker.dtype).removeprefix('torch.')}"
-    )
-
-
 def registration(settings: NodeSettings, worker: ModelWorker, endpoint: str) -> Register:
+    layout = worker.kv_layout
     return Register(
         node_id=settings.node_id,
         role=settings.role,
         endpoint=endpoint,
         secret=os.environ.get(CLUSTER_SECRET_ENV),
-        model=model_fingerprint(worker),
+        model=layout.model,
         block_size=worker.block_size,
-        capacity_tokens=worker.kv_cache.num_blocks * worker.block_size,
+        capacity_tokens=worker.num_blocks * worker.block_size,
         max_model_len=worker.max_model_len,
         max_batch_tokens=settings.max_batch_tokens,
         pid=os.getpid(),
+        kv=layout,
     )

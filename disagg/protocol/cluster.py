@@ -55,6 +55,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from disagg.engine.parallel.handoff import KVNodeLayout
 from disagg.errors import ProtocolError
 from disagg.protocol.messages import Sampling
 
@@ -92,6 +93,10 @@ class Register(_NodeMessage):
     max_model_len: int
     max_batch_tokens: int
     pid: int
+    # Its KV pool's shape and parallel layout: the coordinator refuses a node whose KV
+    # cannot be handed to or from the nodes of the other role (None: not stated, as by
+    # simulated nodes, which move no KV).
+    kv: KVNodeLayout | None = None
 
 
 class Credit(_NodeMessage):
@@ -248,6 +253,9 @@ class Push(_NodeMessage):
     rids: list[int]
     dest: Endpoint
     epoch: int = Field(default=0, ge=0)
+    # The decode node's layout: which of its ranks take which layers and KV heads.
+    peer_tp: int = Field(default=1, ge=1)
+    peer_pp: int = Field(default=1, ge=1)
 
 
 class PullGo(_NodeMessage):
@@ -258,6 +266,9 @@ class PullGo(_NodeMessage):
     rids: list[int]
     source: Endpoint
     epoch: int = Field(default=0, ge=0)
+    # The prefill node's layout: which of its ranks hold which layers and KV heads.
+    peer_tp: int = Field(default=1, ge=1)
+    peer_pp: int = Field(default=1, ge=1)
 
 
 class SourceLost(_NodeMessage):

@@ -47,3 +47,19 @@ def assert_untouched(
     for i in layers if layers is not None else range(after.spec.num_layers):
         keep[i, :, list(except_ids)] = False
     assert torch.equal(bits(before[keep]), bits(after.data[keep]))
+
+
+def node_layout(spec: KVCacheSpec, tp: int = 1, pp: int = 1, model: str = "tiny-test"):
+    """The ``KVNodeLayout`` of a node whose whole pool has ``spec``'s shape."""
+    from disagg.engine.parallel.handoff import KVNodeLayout
+
+    return KVNodeLayout(
+        model=model,
+        num_layers=spec.num_layers,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        block_size=spec.block_size,
+        dtype=str(spec.dtype).removeprefix("torch."),
+        tp=tp,
+        pp=pp,
+    )

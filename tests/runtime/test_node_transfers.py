@@ -11,10 +11,10 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from disagg.node.transfers import TransferDone, TransferThreads
+from disagg.node.transfers import TransferDone, TransferThreads, rank_endpoint
 from kv_transfer import make_backend
 from kv_transfer.pairs import PairGroups, new_endpoint
-from tests.kv_transfer._caches import assert_blocks_equal, random_cache, tiny_spec
+from tests.kv_transfer._caches import assert_blocks_equal, node_layout, random_cache, tiny_spec
 
 
 @pytest.fixture()
@@ -27,13 +27,19 @@ def sides():
     made = []
     for seed in (1, 2):
         cache = random_cache(spec, 8, seed=seed)
-        pairs = PairGroups(address, new_endpoint(f"node-{seed}"), "gloo", timeout=10)
+        endpoint = new_endpoint(f"node-{seed}")
+        pairs = PairGroups(address, rank_endpoint(endpoint, 0), "gloo", timeout=10)
         threads = TransferThreads(
-            pairs, lambda group: make_backend("gloo", group=group), cache.layers, 16, timeout=10
+            pairs,
+            lambda group: make_backend("gloo", group=group),
+            cache,
+            node_layout(spec),
+            0,
+            timeout=10,
         )
-        made.append((threads, cache))
+        made.append((threads, cache, endpoint))
     yield made
-    for threads, _ in made:
+    for threads, _, _ in made:
         threads.close()
     del store
 
@@ -48,8 +54,7 @@ def wait_done(threads: TransferThreads, count: int = 1) -> list[TransferDone]:
 
 
 def test_blocks_move_at_one_epoch_then_a_fresh_channel_at_the_next(sides):
-    (sender, src), (receiver, dst) = sides
-    to, frm = receiver.pairs.endpoint, sender.pairs.endpoint
+    (sender, src, frm), (receiver, dst, to) = sides
     for epoch, (src_ids, dst_ids) in enumerate([([1, 3], [0, 5]), ([2, 6], [4, 7])]):
         sender.send((10 + epoch,), src_ids, to, epoch)
         receiver.recv((10 + epoch,), dst_ids, frm, epoch)

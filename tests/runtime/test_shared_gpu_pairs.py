@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from disagg.node.transfers import TransferThreads, pair_backend
+from disagg.node.transfers import TransferThreads, pair_backend, rank_endpoint
 from kv_transfer import CudaIpcBackend, P2PBackend
 from kv_transfer.pairs import PairGroups, new_endpoint, pair_transport
-from tests.kv_transfer._caches import assert_blocks_equal, random_cache, tiny_spec
+from tests.kv_transfer._caches import assert_blocks_equal, node_layout, random_cache, tiny_spec
 
 GPU_A, GPU_B = "cuda:GPU-8d2f", "cuda:GPU-11c0"
 
@@ -74,10 +74,17 @@ def test_nodes_on_one_gpu_move_kv_over_cuda_ipc(address):
     caches = {b"pool-0": random_cache(spec, 12, seed=1), b"pool-1": random_cache(spec, 12, seed=2)}
     built: list[object] = []
     sides = []
+    endpoints: list[str] = []
     for i, share in enumerate(caches):
         cache = caches[share]
+        endpoints.append(new_endpoint(f"node-{i}"))
         pairs = PairGroups(
-            address, new_endpoint(f"node-{i}"), "gloo", 10, device_id=GPU_A, share=lambda s=share: s
+            address,
+            rank_endpoint(endpoints[-1], 0),
+            "gloo",
+            10,
+            device_id=GPU_A,
+            share=lambda s=share: s,
         )
 
         def make(group, cache=cache):
@@ -91,11 +98,11 @@ def test_nodes_on_one_gpu_move_kv_over_cuda_ipc(address):
             built.append(backend)
             return backend
 
-        sides.append(TransferThreads(pairs, make, cache.layers, spec.block_size, timeout=10))
+        sides.append(TransferThreads(pairs, make, cache, node_layout(spec), 0, timeout=10))
     sender, receiver = sides
     try:
-        sender.send((7,), [3, 9, 1], receiver.pairs.endpoint, 0)
-        receiver.recv((7,), [0, 4, 11], sender.pairs.endpoint, 0)
+        sender.send((7,), [3, 9, 1], endpoints[1], 0)
+        receiver.recv((7,), [0, 4, 11], endpoints[0], 0)
         done = []
         deadline = time.monotonic() + 30
         while len(done) < 2 and time.monotonic() < deadline:

@@ -32,8 +32,11 @@ class KVPairing(Failures):
         for source_id, group in by_source.items():
             source = self.nodes[source_id]
             epoch = self.pair_epochs.get((source.endpoint, node.endpoint), 0)
-            self._send_node(source, Push(rids=group, dest=node.endpoint, epoch=epoch))
-            self._send_node(node, PullGo(rids=group, source=source.endpoint, epoch=epoch))
+            (dtp, dpp), (ptp, ppp) = node.layout, source.layout
+            push = Push(rids=group, dest=node.endpoint, epoch=epoch, peer_tp=dtp, peer_pp=dpp)
+            pull = PullGo(rids=group, source=source.endpoint, epoch=epoch, peer_tp=ptp, peer_pp=ppp)
+            self._send_node(source, push)
+            self._send_node(node, pull)
 
     def _channel_broke(self, pair: tuple[str, str], epoch: int, reported_by: str) -> None:
         """A side of ``pair`` (prefill endpoint, decode endpoint) found the channel of

@@ -13,6 +13,7 @@ from disagg.coordinator.core.kv import KVPairing
 from disagg.coordinator.core.state import log
 from disagg.coordinator.nodes import NodeState
 from disagg.coordinator.tracked import Phase, Tracked
+from disagg.engine.parallel.handoff import IncompatibleNodesError, check_compatible
 from disagg.protocol import Tokens
 from disagg.protocol.cluster import (
     Admitted,
@@ -55,6 +56,8 @@ class NodeReports(KVPairing):
             )
         elif existing is not None and existing.alive and existing.role != msg.role:
             reason = f"a live {existing.role} node is already registered as {msg.node_id}"
+        else:
+            reason = self._kv_mismatch(msg)
         if reason is None and existing is not None and existing.alive:
             # A new process under a live node's id (restarted before its heartbeats were
             # missed). Its routing id is the node id, so ZeroMQ already routes to the new
@@ -72,6 +75,24 @@ class NodeReports(KVPairing):
         if self.metrics:
             self.metrics.set_node_alive(node.node_id, node.role, True)
         self._send_node(node, Welcome(node_id=msg.node_id, counters=self._counters(msg.role)))
+
+    def _kv_mismatch(self, msg: Register) -> str | None:
+        """Why ``msg``'s node could not hand KV to (or take it from) a live node of the
+        other role — a different block size, KV dtype or shape, or a layout its model
+        cannot take — checked once here, never per request. None: it can."""
+        if msg.kv is None or msg.role not in ("prefill", "decode"):
+            return None
+        for other in self.nodes.values():
+            if not other.alive or other.kv is None or other.role == msg.role:
+                continue
+            if other.node_id == msg.node_id:
+                continue
+            prefill, decode = (msg.kv, other.kv) if msg.role == "prefill" else (other.kv, msg.kv)
+            try:
+                check_compatible(prefill, decode)
+            except IncompatibleNodesError as e:
+                return f"its KV cannot be handed {'to' if msg.role == 'prefill' else 'from'} {other.role} node {other.node_id}: {e}"
+        return None
 
     def _on_node_message(self, node: NodeState, msg: Any) -> None:
         if isinstance(msg, Credit):

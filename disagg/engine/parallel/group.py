@@ -48,8 +48,11 @@ POLL_S = 1.0  # how often a waiting leader also checks its ranks' exit status
 class RankGroup:
     """``make_spec(rank, store_host, store_port)`` gives each rank's :class:`RankSpec`."""
 
-    def __init__(self, world_size: int, make_spec) -> None:
+    def __init__(self, world_size: int, make_spec, *, kv_pipes: bool = False) -> None:
         self.world_size = world_size
+        # A node's group: a second pipe per rank carries KV transfer commands and their
+        # answers (``disagg.node.rank_transfers``), apart from the step plans.
+        self.kv_conns: list[Connection] = []
         # The rendezvous every rank joins; it lives as long as the group.
         self._store = dist.TCPStore(STORE_HOST, 0, is_master=True, wait_for_workers=False)
         # Each rank is a fresh interpreter running this package's rank module, given its
@@ -59,18 +62,27 @@ class RankGroup:
         self._procs: list[subprocess.Popen] = []
         for rank in range(world_size):
             leader_end, rank_end = mp.Pipe(duplex=True)
-            fd = rank_end.fileno()
+            fds = [rank_end.fileno()]
+            kv_rank_end = None
+            if kv_pipes:
+                kv_leader_end, kv_rank_end = mp.Pipe(duplex=True)
+                self.kv_conns.append(kv_leader_end)
+                fds.append(kv_rank_end.fileno())
             proc = subprocess.Popen(
-                [sys.executable, "-m", "disagg.engine.parallel.rank", str(fd)],
-                pass_fds=(fd,),
+                [sys.executable, "-m", "disagg.engine.parallel.rank", *map(str, fds)],
+                pass_fds=tuple(fds),
                 close_fds=True,
             )
             rank_end.close()  # only the rank holds its end: its death reads as EOF here
+            if kv_rank_end is not None:
+                kv_rank_end.close()
             leader_end.send(make_spec(rank, STORE_HOST, self._store.port))
             self._conns.append(leader_end)
             self._procs.append(proc)
         self._grace = {"seconds": SHUTDOWN_GRACE_S}
-        self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns, self._grace)
+        self._finalizer = weakref.finalize(
+            self, _stop, self._procs, [*self._conns, *self.kv_conns], self._grace
+        )
         self._failure: RankFailedError | None = None
         self.ready: list[RankReady] = []
         self.num_blocks = 0

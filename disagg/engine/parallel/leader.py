@@ -8,6 +8,7 @@ and hands the model half — each scheduled batch — to a :class:`RankGroup` as
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -19,7 +20,7 @@ from disagg.engine.config import EngineConfig
 from disagg.engine.model_config import ModelConfig
 from disagg.engine.parallel.group import RankGroup
 from disagg.engine.parallel.layout import ParallelLayout
-from disagg.engine.parallel.plan import KVShardInfo, ScheduledSeq, StepPlan
+from disagg.engine.parallel.plan import KVShardInfo, RankKVService, ScheduledSeq, StepPlan
 from disagg.engine.parallel.rank import RankSpec
 from disagg.engine.sequence import Sequence
 from disagg.engine.tokenizer import Tokenizer, eos_token_ids
@@ -38,7 +39,9 @@ class ParallelModelWorker(ModelWorker):
     ``runner`` are None because they live in the ranks.
     """
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, kv_service: RankKVService | None = None):
+        """``kv_service``: the ranks of a node, which move KV with peer nodes (commands
+        over ``group.kv_conns``)."""
         self.config = config
         self.layout = layout = ParallelLayout(
             config.tensor_parallel_size, config.pipeline_parallel_size
@@ -64,6 +67,9 @@ class ParallelModelWorker(ModelWorker):
             )
         if not config.enforce_eager and self.device.type == "cuda":
             log.info("tensor/pipeline-parallel decode runs eagerly (no CUDA graphs)")
+        self.block_size = config.block_size
+        if kv_service is not None:
+            kv_service = dataclasses.replace(kv_service, layout=self.kv_layout)
         self.group = RankGroup(
             layout.world_size,
             lambda rank, host, port: RankSpec(
@@ -78,7 +84,9 @@ class ParallelModelWorker(ModelWorker):
                 store_host=host,
                 store_port=port,
                 parent_pid=os.getpid(),
+                kv_service=kv_service,
             ),
+            kv_pipes=kv_service is not None,
         )
         num_blocks = self.group.num_blocks
         self.block_size = config.block_size
@@ -95,6 +103,7 @@ class ParallelModelWorker(ModelWorker):
         # Sequences the driver keeps sampling state for (ids are unique per leader); a
         # finished one (stopped or aborted) is named in the next plan's ``released``.
         self._on_driver: dict[int, Sequence] = {}
+        self._forgotten: list[int] = []  # named in the next plan's ``released``
 
     @property
     def kv_shards(self) -> list[KVShardInfo]:
@@ -130,6 +139,12 @@ class ParallelModelWorker(ModelWorker):
         assert result.logits is not None
         return result.logits
 
+    def forget(self, seq_id: int) -> None:
+        """``seq_id`` will not be run again (a node finished or released it without the
+        engine's finished status): the driver drops its sampling state at the next plan."""
+        if self._on_driver.pop(seq_id, None) is not None:
+            self._forgotten.append(seq_id)
+
     def close(self) -> None:
         self.group.close()
 
@@ -143,13 +158,17 @@ class ParallelModelWorker(ModelWorker):
                 token_ids=tuple(s.token_ids) if is_prefill else (s.last_token_id,),
                 num_tokens=s.num_tokens,
                 block_table=tuple(s.block_table),
-                params=s.params if is_prefill or self._on_driver.get(s.seq_id) is not s else None,
+                params=s.params if is_prefill or first else None,
+                skip_draws=s.num_output_tokens if first else 0,
             )
             for s in seqs
+            for first in (self._on_driver.get(s.seq_id) is not s,)
         )
-        released = tuple(i for i, s in self._on_driver.items() if s.is_finished)
-        for i in released:
+        finished = [i for i, s in self._on_driver.items() if s.is_finished]
+        for i in finished:
             del self._on_driver[i]
+        released = (*self._forgotten, *finished)
+        self._forgotten = []
         self._on_driver.update((s.seq_id, s) for s in seqs)
         return StepPlan(self._step, is_prefill, entries, released, return_logits)
 

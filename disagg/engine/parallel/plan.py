@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from disagg.engine.parallel.handoff import KVNodeLayout
 from disagg.sampling_params import SamplingParams
 
 
@@ -30,6 +31,23 @@ class ScheduledSeq:
     block_table: tuple[int, ...]
     # With every prefill and the first plan naming the sequence; None otherwise.
     params: SamplingParams | None = None
+    # First plan naming a sequence that already has output tokens (resumed or pulled by
+    # a node): the draws its seeded generator took for them, skipped on the driver so
+    # the stream goes on as it would have in one process.
+    skip_draws: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RankKVService:
+    """A node's rank moves its part of the KV pool to and from peer nodes' ranks
+    (``disagg.node.rank_transfers``): the rendezvous store, the node's endpoint and KV
+    layout, and the transfer settings. Commands come on a second pipe from the leader."""
+
+    store: str
+    endpoint: str
+    timeout: float
+    checksums: bool = False
+    layout: KVNodeLayout | None = None  # filled in by the leader, which knows the model
 
 
 @dataclass(frozen=True, slots=True)

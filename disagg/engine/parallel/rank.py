@@ -34,6 +34,7 @@ from disagg.engine.parallel.plan import (
     KVAllocated,
     KVShardInfo,
     RankFailure,
+    RankKVService,
     RankReady,
     RankStats,
     ScheduledSeq,
@@ -70,6 +71,7 @@ class RankSpec:
     store_host: str
     store_port: int
     parent_pid: int
+    kv_service: RankKVService | None = None  # a node's rank: moves KV with peer nodes
 
 
 @dataclass(slots=True)
@@ -188,6 +190,10 @@ class RankWorker:
                 gen = None
                 if s.params.seed is not None:
                     gen = torch.Generator(self.device).manual_seed(s.params.seed)
+                    if not s.params.greedy:  # the draws its earlier tokens took elsewhere
+                        vocab = self.spec.model_config.vocab_size
+                        for _ in range(s.skip_draws):
+                            torch.empty(vocab, device=self.device).exponential_(1, generator=gen)
                 self._sampling[s.seq_id] = (s.params, gen)
             params, generator = self._sampling[s.seq_id]
         return RankSequence(
@@ -223,9 +229,10 @@ class RankWorker:
         return self.kv_spec.blocks_for_budget(budget)
 
 
-def rank_main(spec: RankSpec, conn: Connection) -> None:
+def rank_main(spec: RankSpec, conn: Connection, kv_conn: Connection | None = None) -> None:
     """The rank process. Every message from the leader gets one answer; an exception
-    is sent as :class:`RankFailure` and ends the process with status 1."""
+    is sent as :class:`RankFailure` and ends the process with status 1. A node's rank
+    also takes KV transfer commands on ``kv_conn`` once its pool exists."""
     _die_with_parent(spec.parent_pid)
     # Ctrl-C reaches the whole foreground process group: the leader decides when the
     # ranks stop (Shutdown, or its pipe closing).
@@ -248,6 +255,11 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
                 conn.send(worker.execute(msg))
             elif isinstance(msg, AllocateKV):
                 worker.allocate(msg.num_blocks)
+                if spec.kv_service is not None and kv_conn is not None:
+                    from disagg.node.rank_transfers import serve_rank_kv  # a node's rank
+
+                    assert worker.kv_cache is not None
+                    serve_rank_kv(spec.kv_service, spec.rank, worker.kv_cache, kv_conn)
                 conn.send(KVAllocated(spec.rank, msg.num_blocks))
             elif isinstance(msg, StatsQuery):
                 conn.send(worker.stats())
@@ -274,11 +286,13 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m disagg.engine.parallel.rank FD``: FD is this rank's end of the
-    leader's pipe; the first message on it is the :class:`RankSpec`."""
+    """``python -m disagg.engine.parallel.rank FD [KV_FD]``: FD is this rank's end of
+    the leader's pipe; the first message on it is the :class:`RankSpec`. KV_FD, for a
+    node's rank, the pipe of KV transfer commands."""
     args = sys.argv[1:] if argv is None else argv
     conn = Connection(int(args[0]))
-    rank_main(conn.recv(), conn)
+    kv_conn = Connection(int(args[1])) if len(args) > 1 else None
+    rank_main(conn.recv(), conn, kv_conn)
 
 
 if __name__ == "__main__":
