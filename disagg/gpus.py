@@ -44,11 +44,29 @@ def node_visible_devices(indices: list[int], parent: list[str] | None) -> str:
     return ",".join(parent[i] for i in indices)
 
 
-def place_nodes(node_ids: list[str], gpu_count: int) -> dict[str, list[int]]:
-    """One GPU per node while there are enough, else round robin over the GPUs."""
+def place_nodes(
+    node_ids: list[str], gpu_count: int, sizes: Mapping[str, int] | None = None
+) -> dict[str, list[int]]:
+    """One GPU per node while there are enough, else round robin over the GPUs. A node of
+    ``sizes[node] = tp x pp`` ranks takes that many GPUs of its own, one per rank (its
+    ranks cannot share one: NCCL refuses two ranks on a device)."""
     if gpu_count < 1:
         raise ConfigError("device", "CUDA was asked for but no GPU is visible")
-    return {node_id: [i % gpu_count] for i, node_id in enumerate(node_ids)}
+    sizes = sizes or {}
+    if all(sizes.get(n, 1) == 1 for n in node_ids):
+        return {node_id: [i % gpu_count] for i, node_id in enumerate(node_ids)}
+    need = sum(sizes.get(n, 1) for n in node_ids)
+    if need > gpu_count:
+        raise ConfigError(
+            "device",
+            f"{len(node_ids)} nodes of {need} ranks in all need {need} GPUs, one per rank; "
+            f"{gpu_count} visible (give a deployment file to place them otherwise)",
+        )
+    out, first = {}, 0
+    for n in node_ids:
+        out[n] = list(range(first, first + sizes.get(n, 1)))
+        first += sizes.get(n, 1)
+    return out
 
 
 def memory_shares(assignment: Mapping[str, list[int]], utilization: float) -> dict[str, float]:

@@ -94,6 +94,8 @@ class ServeOptions:
     simulated: bool = False
     latency_profile: str | None = None
     simulated_tp: int = 1
+    # (tp, pp) of each role's nodes: a node runs its model on tp x pp rank processes.
+    layouts: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.policy == "vtc":
@@ -133,6 +135,15 @@ class ServeOptions:
             raise ConfigError("max_model_len", f"must be >= 1, got {self.max_model_len}")
         if not 0 <= self.port < 65535 - 2:
             raise ConfigError("port", f"must be in [0, 65532], got {self.port}")
+        for role, (tp, pp) in self.layouts.items():
+            if role not in ("prefill", "decode", "colocated"):
+                raise ConfigError("layouts", f"unknown role {role!r}")
+            if not (isinstance(tp, int) and isinstance(pp, int) and tp >= 1 and pp >= 1):
+                raise ConfigError(f"{role}_tp", f"tp and pp must be integers >= 1, got {tp}, {pp}")
+            if tp * pp > 1 and self.simulated:
+                raise ConfigError(
+                    f"{role}_tp", "simulated nodes take their layout from --simulated-tp"
+                )
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ConfigError("http_port", f"must be in [0, 65535], got {self.http_port}")
 
@@ -206,7 +217,13 @@ class ServedCluster:
             return dict(o.node_devices)
         import torch
 
-        return place_nodes([node_id for _, node_id in self.node_ids()], torch.cuda.device_count())
+        ids = self.node_ids()
+        sizes = {n: self.node_world_size(role) for role, n in ids}
+        return place_nodes([n for _, n in ids], torch.cuda.device_count(), sizes)
+
+    def node_world_size(self, role: str) -> int:
+        tp, pp = self.options.layouts.get(role, (1, 1))
+        return tp * pp
 
     def node_command(
         self, role: str, node_id: str, threads: int, *, python: str = sys.executable
@@ -231,6 +248,9 @@ class ServedCluster:
             "--threads", str(threads),
             "--transfer-timeout", str(o.transfer_timeout),
         ]  # fmt: skip
+        tp, pp = o.layouts.get(role, (1, 1))
+        if tp * pp > 1:
+            cmd += ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
         if o.num_blocks:
             cmd += ["--num-blocks", str(o.num_blocks)]
         if o.max_model_len:  # nodes size activations and the KV pool for this, not the model's

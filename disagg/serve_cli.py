@@ -36,6 +36,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="K colocated nodes (prefill and decode on each) instead of prefill/decode nodes",
     )
+    for role in ("prefill", "decode", "colocated"):
+        p.add_argument(
+            f"--{role}-tp", type=int, default=1, metavar="N",
+            help=f"tensor-parallel ranks of each {role} node",
+        )  # fmt: skip
+        p.add_argument(
+            f"--{role}-pp", type=int, default=1, metavar="N",
+            help=f"pipeline stages of each {role} node",
+        )  # fmt: skip
     p.add_argument("--policy", default="two-stage-vtc", choices=POLICIES)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5555, help="client port (nodes: +1, KV: +2)")
@@ -142,6 +151,10 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         simulated=args.simulated,
         latency_profile=args.latency_profile,
         simulated_tp=args.simulated_tp,
+        layouts={
+            role: (getattr(args, f"{role}_tp"), getattr(args, f"{role}_pp"))
+            for role in ("prefill", "decode", "colocated")
+        },
     )
     if args.max_num_seqs is not None:
         fields["max_num_seqs"] = args.max_num_seqs
@@ -160,6 +173,11 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
             colocated=dep.colocated.instances if dep.colocated else 0,
             cluster_secret=dep.cluster_secret,
             node_devices={f"{n.role}-{n.index}": n.devices for n in dep.nodes if n.devices},
+            layouts={
+                role: (layout.tp, layout.pp)
+                for role in ("prefill", "decode", "colocated")
+                if (layout := getattr(dep, role)) is not None
+            },
             slo=(dep.slo.ttft_s, dep.slo.tpot_s) if dep.slo else None,
         )
         if dep.coordinator is not None:

@@ -376,3 +376,42 @@ def test_an_aborted_request_is_counted_as_finished_with_reason_abort():
 
 def one_each(msgs: list, kind: type) -> list:
     return [m for m in msgs if isinstance(m, kind)]
+
+
+def kv(tp: int = 1, pp: int = 1, **fields):
+    """A node's KV layout (the tiny model's shape: 4 layers, 2 KV heads of 32)."""
+    from disagg.engine.parallel.handoff import KVNodeLayout
+
+    base = dict(model="tiny-test", num_layers=4, num_kv_heads=2, head_dim=32, block_size=16)
+    return KVNodeLayout(**{**base, "dtype": "float32", "tp": tp, "pp": pp, **fields})
+
+
+def test_a_node_whose_kv_cannot_be_handed_over_is_refused_at_registration_by_name():
+    h = CoreHarness()
+    assert isinstance(h.register("prefill-0", "prefill", kv=kv(tp=2)), Welcome)
+    other_block = h.register("decode-0", "decode", block_size=32, kv=kv(block_size=32))
+    assert isinstance(other_block, Refused) and "block_size" in other_block.reason
+    assert "prefill-0" in other_block.reason
+    other_dtype = h.register("decode-0", "decode", kv=kv(dtype="bfloat16"))
+    assert isinstance(other_dtype, Refused) and "dtype" in other_dtype.reason
+    bad_layout = h.register("decode-0", "decode", kv=kv(tp=3))  # 3 and 2 KV heads
+    assert isinstance(bad_layout, Refused) and "tensor_parallel_size" in bad_layout.reason
+    # A block size that differs is refused even from a node that states no layout.
+    plain = h.register("decode-1", "decode", block_size=8)
+    assert isinstance(plain, Refused) and "block_size" in plain.reason
+    assert set(h.core.nodes) == {"prefill-0"}
+
+
+def test_different_layouts_pair_and_each_side_is_told_the_others():
+    h = CoreHarness()
+    h.register("prefill-0", "prefill", kv=kv(tp=2))
+    assert isinstance(h.register("decode-0", "decode", kv=kv(pp=2)), Welcome)
+    h.generate(max_tokens=3, temperature=0)
+    task = one(h.take_node("prefill-0"), PrefillTask)
+    h.node("prefill-0", prefilled(task.rid, 7))
+    work = one(h.take_node("decode-0"), DecodeTask)
+    h.node("decode-0", PullRequest(rids=[work.rid]))
+    pull = one(h.take_node("decode-0"), PullGo)
+    push = one(h.take_node("prefill-0"), Push)
+    assert (pull.peer_tp, pull.peer_pp) == (2, 1)  # the prefill node's ranks
+    assert (push.peer_tp, push.peer_pp) == (1, 2)  # the decode node's

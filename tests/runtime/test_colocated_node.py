@@ -31,6 +31,7 @@ class RecordingLink:
 @dataclass
 class NoTransfers:
     on_done: object = None
+    failure: str | None = None
 
 
 def colocated_node(num_blocks: int = 64, **settings) -> ColocatedNode:

@@ -30,8 +30,9 @@ class RecordingLink:
 class RecordingTransfers:
     receives: list = field(default_factory=list)
     on_done: object = None
+    failure: str | None = None
 
-    def recv(self, rids, block_ids, peer, epoch) -> None:
+    def recv(self, rids, block_ids, peer, epoch, peer_layout=(1, 1)) -> None:
         self.receives.append((rids, list(block_ids), peer, epoch))
 
 

@@ -80,18 +80,24 @@ class NodeReports(KVPairing):
         """Why ``msg``'s node could not hand KV to (or take it from) a live node of the
         other role — a different block size, KV dtype or shape, or a layout its model
         cannot take — checked once here, never per request. None: it can."""
-        if msg.kv is None or msg.role not in ("prefill", "decode"):
+        if msg.role not in ("prefill", "decode"):
             return None
+        way = "to" if msg.role == "prefill" else "from"
         for other in self.nodes.values():
-            if not other.alive or other.kv is None or other.role == msg.role:
+            if not other.alive or other.role == msg.role or other.node_id == msg.node_id:
                 continue
-            if other.node_id == msg.node_id:
+            if msg.block_size != other.block_size:
+                return (
+                    f"its KV cannot be handed {way} {other.role} node {other.node_id}: "
+                    f"block_size {msg.block_size} differs from its {other.block_size}"
+                )
+            if msg.kv is None or other.kv is None:  # simulated nodes move no KV
                 continue
             prefill, decode = (msg.kv, other.kv) if msg.role == "prefill" else (other.kv, msg.kv)
             try:
                 check_compatible(prefill, decode)
             except IncompatibleNodesError as e:
-                return f"its KV cannot be handed {'to' if msg.role == 'prefill' else 'from'} {other.role} node {other.node_id}: {e}"
+                return f"its KV cannot be handed {way} {other.role} node {other.node_id}: {e}"
         return None
 
     def _on_node_message(self, node: NodeState, msg: Any) -> None:
