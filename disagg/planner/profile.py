@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
         "--tp", type=int, default=1, help="tensor-parallel degree: tp gloo/NCCL rank processes"
     )
     p.add_argument(
+        "--pp", type=int, default=1, help="pipeline stages: tp x pp gloo/NCCL rank processes"
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -65,6 +68,7 @@ def run_profile(args) -> int:
         args.model,
         args.device,
         tp=args.tp,
+        pp=args.pp,
         threads=args.threads,
         grid=grid,
         repeats=args.repeats,

@@ -227,6 +227,7 @@ def profile_engine(
     device: str = "cpu",
     *,
     tp: int = 1,
+    pp: int = 1,
     threads: int = 1,
     grid: ProfileGrid | None = None,
     repeats: int = 5,
@@ -234,15 +235,24 @@ def profile_engine(
     num_blocks: int | None = None,
     progress: bool = True,
 ) -> ProfileResult:
-    """Profile ``model`` on ``device`` at tensor-parallel degree ``tp`` with ``threads``
-    torch CPU threads (at tp > 1: the real parallel engine, whose ranks share the
-    machine's cores; docs/parallel.md)."""
+    """Profile ``model`` on ``device`` at tensor-parallel degree ``tp`` and ``pp``
+    pipeline stages with ``threads`` torch CPU threads (at tp x pp > 1: the real parallel
+    engine, whose ranks share the machine's cores; docs/parallel.md).
+
+    At ``pp > 1`` a lone batch passes every stage, so the fit is the whole pipeline's
+    latency: the profile's convention (the latency model divides it by ``pp`` for the
+    interval between batches of a full pipeline). The pool of a pp-stage instance is
+    recorded as ``kv_capacity_tokens_by_pp``; the pp = 1 capacity the format also needs
+    is estimated as that pool over ``pp`` (one stage's layers per device), and
+    ``sources`` says so."""
     from disagg.engine.config import EngineConfig
     from disagg.engine.engine import make_worker
     from disagg.engine.kv_cache import KVCacheSpec
 
     if not isinstance(tp, int) or tp < 1:
         raise ConfigError("tp", f"must be an integer >= 1, got {tp!r}")
+    if not isinstance(pp, int) or pp < 1:
+        raise ConfigError("pp", f"must be an integer >= 1, got {pp!r}")
     if threads < 1:
         raise ConfigError("threads", f"must be >= 1, got {threads}")
     if repeats < 1:
@@ -258,6 +268,7 @@ def profile_engine(
                 dtype=dtype,
                 num_blocks=num_blocks,
                 tensor_parallel_size=tp,
+                pipeline_parallel_size=pp,
             )
         )
         try:
@@ -286,6 +297,14 @@ def profile_engine(
         "kv_capacity_tokens": f"{worker.allocator.num_blocks} blocks x {worker.block_size} tokens, "
         "the pool the worker sized",
     }
+    by_pp: dict[str, int] = {}
+    if pp > 1:
+        by_pp[str(pp)] = capacity
+        capacity = max(1, capacity // pp)
+        sources["layout"] = f"timed at tp {tp} x pp {pp}: batch times are the whole pipeline's"
+        sources["kv_capacity_tokens"] += (
+            f" at pp {pp} (kv_capacity_tokens_by_pp); pp 1 estimated as it / {pp}"
+        )
     profile = LatencyProfile(
         unit="ms",
         model_name=worker.model_dir.name if model != "tiny" else "tiny",
@@ -296,6 +315,7 @@ def profile_engine(
                 prefill=list(prefill_fit.coef),
                 decode=[DecodePiece(max_batch=cut, coef=list(f.coef)) for cut, f in pieces],
                 kv_capacity_tokens=capacity,
+                kv_capacity_tokens_by_pp=by_pp,
                 fit_error={
                     "prefill_median": prefill_fit.median_error,
                     "prefill_max": prefill_fit.max_error,

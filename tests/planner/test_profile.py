@@ -131,6 +131,23 @@ def test_tensor_parallel_profile_times_the_parallel_engine():
     assert result.profile.tp["2"].kv_capacity_tokens == 64 * 16
 
 
+@pytest.mark.slow  # starts two rank processes
+def test_pipeline_parallel_profile_records_the_pp_pool_and_serves_the_model_at_pp(tmp_path):
+    result = profile_engine(pp=2, grid=GRID, repeats=1, num_blocks=64, progress=False)
+    entry = result.profile.tp["1"]
+    assert entry.kv_capacity_tokens_by_pp == {"2": 64 * 16}
+    assert entry.kv_capacity_tokens == 64 * 16 // 2  # estimated, and said so
+    assert "pp 2" in result.profile.sources["layout"]
+    assert "estimated" in result.profile.sources["kv_capacity_tokens"]
+    out = tmp_path / "pp2.json"
+    save_profile(result.profile, out)
+    at_pp2 = load_profile(out).model(1, 2)  # the latency model reads the pp pool
+    assert at_pp2.kv_capacity_tokens == 64 * 16
+    # A lone batch's fit is the whole pipeline's; the model divides it by pp.
+    whole = load_profile(out).model(1, 1).prefill_time(64, 64 * 64, 1)
+    assert at_pp2.prefill_time(64, 64 * 64, 1) == pytest.approx(whole / 2)
+
+
 def test_grid_too_small_to_fit_is_refused():
     with pytest.raises(ConfigError, match="at least 3 distinct points"):
         profile_engine(grid=ProfileGrid(((1, 16),), GRID.decode), repeats=1, progress=False)

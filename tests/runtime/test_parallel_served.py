@@ -41,6 +41,16 @@ def test_greedy_equals_offline_across_layouts(tmp_path, offline, prefill, decode
     assert {c.nodes.decode for c in moved} == {"decode-0"}
 
 
+def test_a_colocated_tp2_node_equals_offline(tmp_path, offline):
+    jobs = workload(seed=4, n=8)
+    with start_cluster(
+        tmp_path, prefill=0, decode=0, colocated=1, layouts={"colocated": (2, 1)}
+    ) as served:
+        done = asyncio.run(serve_all(served.client_address, jobs))
+        assert served.coordinator.nodes["colocated-0"].layout == (2, 1)
+    assert [c.token_ids for c in done] == expected(offline, jobs)
+
+
 def rank_pids(leader_pid: int) -> list[int]:
     """The rank processes a node's leader started (its children)."""
     pids: list[int] = []
