@@ -2,7 +2,7 @@
 meet on this machine, serve the plan, drive it with the planner's own workload at the
 planned rate, and compare what was measured with what the simulator predicted::
 
-    python -m bench.planner [--ttft-slo 0.25] [--tpot-slo 0.02] [--gpus 2] \
+    python -m bench.planner [--ttft-slo 0.25] [--tpot-slo 0.02] [--gpus 2] [--tp 1] \
         [--workload code-completion-like] [--requests 300] [--fractions 1.0 0.5] \
         [--calibrate [FRACTION ...]] [--headroom ATTAINMENT]
 
@@ -250,7 +250,16 @@ def main() -> None:
     p.add_argument("--ttft-slo", type=float, default=0.25, help="seconds")
     p.add_argument("--tpot-slo", type=float, default=0.02, help="seconds")
     p.add_argument("--attainment", type=float, default=0.9)
-    p.add_argument("--gpus", type=int, default=2, help="node processes the plan may use")
+    p.add_argument(
+        "--gpus", type=int, default=2, help="rank processes the plan may use (one per 'GPU')"
+    )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="profile the engine at this tensor-parallel degree only, so every plan's "
+        "instances are tp x 1 rank groups (served as leader + tp rank processes)",
+    )
     p.add_argument("--workload", default="code-completion-like")
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
@@ -300,11 +309,11 @@ def main() -> None:
         profile = load_profile(args.profile)
         print(f"profile: {args.profile}")
     else:
-        result = profile_engine("tiny", "cpu", threads=1, repeats=args.repeats)
+        result = profile_engine("tiny", "cpu", tp=args.tp, threads=1, repeats=args.repeats)
         profile = result.profile
         save_profile(profile, tmp / "profile.json")
         print(result.summary())
-    fit = profile.tp["1"].fit_error
+    fit = next(iter(profile.tp.values())).fit_error
     if "prefill_median" in fit:
         print(
             f"fit relative error: prefill median {fit['prefill_median']:.1%} max "
