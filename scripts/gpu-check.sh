@@ -8,7 +8,8 @@
 # contexts, block ids whose offsets pass 2^31 elements); the engine against transformers
 # on CUDA; decode CUDA graphs replayed and equal to eager; the served system on this one
 # GPU (a prefill and a decode node, KV over CUDA IPC) equal to the offline engine; CUDA
-# IPC and the local backend on GPU caches. Goals, measured: a batch-1 decode step of a
+# IPC and the local backend on GPU caches; with 4 GPUs, served rank groups (prefill tp 2
+# -> decode pp 2, KV over NCCL rank pair by rank pair; skipped with fewer). Goals, measured: a batch-1 decode step of a
 # ~1B model against the HBM roofline (goal <= 1.5x), and a CUDA IPC hand-off against a
 # device-to-device copy of the same bytes (goal >= 70 %).
 #
@@ -151,7 +152,9 @@ step "engine vs transformers on CUDA; graphs replayed = eager" 100 \
 step "KV transfer on GPU (CUDA IPC, local; NCCL needs 2 GPUs)" 60 \
     "$py" -m pytest -q -p no:cacheprovider tests/kv_transfer/test_cuda.py
 step "served on one GPU (prefill + decode over CUDA IPC) = offline" 120 \
-    "$py" -m pytest -q -p no:cacheprovider tests/runtime/test_served_cuda.py
+    "$py" -m pytest -q -p no:cacheprovider tests/runtime/test_served_cuda.py -k one_gpu
+step "served rank groups tp2 -> pp2 over NCCL = offline (needs 4 GPUs)" 120 \
+    "$py" -m pytest -q -p no:cacheprovider tests/runtime/test_served_cuda.py -k rank_groups
 
 goal() {  # name, cap, python snippet printing "value ok|missed detail"
     local name="$1" cap="$2" code="$3" left log="$logs/$(echo "$1" | tr -c 'a-zA-Z0-9\n' '_').log"

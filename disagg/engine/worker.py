@@ -56,6 +56,7 @@ class ModelWorker:
         self._decode_graphs = decode_graphs and not config.enforce_eager
         self._transfers = transfers
         self.config = config
+        self.layout = ParallelLayout(1, 1)  # one process holds the whole model
         self.model_dir = resolve_model_dir(config.model)
         self.model_config = ModelConfig.from_dir(self.model_dir)
         device = torch.device(config.device)
@@ -132,9 +133,8 @@ class ModelWorker:
     @property
     def kv_layout(self) -> KVNodeLayout:
         """Its KV pool's shape and parallel layout, as a node registers it."""
-        layout = getattr(self, "layout", None) or ParallelLayout(1, 1)
         return KVNodeLayout.of(
-            self.fingerprint, self.model_config, self.block_size, self.dtype, layout
+            self.fingerprint, self.model_config, self.block_size, self.dtype, self.layout
         )
 
     @property
