@@ -345,7 +345,7 @@ def main() -> None:
             f"{args.requests} requests; search {planned.search_seconds:.1f} s)"
         )
         path = tmp / f"deployment-{name.replace(' ', '-')}.yaml"
-        save_deployment(to_deployment(planned, "tiny", device="cpu"), path)
+        save_deployment(to_deployment(planned, "tiny", device="cpu", layout="disaggregated"), path)
         evaluator = Evaluator(
             workload,
             LatencySource(model, CPU_NODE, prof),
@@ -366,7 +366,9 @@ def main() -> None:
         print(f"calibration: serving that plan at {rates} req/s with other requests (seed + 1)")
         _, log = session(deployment, tmp, "calibration", calib_load, runs)
         (tmp / "served.json").write_text(json.dumps(log.get("served", {})))
-        calibration = calibrate(profile, log["served"], CPU_NODE.intra_node_bandwidth)
+        calibration = calibrate(
+            profile, log["served"], CPU_NODE.intra_node_bandwidth, tp=str(args.tp)
+        )
         print(calibration.summary())
         profile = calibration.profile
         save_profile(profile, tmp / "profile-served.json")

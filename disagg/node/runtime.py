@@ -273,6 +273,8 @@ def start_node(settings: NodeSettings, node_class: type[NodeRuntime]) -> None:
     node = node_class(settings, worker, link, transfers)
     node.run()
     transfers.close()
+    if not node.failed:
+        worker.close()  # a rank group: its ranks leave their process groups (none: a no-op)
     logging.shutdown()
     os._exit(1 if node.failed else 0)
 

@@ -89,7 +89,9 @@ def _run_from_served(args) -> int:
     if not args.base:
         raise ConfigError("--base", "--from-served refits a profile: name it with --base")
     bandwidth = args.transfer_bandwidth or CPU_NODE.intra_node_bandwidth
-    result = calibrate(load_profile(args.base), load_served_log(args.from_served), bandwidth)
+    result = calibrate(
+        load_profile(args.base), load_served_log(args.from_served), bandwidth, tp=str(args.tp)
+    )
     save_profile(result.profile, args.output)
     print(result.summary())
     print(f"profile written to {args.output}")
