@@ -123,9 +123,10 @@ class Calibration:
     prefill_gap_s: float | None  # None: no batch followed another with work waiting
     prefill_gaps: int
     prefill_jitter: float
+    tp: str = "1"  # the tensor-parallel degree refitted
 
     def summary(self) -> str:
-        p = self.profile.tp["1"]
+        p = self.profile.tp[self.tp]
         dec = [e for _, f in self.decode_pieces for e in f.errors]
         lines = [
             f"served: {self.prefill_batches} prefill batches, {self.decode_steps} decode steps "
@@ -263,6 +264,7 @@ def calibrate(
         prefill_gap_s=prefill_gap_s,
         prefill_gaps=len(gaps),
         prefill_jitter=prefill_jitter,
+        tp=tp,
     )
 
 
