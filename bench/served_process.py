@@ -4,6 +4,7 @@ ready. ``wait_for_address`` is the parent's side of that."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -25,7 +26,8 @@ def wait_for_address(server: subprocess.Popen, address_file: Path, timeout: floa
 def process_tree_cpu(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of process ``pid`` (``"server"``) and of each of
     its children, named by the module they run (``prefill_node``, ``decode_node``), with
-    the child's node id when it has one. Linux only (reads /proc)."""
+    the child's node id when it has one; a child's own children (a rank-group node's
+    rank processes) count as that child's. Linux only (reads /proc)."""
     tick = os.sysconf("SC_CLK_TCK")
 
     def cpu(p: int) -> float:
@@ -35,18 +37,28 @@ def process_tree_cpu(pid: int) -> dict[str, float]:
     def parent(p: int) -> int:
         return int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
-    out = {"server": cpu(pid)}
+    parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = parent(int(entry.name))
+            except (OSError, ValueError, IndexError):  # exited meanwhile
+                continue
+    out = {"server": cpu(pid)}
+    for child, up in parents.items():
+        if up != pid:
             continue
         try:
-            if parent(int(entry.name)) != pid:
-                continue
-            argv = (entry / "cmdline").read_bytes().decode().split("\0")
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().decode().split("\0")
             name = argv[argv.index("-m") + 1] if "-m" in argv else argv[0]
             if "--node-id" in argv:
                 name = argv[argv.index("--node-id") + 1]
-            out[name] = cpu(int(entry.name))
+            total = cpu(child)
+            for grandchild, up2 in parents.items():
+                if up2 == child:
+                    with contextlib.suppress(OSError, ValueError, IndexError):
+                        total += cpu(grandchild)
+            out[name] = total
         except (OSError, ValueError, IndexError):  # exited meanwhile, or not ours
             continue
     return out
