@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from disagg import SamplingParams
+from disagg.client import Client
 from tests.runtime.conftest import start_cluster
 from tests.runtime.test_failures import PROMPTS, check_streams, decoding_on, stream_all
 from tests.runtime.test_served import expected, serve_all, wait_until, workload
@@ -26,8 +28,11 @@ from tests.runtime.test_served import expected, serve_all, wait_until, workload
 )
 def test_greedy_equals_offline_across_layouts(tmp_path, offline, prefill, decode):
     jobs = workload(seed=3, n=10)
+    seeded = dict(max_tokens=12, temperature=0.9, top_p=0.9, seed=1234, ignore_eos=True)
     with start_cluster(tmp_path, layouts={"prefill": prefill, "decode": decode}) as served:
         done = asyncio.run(serve_all(served.client_address, jobs))
+        with Client(served.client_address, timeout=60) as client:
+            sampled = client.generate("Once upon a time", client_id="x", **seeded)
         nodes = served.coordinator.nodes
         assert (nodes["prefill-0"].layout, nodes["decode-0"].layout) == (prefill, decode)
         # Every request ended and freed its blocks: the nodes' credit shows a full pool.
@@ -36,6 +41,10 @@ def test_greedy_equals_offline_across_layouts(tmp_path, offline, prefill, decode
             "every node is idle with nothing held",
         )
     assert [c.token_ids for c in done] == expected(offline, jobs)
+    # The seeded stream goes on across the hand-off as in one process (the driver rank
+    # skips the draws the first token took on the prefill node).
+    ref = offline.generate(["Once upon a time"], SamplingParams(**seeded))[0]
+    assert sampled.token_ids == ref.token_ids
     moved = [c for c in done if c.nodes.decode]
     assert moved and all(c.timings.kv_transfer is not None for c in moved)  # pulled, not recomputed
     assert {c.nodes.decode for c in moved} == {"decode-0"}
