@@ -26,7 +26,6 @@ from disagg.protocol.cluster import (
     SourceLost,
     StepTokens,
     TaskFailed,
-    TokenItem,
     Welcome,
 )
 from tests.coordinator.core_harness import CoreHarness, last_token, prefilled, step
@@ -77,7 +76,9 @@ def test_a_request_goes_through_prefill_hand_off_and_decode_streaming_each_token
     ]
     done = one(replies, Finished)
     assert done.token_ids == [7, 8, 9] and done.finish_reason == "length"
-    assert "".join(m.text for m in streamed) == done.text
+    # the nodes' texts, each once (the repeated report's too), are the final text
+    assert [m.text for m in streamed] == ["<7>", "<8>", "<9>"] and done.text == "<7><8><9>"
+    assert work.text_chars == len("<7>")
     assert not h.core.requests and not h.core.in_flight_per_client
     # the KV holder is told to release it (it was never reported pushed)
     assert one(h.take_node("prefill-0"), Release).rid == work.rid
@@ -244,12 +245,19 @@ def test_a_silent_decode_node_is_dead_and_its_request_resumes_elsewhere_from_wha
     assert not h.core.nodes["decode-0"].alive
     resumed = one(h.take_node("decode-1"), DecodeTask)
     assert resumed.output_token_ids == [7, 8] and resumed.source is None
+    assert resumed.text_chars == len("<7><8>")  # the new node's text goes on from there
     h.node("decode-0", step(rid, 2, [99]))  # from a node declared dead: ignored
     h.node("decode-1", step(rid, 2, [9, 10], "length"))
     replies = h.take_client()
-    streamed = [(m.index, m.token_ids) for m in replies if isinstance(m, Tokens) and m.token_ids]
-    assert streamed == [(0, [7]), (1, [8]), (2, [9, 10])]
-    assert one(replies, Finished).token_ids == [7, 8, 9, 10]
+    streamed = [m for m in replies if isinstance(m, Tokens)]
+    assert [(m.index, m.token_ids, m.text) for m in streamed] == [
+        (0, [7], "<7>"),
+        (1, [8], "<8>"),
+        (2, [9], "<9>"),
+        (3, [10], "<10>"),
+    ]
+    done = one(replies, Finished)
+    assert done.token_ids == [7, 8, 9, 10] and done.text == "<7><8><9><10>"
 
 
 def test_goodbye_from_a_prefill_node_reprefills_its_request_elsewhere():
@@ -346,7 +354,7 @@ def test_the_metrics_show_each_clients_service_exactly_once():
     for task in tasks:
         h.node("prefill-0", prefilled(task.rid, 7))
     rids = [task.rid for task in tasks]
-    h.node("decode-0", StepTokens(items=[TokenItem(rid=r, index=1, token_ids=[8]) for r in rids]))
+    h.node("decode-0", StepTokens(rids=rids, indices=[1, 1], tokens=[8, 8], texts=["x", "y"]))
     h.node("decode-0", step(rids[0], 1, [8]))  # a repeat: not charged again
     h.node("decode-0", step(rids[0], 2, [9, 10], "length"))  # its last two tokens
     cost = h.core.settings.fairness.cost

@@ -128,6 +128,7 @@ class Dispatch(CoreState):
                 counter=self._counter_of(policy, t.client_id),
                 arrival=t.arrival_time,
                 source=source,
+                text_chars=t.text_chars,
             ),
         )
 

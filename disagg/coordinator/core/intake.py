@@ -8,7 +8,6 @@ from typing import Any
 
 from disagg.coordinator.core.endings import Endings
 from disagg.coordinator.core.state import log
-from disagg.coordinator.detokenize import IncrementalText
 from disagg.coordinator.tracked import Tracked
 from disagg.errors import InvalidRequestError, RequestRejectedError, ServerUnavailable
 from disagg.protocol import (
@@ -79,7 +78,6 @@ class Intake(Endings):
             sampling=msg.sampling,
             params=params,
             stream=msg.stream,
-            text=IncrementalText(self.tokenizer),
             arrival_time=self.now,
         )
         try:

@@ -112,6 +112,7 @@ class CoreState:
         self.accepting = True
         # Output service charged since it was last exported to the metrics, by client.
         self.decode_charges: dict[str, float] = {}
+        self._cost_out_one = self._cost_out(1)  # the metrics' charge of one output token
 
     # -- acting: only ever appends to the outbox --------------------------------------
 
