@@ -290,7 +290,7 @@ class Coordinator:
                 self.node_socket.send_multipart([identity, *encode_node(msg)], flags=zmq.NOBLOCK)
             except zmq.ZMQError as e:  # a node whose pipe is full or gone: drop, go on
                 log.warning("message to node %r dropped: %s", identity, e)
-        for identity, msg in coalesced(out.clients, client_batch):
+        for identity, msg in coalesced(out.client_sends(), client_batch):
             counts["client_out"] += 1
             self._send_client(identity, msg)
 

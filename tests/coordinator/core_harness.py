@@ -37,7 +37,7 @@ class CoreHarness:
         self.to_node: dict[bytes, list[Any]] = defaultdict(list)
 
     def _keep(self, out: Outbox) -> None:
-        for identity, msg in out.clients:
+        for identity, msg in out.client_sends():
             self.to_client[identity].append(msg)
         for identity, msg in out.nodes:
             self.to_node[identity].append(msg)
@@ -133,3 +133,13 @@ def step(
 def last_token(rid: int, token: int) -> StepTokens:
     """A decode step that produces ``rid``'s second and last token."""
     return step(rid, 1, [token], "length")
+
+
+def streamed(replies: list[Any]) -> list[tuple[str, int, int, str]]:
+    """The streamed tokens among ``replies``, in order: (request id, index, token, text)."""
+    return [
+        entry
+        for m in replies
+        if m.type == "tokens"
+        for entry in zip(m.request_ids, m.indices, m.token_ids, m.texts, strict=True)
+    ]

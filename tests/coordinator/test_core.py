@@ -9,7 +9,7 @@ import pytest
 
 from disagg.coordinator.core import MAX_PAIR_EPOCHS
 from disagg.coordinator.tracked import Phase
-from disagg.protocol import Abort, Accepted, Error, Finished, Ping, Pong, Tokens
+from disagg.protocol import Abort, Accepted, Error, Finished, Ping, Pong
 from disagg.protocol.cluster import (
     Counters,
     Credit,
@@ -28,7 +28,7 @@ from disagg.protocol.cluster import (
     TaskFailed,
     Welcome,
 )
-from tests.coordinator.core_harness import CoreHarness, last_token, prefilled, step
+from tests.coordinator.core_harness import CoreHarness, last_token, prefilled, step, streamed
 
 
 def one(msgs: list, kind: type):
@@ -68,16 +68,11 @@ def test_a_request_goes_through_prefill_hand_off_and_decode_streaming_each_token
     h.node("decode-0", step(work.rid, 1, [8]))  # a repeated report is ignored
     h.node("decode-0", step(work.rid, 2, [9], "length"))
     replies = h.take_client()
-    streamed = [m for m in replies if isinstance(m, Tokens)]
-    assert [(m.index, m.token_ids) for m in streamed if m.token_ids] == [
-        (0, [7]),
-        (1, [8]),
-        (2, [9]),
-    ]
+    # each token once (the repeated report's too), with the text the node made for it
+    assert streamed(replies) == [("r1", 0, 7, "<7>"), ("r1", 1, 8, "<8>"), ("r1", 2, 9, "<9>")]
     done = one(replies, Finished)
     assert done.token_ids == [7, 8, 9] and done.finish_reason == "length"
-    # the nodes' texts, each once (the repeated report's too), are the final text
-    assert [m.text for m in streamed] == ["<7>", "<8>", "<9>"] and done.text == "<7><8><9>"
+    assert done.text == "<7><8><9>"  # the nodes' texts joined
     assert work.text_chars == len("<7>")
     assert not h.core.requests and not h.core.in_flight_per_client
     # the KV holder is told to release it (it was never reported pushed)
@@ -249,12 +244,11 @@ def test_a_silent_decode_node_is_dead_and_its_request_resumes_elsewhere_from_wha
     h.node("decode-0", step(rid, 2, [99]))  # from a node declared dead: ignored
     h.node("decode-1", step(rid, 2, [9, 10], "length"))
     replies = h.take_client()
-    streamed = [m for m in replies if isinstance(m, Tokens)]
-    assert [(m.index, m.token_ids, m.text) for m in streamed] == [
-        (0, [7], "<7>"),
-        (1, [8], "<8>"),
-        (2, [9], "<9>"),
-        (3, [10], "<10>"),
+    assert [entry[1:] for entry in streamed(replies)] == [
+        (0, 7, "<7>"),
+        (1, 8, "<8>"),
+        (2, 9, "<9>"),
+        (3, 10, "<10>"),
     ]
     done = one(replies, Finished)
     assert done.token_ids == [7, 8, 9, 10] and done.text == "<7><8><9><10>"

@@ -13,7 +13,6 @@ from disagg.coordinator.core.kv import KVPairing
 from disagg.coordinator.core.state import log
 from disagg.coordinator.nodes import NodeState
 from disagg.coordinator.tracked import Phase, Tracked
-from disagg.protocol import Tokens
 from disagg.protocol.cluster import (
     Admitted,
     Credit,
@@ -186,10 +185,5 @@ class NodeReports(KVPairing):
         if self.metrics:  # summed per client, exported once per message (see on_node)
             charges = self.decode_charges
             charges[t.client_id] = charges.get(t.client_id, 0.0) + self._cost_out_one
-        if t.stream:  # (built unvalidated: every field is the coordinator's own, checked)
-            self._reply(
-                t.identity,
-                Tokens.model_construct(
-                    request_id=t.request_id, index=index, token_ids=[token], text=text
-                ),
-            )
+        if t.stream:
+            self.outbox.stream(t.identity).add(t.request_id, index, token, text)
