@@ -351,6 +351,8 @@ def test_the_metrics_show_each_clients_service_exactly_once():
     h.node("decode-0", StepTokens(rids=rids, indices=[1, 1], tokens=[8, 8], texts=["x", "y"]))
     h.node("decode-0", step(rids[0], 1, [8]))  # a repeat: not charged again
     h.node("decode-0", step(rids[0], 2, [9, 10], "length"))  # its last two tokens
+    assert value(metrics, "disagg_client_service_total", client_id="bob", stage="decode") is None
+    h.tick()  # charges reach the metrics once per tick, summed per client
     cost = h.core.settings.fairness.cost
     out = cost(0, 1) - cost(0, 0)
     assert value(metrics, "disagg_client_service_total", client_id="bob", stage="decode") == (

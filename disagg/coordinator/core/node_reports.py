@@ -6,6 +6,7 @@ hand-off and failure reports (delegated to ``kv`` and ``failures``); a colocated
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 from disagg.coordinator.auth import check_cluster_secret
@@ -120,6 +121,7 @@ class NodeReports(KVPairing):
             node.requests.discard(t.rid)
         else:
             t.kv_node, t.kv_since = node.node_id, self.now
+            heapq.heappush(self._kv_leases, (self.now, t.rid))
         self._add_token(t, r.first_token, r.text)
         if r.finish_reason is not None:
             self._finish(t, r.finish_reason, text_end=r.text_end)
@@ -138,8 +140,7 @@ class NodeReports(KVPairing):
             if not t.input_charged:
                 policy.on_admitted(t, t.num_prompt_tokens)
                 t.input_charged = True
-                if self.metrics:
-                    self.metrics.charge(t.client_id, "prefill", self._cost_in(t.num_prompt_tokens))
+                self._charged("prefill", t.client_id, self._cost_in(t.num_prompt_tokens))
 
     def _on_step(self, node: NodeState, msg: StepTokens) -> None:
         """Each token charged and forwarded once, in order: a token already had (a
@@ -182,8 +183,8 @@ class NodeReports(KVPairing):
         if t.first_token_at is None:
             t.first_token_at = self.now
         self.pools.decode.on_tokens(t, 1)
-        if self.metrics:  # summed per client, exported once per message (see on_node)
-            charges = self.decode_charges
+        if self.metrics:  # summed per client, exported once per tick (see tick)
+            charges = self.charges["decode"]
             charges[t.client_id] = charges.get(t.client_id, 0.0) + self._cost_out_one
         if t.stream:
             self.outbox.stream(t.identity).add(t.request_id, index, token, text)
