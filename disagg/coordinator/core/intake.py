@@ -130,8 +130,8 @@ class Intake(Endings):
             ids = self.tokenizer.encode(prompt)
         else:
             vocab = self.model_config.vocab_size
-            bad = next((i for i, t in enumerate(prompt) if t >= vocab), None)
-            if bad is not None:
+            if max(prompt) >= vocab:  # (one pass in C; the position only when refused)
+                bad = next(i for i, t in enumerate(prompt) if t >= vocab)
                 raise InvalidRequestError(
                     "prompt", f"token id {prompt[bad]} at position {bad} is not in [0, {vocab})"
                 )
