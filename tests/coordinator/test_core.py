@@ -147,6 +147,31 @@ def test_kv_lease_expiry_releases_and_tells_the_decode_node_to_recompute():
     assert one(h.take_client(), Finished).token_ids == [7, 8, 9]
 
 
+def test_a_kv_lease_ends_only_kv_still_waiting_to_be_pulled():
+    """Leases sit in a heap by start, each looked at once when due: one whose pull has
+    started ends nothing; one still waiting is released; then nothing is left."""
+    h = CoreHarness(kv_lease_s=0.3)
+    h.register("prefill-0", "prefill")
+    h.register("decode-0", "decode")
+    for name in ("a", "b"):
+        h.generate(name, max_tokens=3, temperature=0)
+    pulled, waiting = (task.rid for task in one_each(h.take_node("prefill-0"), PrefillTask))
+    h.node("prefill-0", prefilled(pulled, 7))
+    h.node("prefill-0", prefilled(waiting, 7))
+    h.take_node("decode-0")
+    h.node("decode-0", PullRequest(rids=[pulled]))  # its pull starts (and takes a while)
+    assert one(h.take_node("prefill-0"), Push).rids == [pulled]
+    h.take_node("decode-0")
+    h.advance(0.4)
+    h.tick()
+    assert one(h.take_node("prefill-0"), Release).rid == waiting
+    assert one(h.take_node("decode-0"), SourceLost).rid == waiting
+    assert not h.core._kv_leases  # each entry looked at once
+    h.advance(1.0)
+    h.tick()
+    assert not h.take_node("prefill-0") and not h.take_node("decode-0")
+
+
 def test_pull_of_a_request_not_held_is_answered_release_and_a_second_pull_source_lost():
     h = CoreHarness()
     h.register("prefill-0", "prefill")
