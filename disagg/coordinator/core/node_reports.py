@@ -146,9 +146,11 @@ class NodeReports(KVPairing):
         """Each token charged and forwarded once, in order: a token already had (a
         repeated report) is dropped, one past a gap is refused."""
         requests, node_id, step_s = self.requests, node.node_id, msg.step_s
-        ends = {e.rid: e for e in msg.finished} if msg.finished else None
-        if ends is not None:  # an ending comes with its request's last token in the message
-            ending_at = {r: i for r, i in zip(msg.rids, msg.indices, strict=True) if r in ends}
+        ends = {e.rid: e for e in msg.finished}
+        # An ending comes with its request's last token in the message: index of that.
+        ending_at = (
+            {r: i for r, i in zip(msg.rids, msg.indices, strict=True) if r in ends} if ends else {}
+        )
         last: Tracked | None = None
         for rid, index, token, text in zip(
             msg.rids, msg.indices, msg.tokens, msg.texts, strict=True
@@ -167,7 +169,7 @@ class NodeReports(KVPairing):
             if have == 1:
                 self.events.record(str(rid), "decode_start", node_id=node_id, t=self.now)
             self._add_token(t, token, text)
-            if ends is not None and ending_at.get(rid) == index:
+            if ending_at and ending_at.get(rid) == index:
                 end = ends[rid]
                 node.requests.discard(rid)
                 self.events.record(str(rid), "decode_end", node_id=node_id, t=self.now)
