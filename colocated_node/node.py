@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from disagg.engine.detokenize import TextStream
 from disagg.engine.sequence import Sequence, blocks_for_tokens
 from disagg.node.local_queue import CounterQueue
 from disagg.node.runtime import NodeRuntime
@@ -30,10 +31,10 @@ from disagg.protocol.cluster import (
     Admitted,
     CoordinatorToNode,
     DecodeTask,
+    Ending,
     Release,
     StepTokens,
     TaskFailed,
-    TokenItem,
 )
 from disagg.scheduling.admission import Limits, make_room, take_in_order, watermark
 
@@ -47,6 +48,7 @@ class Held:
     counter: float
     arrival: float
     seq: Sequence
+    text: TextStream  # its output text, streamed from where the coordinator says it is
     released: bool = False  # released during the step that holds it: free after
 
 
@@ -74,7 +76,8 @@ class ColocatedNode(NodeRuntime):
             if msg.source is not None:  # a coordinator bug: this node holds no peer's KV
                 log.warning("request %d came with a KV source; recomputed here", msg.rid)
             seq = self.sequence(msg, msg.output_token_ids)
-            self.waiting.push(Held(msg.rid, msg.client_id, msg.counter, msg.arrival, seq))
+            text = TextStream.resume(self.worker.tokenizer, seq.output_token_ids, msg.text_chars)
+            self.waiting.push(Held(msg.rid, msg.client_id, msg.counter, msg.arrival, seq, text))
         elif isinstance(msg, Release):
             self._release(msg.rid)
         else:
@@ -150,7 +153,7 @@ class ColocatedNode(NodeRuntime):
             preempted = self._make_room()
             step = ColocatedBatch(list(self.running.values()), prefill=False, preempted=preempted)
             if not step.items:
-                self.link.send(StepTokens(items=[], preempted=preempted))
+                self.link.send(StepTokens(preempted=preempted))
                 return None
         else:
             return None
@@ -174,7 +177,11 @@ class ColocatedNode(NodeRuntime):
                     self.link.send(TaskFailed(rid=h.rid, message=f"step failed: {result!r}"))
             return
         tokens, step_s = result
-        items = []
+        rids: list[int] = []
+        indices: list[int] = []
+        out_tokens: list[int] = []
+        texts: list[str] = []
+        finished: list[Ending] = []
         for h, token in zip(step.items, tokens, strict=True):
             seq = h.seq
             if h.released:  # released during the step: its blocks are free to go now
@@ -183,22 +190,23 @@ class ColocatedNode(NodeRuntime):
                 continue
             seq.output_token_ids.append(token)
             reason = self.worker.finish_reason(seq, token)
-            items.append(
-                TokenItem(
-                    rid=h.rid,
-                    index=seq.num_output_tokens - 1,
-                    token_ids=[token],
-                    finish_reason=reason,
-                    text_end=seq.text_end if reason else None,
-                )
-            )
+            rids.append(h.rid)
+            indices.append(seq.num_output_tokens - 1)
+            out_tokens.append(token)
+            texts.append(h.text.advance(seq.output_token_ids, reason is not None))
             if reason is None:
                 self.running[h.rid] = h
             else:
+                finished.append(Ending(rid=h.rid, finish_reason=reason, text_end=seq.text_end))  # type: ignore[arg-type]
                 self.running.pop(h.rid, None)
                 self._free(h)
                 self.worker.forget(h.rid)
-        self.link.send(StepTokens(items=items, preempted=step.preempted, step_s=step_s))
+        self.link.send(
+            StepTokens(
+                rids=rids, indices=indices, tokens=out_tokens, texts=texts, finished=finished,
+                preempted=step.preempted, step_s=step_s,
+            )
+        )  # fmt: skip
 
     def _make_room(self) -> list[int]:
         """Gives every running sequence the block its next token needs, preempting the

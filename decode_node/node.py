@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from disagg.engine.detokenize import TextStream
 from disagg.engine.sequence import Sequence, blocks_for_tokens
 from disagg.node.local_queue import CounterQueue
 from disagg.node.runtime import NodeRuntime
@@ -22,6 +23,7 @@ from disagg.node.transfers import TransferDone
 from disagg.protocol.cluster import (
     CoordinatorToNode,
     DecodeTask,
+    Ending,
     Pulled,
     PullGo,
     PullRequest,
@@ -29,7 +31,6 @@ from disagg.protocol.cluster import (
     SourceLost,
     StepTokens,
     TaskFailed,
-    TokenItem,
 )
 from disagg.scheduling.admission import Limits, make_room, take_in_order, watermark
 
@@ -44,6 +45,7 @@ class Decoding:
     arrival: float
     seq: Sequence
     source: str | None  # the KV endpoint holding its prompt KV; None: recompute
+    text: TextStream  # its output text, streamed from where the coordinator says it is
     receiving: bool = False  # the KV receive is under way
     released: bool = False  # released while receiving: free when the receive ends
 
@@ -86,7 +88,8 @@ class DecodeNode(NodeRuntime):
 
     def _decoding(self, t: DecodeTask) -> Decoding:
         seq = self.sequence(t, t.output_token_ids)
-        return Decoding(t.rid, t.client_id, t.counter, t.arrival, seq, t.source)
+        text = TextStream.resume(self.worker.tokenizer, seq.output_token_ids, t.text_chars)
+        return Decoding(t.rid, t.client_id, t.counter, t.arrival, seq, t.source, text)
 
     def _pull(self, msg: PullGo) -> None:
         """One transfer for every request in ``msg.rids``, blocks back to back. A request
@@ -227,7 +230,7 @@ class DecodeNode(NodeRuntime):
             preempted = self._make_room()
             step = DecodeBatch(list(self.running.values()), prefill=False, preempted=preempted)
             if not step.items:
-                self.link.send(StepTokens(items=[], preempted=preempted))
+                self.link.send(StepTokens(preempted=preempted))
                 return None
         else:
             return None
@@ -252,7 +255,11 @@ class DecodeNode(NodeRuntime):
                     self.link.send(TaskFailed(rid=d.rid, message=f"decode failed: {result!r}"))
             return
         tokens, step_s = result
-        items = []
+        rids: list[int] = []
+        indices: list[int] = []
+        out_tokens: list[int] = []
+        texts: list[str] = []
+        finished: list[Ending] = []
         for d, token in zip(step.items, tokens, strict=True):
             seq = d.seq
             if d.released:  # released during the step: its blocks are free to go now
@@ -261,22 +268,23 @@ class DecodeNode(NodeRuntime):
                 continue
             seq.output_token_ids.append(token)
             reason = self.worker.finish_reason(seq, token)
-            items.append(
-                TokenItem(
-                    rid=d.rid,
-                    index=seq.num_output_tokens - 1,
-                    token_ids=[token],
-                    finish_reason=reason,
-                    text_end=seq.text_end if reason else None,
-                )
-            )
+            rids.append(d.rid)
+            indices.append(seq.num_output_tokens - 1)
+            out_tokens.append(token)
+            texts.append(d.text.advance(seq.output_token_ids, reason is not None))
             if reason is None:
                 self.running[d.rid] = d
             else:
+                finished.append(Ending(rid=d.rid, finish_reason=reason, text_end=seq.text_end))  # type: ignore[arg-type]
                 self.running.pop(d.rid, None)
                 allocator.free(seq.block_table)
                 self.worker.forget(d.rid)
-        self.link.send(StepTokens(items=items, preempted=step.preempted, step_s=step_s))
+        self.link.send(
+            StepTokens(
+                rids=rids, indices=indices, tokens=out_tokens, texts=texts, finished=finished,
+                preempted=step.preempted, step_s=step_s,
+            )
+        )  # fmt: skip
 
     def _make_room(self) -> list[int]:
         """Gives every running sequence the blocks its next token needs, preempting the

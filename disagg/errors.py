@@ -92,7 +92,8 @@ class ProtocolError(DisaggError):
     ``unsupported_version``, ``oversized``, ``not_json``, ``unknown_type``,
     ``invalid_fields``); ``field`` is the dotted path of the offending field when there is
     one; ``request_id`` is the message's request id when it could still be read, so the
-    reply can name the request it is about.
+    reply can name the request it is about; ``request_ids`` those of a message about
+    several (``tokens``), when they could be read.
     """
 
     def __init__(
@@ -102,12 +103,14 @@ class ProtocolError(DisaggError):
         *,
         field: str | None = None,
         request_id: str | None = None,
+        request_ids: tuple[str, ...] = (),
     ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.field = field
         self.request_id = request_id
+        self.request_ids = request_ids
 
 
 # The client library's names for the same two concepts (one class each, so a server-side

@@ -496,6 +496,8 @@ class ServedCluster:
             with contextlib.suppress(Exception):
                 self._call(self.coordinator.close(), timeout=10)
             self._thread.join(timeout=10)
+            if not self._thread.is_alive():  # closed here, not by the GC whenever it comes
+                self._loop.close()
         if self.gateway is not None:  # after the drain: it relayed the requests drained
             self.gateway.stop()
         for proc in self.processes.values():

@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from disagg.engine.detokenize import TextStream
 from disagg.engine.sequence import Sequence, blocks_for_tokens
 from disagg.node.local_queue import CounterQueue
 from disagg.node.runtime import NodeRuntime
@@ -179,6 +180,10 @@ class PrefillNode(NodeRuntime):
                     first_token=token,
                     finish_reason=reason,
                     text_end=seq.text_end,
+                    # the first token's text; a decode node's stream goes on from it
+                    text=TextStream(self.worker.tokenizer).advance(
+                        seq.output_token_ids, reason is not None
+                    ),
                     prefill_start=start,
                     prefill_s=elapsed,
                 )

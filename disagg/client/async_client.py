@@ -25,7 +25,7 @@ import zmq.asyncio
 from disagg.client.async_stream import AsyncStream
 from disagg.client.call import Call
 from disagg.client.request import Request, check_timeout, exception_for, prepare_request
-from disagg.client.results import Completion
+from disagg.client.results import Completion, StreamChunk
 from disagg.errors import (
     ConfigError,
     DisaggError,
@@ -155,7 +155,7 @@ class AsyncClient:
                         return Completion.from_message(msg)
                     if isinstance(msg, Error):
                         raise exception_for(msg, self.address)
-                    # Accepted (and Tokens, should the coordinator stream anyway): progress.
+                    # Accepted (and tokens, should the coordinator stream anyway): progress.
         except TimeoutError:
             raise self._timeout_error(call, request.timeout, "finish") from None
         finally:
@@ -332,6 +332,9 @@ class AsyncClient:
             self._take(msg)
 
     def _take(self, msg: Accepted | Tokens | Finished | Error | Pong) -> None:
+        if msg.type == "tokens":
+            self._take_tokens(msg)
+            return
         if msg.type == "pong":
             pong = self._pings.pop(msg.nonce, None)
             if pong is not None and not pong.done():
@@ -351,10 +354,30 @@ class AsyncClient:
             del self._calls[msg.request_id]
         call.queue.put_nowait(msg)
 
+    def _take_tokens(self, msg: Tokens) -> None:
+        """A request's consecutive tokens in the message, as one chunk, to its request
+        (tokens of requests no longer in flight are expected after a timeout or an
+        abort, and dropped)."""
+        calls, ids, indices = self._calls, msg.request_ids, msg.indices
+        n, i = len(ids), 0
+        while i < n:
+            request_id, j = ids[i], i + 1
+            while j < n and ids[j] == request_id and indices[j] == indices[j - 1] + 1:
+                j += 1
+            call = calls.get(request_id)
+            if call is not None:
+                call.heard = True
+                texts = msg.texts[i] if j == i + 1 else "".join(msg.texts[i:j])
+                call.queue.put_nowait(StreamChunk(indices[i], msg.token_ids[i:j], texts))
+            i = j
+
     def _on_unreadable(self, e: ProtocolError) -> None:
         _log.warning("unreadable message from %s: %s", self.address, e)
-        call = self._calls.get(e.request_id) if e.request_id is not None else None
-        if call is not None:
+        named = e.request_ids or ((e.request_id,) if e.request_id is not None else ())
+        for request_id in named:  # (a tokens message names several)
+            call = self._calls.get(request_id)
+            if call is None:
+                continue
             self._fail(
                 call,
                 RequestFailed(

@@ -11,7 +11,7 @@ from disagg.client.call import Call
 from disagg.client.request import Request, exception_for
 from disagg.client.results import Completion, StreamChunk
 from disagg.errors import RequestFailed
-from disagg.protocol import Error, Finished, Tokens
+from disagg.protocol import Error, Finished
 
 if TYPE_CHECKING:
     from disagg.client.async_client import AsyncClient
@@ -56,7 +56,7 @@ class AsyncStream:
                     await client._submit(call, self._request, stream=True)
                 while True:
                     msg = await call.next()
-                    if isinstance(msg, Tokens):
+                    if isinstance(msg, StreamChunk):
                         if msg.index != call.next_index:
                             raise RequestFailed(
                                 f"request {call.request_id}: the coordinator sent tokens at "
@@ -64,7 +64,7 @@ class AsyncStream:
                                 request_id=call.request_id,
                             )
                         call.next_index += len(msg.token_ids)
-                        return StreamChunk.from_message(msg)
+                        return msg
                     if isinstance(msg, Finished):
                         self.completion = Completion.from_message(msg)
                         raise StopAsyncIteration

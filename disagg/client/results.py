@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from disagg.protocol import Finished, Tokens
+from disagg.protocol import Finished
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,3 @@ class StreamChunk:
     index: int
     token_ids: list[int]
     text: str
-
-    @classmethod
-    def from_message(cls, msg: Tokens) -> StreamChunk:
-        return cls(index=msg.index, token_ids=msg.token_ids, text=msg.text)

@@ -6,7 +6,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from disagg.coordinator.detokenize import IncrementalText
 from disagg.protocol.messages import Sampling
 from disagg.sampling_params import SamplingParams
 
@@ -29,10 +28,12 @@ class Tracked:
     sampling: Sampling
     params: SamplingParams
     stream: bool
-    text: IncrementalText
     arrival_time: float = field(default_factory=time.monotonic)
     phase: Phase = Phase.QUEUED
     output_token_ids: list[int] = field(default_factory=list)
+    # The output's text as the nodes detokenised it, token by token (what was streamed).
+    text_parts: list[str] = field(default_factory=list)
+    text_chars: int = 0  # characters in text_parts
     prefill_node: str | None = None  # where it is or was prefilled
     kv_node: str | None = None  # the prefill node holding its KV (until pushed)
     kv_since: float | None = None

@@ -17,6 +17,10 @@ from pathlib import Path
 
 from disagg.errors import ConfigError
 
+# Longer than the gateway's own wait for the coordinator's pong in /health
+# (routes.HEALTH_TIMEOUT_S, 2 s): a 503 after that wait is an answer, not silence.
+_HEALTH_WAIT_S = 5.0
+
 
 class GatewayProcess:
     """Binds ``host:port`` here (0: any free port), then starts the gateway on that
@@ -70,7 +74,7 @@ class GatewayProcess:
                     "http_port", f"the HTTP gateway exited with {self.proc.returncode}"
                 )
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                with urllib.request.urlopen(self.url + "/health", timeout=_HEALTH_WAIT_S) as r:
                     if r.status == 200:
                         return self
             except urllib.error.HTTPError:

@@ -80,14 +80,14 @@ class ServedRecorder:
                         self.requests[r.rid] = [
                             t.arrival_time, r.prefill_start, end, now, t.num_prompt_tokens
                         ]  # fmt: skip
-            elif isinstance(msg, StepTokens) and msg.items:
+            elif isinstance(msg, StepTokens) and msg.rids:
                 context = 0
-                for item in msg.items:  # the token fed this step is output[index - 1]
-                    t = requests.get(item.rid)
-                    context += item.index + (t.num_prompt_tokens if t is not None else 0)
-                going_on = any(item.finish_reason is None for item in msg.items)
+                for rid, index in zip(msg.rids, msg.indices, strict=True):  # fed: output[index - 1]
+                    t = requests.get(rid)
+                    context += index + (t.num_prompt_tokens if t is not None else 0)
+                going_on = len(msg.finished) < len(set(msg.rids))
                 self.decode.append(
-                    [node.node_id, now, msg.step_s, len(msg.items), context, going_on]
+                    [node.node_id, now, msg.step_s, len(msg.rids), context, going_on]
                 )
 
         coordinator.add_node_observer(observe)

@@ -1,10 +1,10 @@
 """The wire protocol between clients and the coordinator's client endpoint.
 
 Clients use a ZeroMQ DEALER, the coordinator a ROUTER. Each message is three frames,
-``[b"disagg", b"2", JSON payload]``; ``docs/protocol.md`` is the full specification, written
+``[b"disagg", b"3", JSON payload]``; ``docs/protocol.md`` is the full specification, written
 so that a client in another language can be built from it.
 
-    frames = encode(Tokens(request_id="r1", index=0, token_ids=[42], text=" hi"))
+    frames = encode(Tokens(request_ids=["r1"], indices=[0], token_ids=[42], texts=[" hi"]))
     msg = decode_reply(frames)          # raises ProtocolError (with .code), nothing else
 """
 

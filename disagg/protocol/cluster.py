@@ -1,6 +1,6 @@
 """The typed messages between the coordinator's node endpoint and prefill/decode nodes.
 
-Same framing as the client protocol, under its own magic: ``[b"disagg-node", b"3", JSON]``
+Same framing as the client protocol, under its own magic: ``[b"disagg-node", b"4", JSON]``
 (a client that dials the node port by mistake is refused, not misread). Nodes use a
 DEALER, the coordinator a ROUTER. Tensors never travel here: KV moves over
 ``kv_transfer``; these messages say which request moves where.
@@ -30,7 +30,14 @@ step from the same prefill node, their blocks back to back in the order of ``rid
 (both sides build the same list, and the transfer header checks it), so a burst of
 short requests costs one handshake, not one each.
     prefill -> coordinator   Pushed           (blocks freed)
-    decode -> coordinator    StepTokens       (every step: new tokens of every request)
+    decode -> coordinator    StepTokens       (every step: new tokens of every request,
+                                               and the text they add)
+
+Nodes detokenise: the text a token adds travels with it (``PrefillResult.text``,
+``StepTokens.texts``), and the coordinator only forwards and concatenates it. A
+``DecodeTask`` says how many characters were already streamed (``text_chars``), so the
+node that takes a request over (after prefill, or after a node died) goes on from the
+next character.
 
 A ``DecodeTask`` without a source (KV lost: prefill node died, transfer failed, lease
 expired, decode node died mid-stream) is *resumed* by recomputation on the decode node
@@ -53,15 +60,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from disagg.engine.parallel.handoff import KVNodeLayout
 from disagg.errors import ProtocolError
 from disagg.protocol.messages import Sampling
 
 NODE_MAGIC = b"disagg-node"
-# Version 3 added ``NodeBatch`` (a node's messages of one coordinator turn in one).
-NODE_PROTOCOL_VERSION = b"3"
+# Version 3 added ``NodeBatch`` (a node's messages of one coordinator turn in one);
+# version 4 made ``StepTokens`` columns and moved detokenisation to the nodes (``texts``,
+# ``PrefillResult.text``, ``DecodeTask.text_chars``).
+NODE_PROTOCOL_VERSION = b"4"
 MAX_NODE_MESSAGE_BYTES = 64 << 20
 
 Role = Literal["prefill", "decode", "colocated"]
@@ -116,6 +125,7 @@ class PrefillResult(_NodeMessage):
     first_token: int
     finish_reason: FinishReason | None = None  # done at prefill: no KV held
     text_end: int | None = None
+    text: str = ""  # the text the first token adds (all of it when finished here)
     prefill_start: float  # node's monotonic clock, for latency breakdowns
     prefill_s: float
 
@@ -164,21 +174,41 @@ class Pulled(_NodeMessage):
     epoch: int = Field(default=0, ge=0)
 
 
-class TokenItem(_NodeMessage):
+class Ending(_NodeMessage):
+    """``rid`` is done with its last token in this message (``text_end``: where a stop
+    string cut its text)."""
+
     rid: int
-    index: int  # position in the output of token_ids[0]
-    token_ids: list[int]
-    finish_reason: FinishReason | None = None
+    finish_reason: FinishReason
     text_end: int | None = None
 
 
 class StepTokens(_NodeMessage):
-    """One decode step's (or resume prefill's) new tokens, for every request in it."""
+    """One decode step's (or resume prefill's) new tokens, for every request in it, as
+    columns (one entry per token): request ``rids[i]``'s output token ``indices[i]`` is
+    ``tokens[i]`` and adds ``texts[i]`` to its text (the node's detokenisation: ``""``
+    while a character is unfinished, and the rest of the text with the last token).
+    Columns, not a model per token: the coordinator validates one message per step,
+    whatever the batch."""
 
     type: Literal["step_tokens"] = "step_tokens"
-    items: list[TokenItem]
+    rids: list[int] = Field(default_factory=list)
+    indices: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    texts: list[str] = Field(default_factory=list)
+    finished: list[Ending] = Field(default_factory=list)  # rids that ended this step
     preempted: list[int] = Field(default_factory=list)
     step_s: float = 0.0  # model time of the step (forward + sampling)
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> StepTokens:
+        n = len(self.rids)
+        for name in ("indices", "tokens", "texts"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries, rids {n}")
+        if self.finished and not {e.rid for e in self.finished} <= set(self.rids):
+            raise ValueError("finished names a rid without a token in this message")
+        return self
 
 
 class Admitted(_NodeMessage):
@@ -231,7 +261,9 @@ class PrefillTask(_NodeMessage):
 
 class DecodeTask(_NodeMessage):
     """Decode ``rid``. ``source`` is the endpoint of the prefill node holding its KV
-    (covering the prompt), or None: resume by recomputing from prompt + ``output_token_ids``."""
+    (covering the prompt), or None: resume by recomputing from prompt + ``output_token_ids``.
+    ``text_chars``: characters of output text already streamed (the node's text goes on
+    from the next one: ``disagg.engine.detokenize.TextStream.resume``)."""
 
     type: Literal["decode_task"] = "decode_task"
     task: int
@@ -243,6 +275,7 @@ class DecodeTask(_NodeMessage):
     counter: float
     arrival: float
     source: Endpoint | None = None
+    text_chars: int = Field(default=0, ge=0)
 
 
 class Push(_NodeMessage):

@@ -24,8 +24,9 @@ from disagg.errors import ProtocolError
 from disagg.protocol.messages import MAX_ID_CHARS, ClientMessage, Message, ServerMessage
 
 MAGIC = b"disagg"
-# Version 2 added ``batch`` (one message per connection for what was decided at once).
-PROTOCOL_VERSION = b"2"
+# Version 2 added ``batch`` (one message per connection for what was decided at once);
+# version 3 made ``tokens`` columns (one message for many requests' tokens).
+PROTOCOL_VERSION = b"3"
 SUPPORTED_VERSIONS: tuple[bytes, ...] = (PROTOCOL_VERSION,)
 # What a coordinator accepts from one client message by default: room for a prompt of
 # ~150k token ids (about 7 bytes each as JSON), small enough that no peer makes it parse
@@ -159,6 +160,7 @@ def _from_validation_error(e: ValidationError, payload: bytes, expect: Expect) -
         f"{msg_type}.{path}: {detail}{more}",
         field=path,
         request_id=request_id,
+        request_ids=_request_ids_of(payload) if msg_type == "tokens" else (),
     )
 
 
@@ -174,6 +176,19 @@ def _request_id_of(payload: bytes, max_bytes: int) -> str | None:
         return None
     rid = obj.get("request_id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS else None
+
+
+def _request_ids_of(payload: bytes) -> tuple[str, ...]:
+    """The request ids a ``tokens`` payload names, best effort, so the requests whose
+    tokens could not be read can be failed rather than left waiting."""
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        return ()
+    ids = obj.get("request_ids") if isinstance(obj, dict) else None
+    if not isinstance(ids, list):
+        return ()
+    return tuple(dict.fromkeys(i for i in ids if isinstance(i, str) and 0 < len(i) <= MAX_ID_CHARS))
 
 
 def _version_text(version: bytes) -> str:

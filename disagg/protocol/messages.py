@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    field_validator,
+)
 
 from disagg.sampling_params import SamplingParams
 
@@ -129,15 +136,26 @@ class Accepted(_Message):
 
 
 class Tokens(_Message):
-    """A chunk of output (streamed requests only). ``index`` is the position in the output
-    of ``token_ids[0]``; chunks arrive in order, without gaps or repeats; ``text`` is the
-    decoded text these tokens add."""
+    """Streamed output (streamed requests only) of one or more requests of this
+    connection, as columns with one entry per token: output token ``indices[i]`` of
+    request ``request_ids[i]`` is ``token_ids[i]``, and ``texts[i]`` is the text it adds
+    (``""`` while a character is unfinished). Per request, entries arrive in order,
+    across messages too, without gaps or repeats. Columns, not one object per token:
+    the cost of a message is per message, not per token, at both ends."""
 
     type: Literal["tokens"] = "tokens"
-    request_id: Id
-    index: Annotated[int, Field(ge=0)]
+    request_ids: list[Id]
+    indices: list[Annotated[int, Field(ge=0)]]
     token_ids: list[TokenId]
-    text: str
+    texts: list[str]
+
+    @field_validator("indices", "token_ids", "texts")
+    @classmethod
+    def _one_per_request_id(cls, value: list[Any], info: ValidationInfo) -> list[Any]:
+        ids = info.data.get("request_ids")
+        if ids is not None and len(value) != len(ids):
+            raise ValueError(f"has {len(value)} entries where request_ids has {len(ids)}")
+        return value
 
 
 class Timings(_Message):

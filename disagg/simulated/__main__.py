@@ -12,6 +12,7 @@ import os
 import zmq.asyncio
 
 from disagg.engine.model_config import ModelConfig
+from disagg.engine.tokenizer import Tokenizer
 from disagg.node.settings import CLUSTER_SECRET_ENV
 from disagg.sim.latency import load_profile
 from disagg.simulated.base import SimNode, SimSpec
@@ -25,7 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m disagg.simulated", description=__doc__)
     p.add_argument("--coordinator", required=True, help="the coordinator's node endpoint")
     p.add_argument("--latency-profile", required=True, help="a latency profile (JSON)")
-    p.add_argument("--model", required=True, help="model directory (vocabulary, max length)")
+    p.add_argument(
+        "--model", required=True, help="model directory (vocabulary, tokenizer, max length)"
+    )
     p.add_argument("--prefill", type=int, default=1)
     p.add_argument("--decode", type=int, default=1)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of each node")
@@ -49,6 +52,7 @@ def build_nodes(args: argparse.Namespace, ctx: zmq.asyncio.Context) -> list[SimN
         eos_token_ids=tuple(config.eos_token_ids),
         bandwidth_bytes_per_s=args.bandwidth,
         handoff_s=profile.handoff_s if profile.handoff_s is not None else 1e-4,
+        tokenizer=Tokenizer.from_dir(args.model),
     )
     common = dict(
         spec=spec,

@@ -13,6 +13,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from disagg.engine.tokenizer import Tokenizer
 from disagg.protocol.cluster import (
     Counters,
     Credit,
@@ -50,6 +51,8 @@ class SimSpec:
     eos_token_ids: tuple[int, ...] = ()
     bandwidth_bytes_per_s: float = 25e9  # KV between two instances
     handoff_s: float = 1e-4  # fixed cost of one transfer
+    # Detokenises the outputs as a real node does (None: no text, as a model without one)
+    tokenizer: Tokenizer | None = None
 
     @property
     def num_blocks(self) -> int:

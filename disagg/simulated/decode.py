@@ -12,15 +12,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from disagg.engine.detokenize import TextStream
 from disagg.protocol.cluster import (
     DecodeTask,
+    Ending,
     Pulled,
     PullGo,
     PullRequest,
     Release,
     SourceLost,
     StepTokens,
-    TokenItem,
 )
 from disagg.simulated.base import SimNode, ordered
 
@@ -32,16 +33,21 @@ class Seq:
     counter: float
     arrival: float
     prompt: int  # prompt tokens
-    output: int  # output tokens so far (the stream resumes at this index)
+    output_ids: list[int]  # output tokens so far (the stream resumes after them)
     max_tokens: int
     source: str | None
+    text: TextStream
     blocks: int = 0
     receiving: bool = False
     released: bool = False
 
     @property
+    def output(self) -> int:
+        return len(self.output_ids)
+
+    @property
     def context(self) -> int:
-        return self.prompt + self.output
+        return self.prompt + len(self.output_ids)
 
 
 class SimDecode(SimNode):
@@ -60,9 +66,11 @@ class SimDecode(SimNode):
     def handle(self, msg: Any) -> None:
         if isinstance(msg, DecodeTask):
             self.tasks_seen = max(self.tasks_seen, msg.task)
+            output = list(msg.output_token_ids)
             self.waiting[msg.rid] = Seq(
                 msg.rid, msg.client_id, msg.counter, msg.arrival, len(msg.prompt_token_ids),
-                len(msg.output_token_ids), msg.sampling.max_tokens, msg.source,
+                output, msg.sampling.max_tokens, msg.source,
+                TextStream.resume(self.spec.tokenizer, output, msg.text_chars),
             )  # fmt: skip
         elif isinstance(msg, PullGo):
             seqs = [self.pulling[r] for r in msg.rids if r in self.pulling]
@@ -177,23 +185,32 @@ class SimDecode(SimNode):
             # sleep, so the node keeps the profile's rate on a busy host.
             last_end = max(last_end, time.monotonic() - seconds) + seconds
             await self.sleep_until(last_end)
-            items = []
+            rids: list[int] = []
+            indices: list[int] = []
+            tokens: list[int] = []
+            texts: list[str] = []
+            finished: list[Ending] = []
             for s in batch:
                 if s.released:
                     continue
-                index = s.output
-                s.output += 1
+                index = len(s.output_ids)
+                token = self.spec.token(s.rid, index)
+                s.output_ids.append(token)
                 done = s.output >= s.max_tokens or s.context >= self.spec.max_model_len
-                items.append(
-                    TokenItem.model_construct(
-                        rid=s.rid, index=index, token_ids=[self.spec.token(s.rid, index)],
-                        finish_reason="length" if done else None, text_end=None,
-                    )
-                )  # fmt: skip
+                rids.append(s.rid)
+                indices.append(index)
+                tokens.append(token)
+                texts.append(s.text.advance(s.output_ids, done))
                 if done:
+                    finished.append(Ending.model_construct(rid=s.rid, finish_reason="length"))
                     del self.running[s.rid]
                     self.free_blocks += s.blocks
-            self.send(StepTokens.model_construct(items=items, preempted=preempted, step_s=seconds))
+            self.send(
+                StepTokens.model_construct(
+                    rids=rids, indices=indices, tokens=tokens, texts=texts, finished=finished,
+                    preempted=preempted, step_s=seconds,
+                )
+            )  # fmt: skip
             self.changed()
 
     def _grow(self) -> list[int]:

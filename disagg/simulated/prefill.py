@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from disagg.engine.detokenize import TextStream
 from disagg.protocol.cluster import (
     Prefilled,
     PrefillResult,
@@ -125,6 +126,7 @@ class SimPrefill(SimNode):
             start = time.monotonic()
             await self.sleep_until(start + seconds)
             results = []
+            tokenizer = self.spec.tokenizer
             for w in batch:
                 blocks = self.spec.blocks(w.num_tokens)
                 done = w.max_tokens <= 1 or w.num_tokens + 1 >= self.spec.max_model_len
@@ -132,10 +134,12 @@ class SimPrefill(SimNode):
                     self.free_blocks += blocks
                 else:
                     self.held[w.rid] = Held(w.num_tokens, blocks)
+                first = self.spec.token(w.rid, 0)
                 results.append(
                     PrefillResult.model_construct(
-                        rid=w.rid, first_token=self.spec.token(w.rid, 0),
+                        rid=w.rid, first_token=first,
                         finish_reason="length" if done else None, text_end=None,
+                        text=TextStream(tokenizer).advance([first], done),
                         prefill_start=start, prefill_s=seconds,
                     )
                 )  # fmt: skip

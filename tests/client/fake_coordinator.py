@@ -58,6 +58,18 @@ def prompt_ids(gen: Generate) -> list[int]:
     return [ord(c) for c in gen.prompt] if isinstance(gen.prompt, str) else list(gen.prompt)
 
 
+def tokens(request_id: str, index: int, token_ids: list[int], text: str) -> Tokens:
+    """A chunk of one request's output as columns: ``token_ids`` from output position
+    ``index`` on, ``text`` with the first of them."""
+    n = len(token_ids)
+    return Tokens(
+        request_ids=[request_id] * n,
+        indices=list(range(index, index + n)),
+        token_ids=token_ids,
+        texts=[text, *[""] * (n - 1)] if n else [],
+    )
+
+
 def expected_output(gen: Generate) -> list[int]:
     """What the echo script generates: the prompt reversed, cut at max_tokens."""
     return prompt_ids(gen)[::-1][: gen.sampling.max_tokens]
@@ -73,7 +85,7 @@ def echo(gen: Generate, *, chunk: int = 2, jitter: float = 0.002) -> list[Step]:
         for i in range(0, len(out), chunk):
             steps.append(Delay(jitter))
             part = out[i : i + chunk]
-            steps.append(Tokens(request_id=rid, index=i, token_ids=part, text=_text(part)))
+            steps.append(tokens(rid, i, part, _text(part)))
     steps.append(Delay(jitter))
     steps.append(
         Finished(
@@ -202,9 +214,9 @@ class FakeCoordinator:
                 return
             if isinstance(step, Delay):
                 await asyncio.sleep(step.seconds)
-            elif isinstance(step, Raw):
-                await sock.send_multipart([identity, *step.frames])
+            elif isinstance(step, Raw):  # (recorded first: the client may act on it at once)
                 self.sent.append(("raw", gen.request_id))
+                await sock.send_multipart([identity, *step.frames])
             else:
-                await sock.send_multipart([identity, *encode(step)])
                 self.sent.append((step.type, gen.request_id))
+                await sock.send_multipart([identity, *encode(step)])

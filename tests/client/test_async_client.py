@@ -23,7 +23,6 @@ from disagg.protocol import (
     Error,
     Finished,
     Generate,
-    Tokens,
 )
 from tests.client.fake_coordinator import (
     Delay,
@@ -31,6 +30,7 @@ from tests.client.fake_coordinator import (
     Raw,
     echo,
     prompt_ids,
+    tokens,
 )
 
 
@@ -96,9 +96,9 @@ def _batched_with_the_first(seen: list[Generate]):
             return [accepted]
         first, second = seen
         chunks = [
-            Tokens(request_id=first.request_id, index=0, token_ids=[65, 66], text="AB"),
-            Tokens(request_id="long-gone", index=3, token_ids=[1], text="?"),
-            Tokens(request_id=second.request_id, index=0, token_ids=[67], text="C"),
+            tokens(first.request_id, 0, [65, 66], "AB"),
+            tokens("long-gone", 3, [1], "?"),
+            tokens(second.request_id, 0, [67], "C"),
         ]
         done = [
             Finished(
@@ -387,7 +387,10 @@ def test_a_malformed_reply_fails_only_its_request(run):
     def script(gen: Generate):
         if gen.prompt == "bad":
             rid = gen.request_id
-            payload = b'{"type":"tokens","request_id":"%s","index":"zero"}' % rid.encode()
+            payload = (
+                b'{"type":"tokens","request_ids":["%s"],"indices":["zero"],"token_ids":[1],'
+                b'"texts":[""]}' % rid.encode()
+            )
             return [Raw([b"garbage"]), Delay(0.02), Raw([MAGIC, PROTOCOL_VERSION, payload])]
         return echo(gen, jitter=0.05)
 
@@ -405,7 +408,7 @@ def test_a_malformed_reply_fails_only_its_request(run):
         err, after = run(main())
         assert after.text == "retfa"
         bad = next(g for g in fake.requests() if g.prompt == "bad")
-        assert err.request_id == bad.request_id and "index" in str(err)
+        assert err.request_id == bad.request_id and "indices" in str(err)
         assert fake.wait_for(lambda: fake.aborted() == {bad.request_id})
 
 
@@ -414,8 +417,8 @@ def test_a_gap_in_the_stream_fails_the_request(run):
         rid = gen.request_id
         return [
             Accepted(request_id=rid, prompt_token_ids=[1]),
-            Tokens(request_id=rid, index=0, token_ids=[1, 2], text="ab"),
-            Tokens(request_id=rid, index=3, token_ids=[4], text="d"),
+            tokens(rid, 0, [1, 2], "ab"),
+            tokens(rid, 3, [4], "d"),
             Delay(30),
         ]
 
@@ -437,11 +440,11 @@ def test_generate_ignores_tokens_and_late_replies(run):
         rid = gen.request_id
         return [
             Accepted(request_id=rid, prompt_token_ids=[1]),
-            Tokens(request_id=rid, index=0, token_ids=[9], text="x"),
+            tokens(rid, 0, [9], "x"),
             Finished(
                 request_id=rid, finish_reason="stop", token_ids=[9], text="x", prompt_token_ids=[1]
             ),
-            Tokens(request_id=rid, index=1, token_ids=[9], text="x"),
+            tokens(rid, 1, [9], "x"),
             Finished(
                 request_id="someone-else",
                 finish_reason="stop",
@@ -528,4 +531,4 @@ def test_a_peer_speaking_another_version_is_told_the_supported_ones(fake):
         sock.close(linger=0)
     assert reply.type == "error" and reply.code == "bad_message"
     assert (reply.reason, reply.field, reply.request_id) == ("unsupported_version", "version", "r2")
-    assert "supported versions: 2" in reply.message
+    assert "supported versions: 3" in reply.message

@@ -12,11 +12,11 @@ from disagg.engine.tokenizer import Tokenizer
 from disagg.engine.worker import resolve_model_dir
 from disagg.protocol import Generate, Sampling
 from disagg.protocol.cluster import (
+    Ending,
     Prefilled,
     PrefillResult,
     Register,
     StepTokens,
-    TokenItem,
 )
 
 CLIENT = b"client-0"
@@ -37,7 +37,7 @@ class CoreHarness:
         self.to_node: dict[bytes, list[Any]] = defaultdict(list)
 
     def _keep(self, out: Outbox) -> None:
-        for identity, msg in out.clients:
+        for identity, msg in out.client_sends():
             self.to_client[identity].append(msg)
         for identity, msg in out.nodes:
             self.to_node[identity].append(msg)
@@ -97,13 +97,14 @@ class CoreHarness:
 
 
 def prefilled(rid: int, first_token: int, finish_reason: str | None = None) -> Prefilled:
-    """The prefill node's report of ``rid`` prefilled."""
+    """The prefill node's report of ``rid`` prefilled (its text: ``<first_token>``)."""
     return Prefilled(
         results=[
             PrefillResult(
                 rid=rid,
                 first_token=first_token,
                 finish_reason=finish_reason,  # type: ignore[arg-type]
+                text=f"<{first_token}>",
                 prefill_start=0.0,
                 prefill_s=0.001,
             )
@@ -111,14 +112,34 @@ def prefilled(rid: int, first_token: int, finish_reason: str | None = None) -> P
     )
 
 
-def step(rid: int, index: int, tokens: list[int], finish_reason: str | None = None) -> StepTokens:
+def step(
+    rid: int,
+    index: int,
+    tokens: list[int],
+    finish_reason: str | None = None,
+    texts: list[str] | None = None,
+) -> StepTokens:
+    """A decode node's report of ``rid``'s ``tokens`` from output position ``index`` on."""
+    ending = [Ending(rid=rid, finish_reason=finish_reason)] if finish_reason else []  # type: ignore[arg-type]
     return StepTokens(
-        items=[
-            TokenItem(rid=rid, index=index, token_ids=tokens, finish_reason=finish_reason)  # type: ignore[arg-type]
-        ]
+        rids=[rid] * len(tokens),
+        indices=list(range(index, index + len(tokens))),
+        tokens=tokens,
+        texts=texts if texts is not None else [f"<{t}>" for t in tokens],
+        finished=ending,
     )
 
 
 def last_token(rid: int, token: int) -> StepTokens:
     """A decode step that produces ``rid``'s second and last token."""
     return step(rid, 1, [token], "length")
+
+
+def streamed(replies: list[Any]) -> list[tuple[str, int, int, str]]:
+    """The streamed tokens among ``replies``, in order: (request id, index, token, text)."""
+    return [
+        entry
+        for m in replies
+        if m.type == "tokens"
+        for entry in zip(m.request_ids, m.indices, m.token_ids, m.texts, strict=True)
+    ]

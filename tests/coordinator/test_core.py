@@ -9,7 +9,7 @@ import pytest
 
 from disagg.coordinator.core import MAX_PAIR_EPOCHS
 from disagg.coordinator.tracked import Phase
-from disagg.protocol import Abort, Accepted, Error, Finished, Ping, Pong, Tokens
+from disagg.protocol import Abort, Accepted, Error, Finished, Ping, Pong
 from disagg.protocol.cluster import (
     Counters,
     Credit,
@@ -26,10 +26,9 @@ from disagg.protocol.cluster import (
     SourceLost,
     StepTokens,
     TaskFailed,
-    TokenItem,
     Welcome,
 )
-from tests.coordinator.core_harness import CoreHarness, last_token, prefilled, step
+from tests.coordinator.core_harness import CoreHarness, last_token, prefilled, step, streamed
 
 
 def one(msgs: list, kind: type):
@@ -69,15 +68,12 @@ def test_a_request_goes_through_prefill_hand_off_and_decode_streaming_each_token
     h.node("decode-0", step(work.rid, 1, [8]))  # a repeated report is ignored
     h.node("decode-0", step(work.rid, 2, [9], "length"))
     replies = h.take_client()
-    streamed = [m for m in replies if isinstance(m, Tokens)]
-    assert [(m.index, m.token_ids) for m in streamed if m.token_ids] == [
-        (0, [7]),
-        (1, [8]),
-        (2, [9]),
-    ]
+    # each token once (the repeated report's too), with the text the node made for it
+    assert streamed(replies) == [("r1", 0, 7, "<7>"), ("r1", 1, 8, "<8>"), ("r1", 2, 9, "<9>")]
     done = one(replies, Finished)
     assert done.token_ids == [7, 8, 9] and done.finish_reason == "length"
-    assert "".join(m.text for m in streamed) == done.text
+    assert done.text == "<7><8><9>"  # the nodes' texts joined
+    assert work.text_chars == len("<7>")
     assert not h.core.requests and not h.core.in_flight_per_client
     # the KV holder is told to release it (it was never reported pushed)
     assert one(h.take_node("prefill-0"), Release).rid == work.rid
@@ -149,6 +145,31 @@ def test_kv_lease_expiry_releases_and_tells_the_decode_node_to_recompute():
     h.node("decode-0", step(rid, 1, [8]))
     h.node("decode-0", step(rid, 2, [9], "length"))
     assert one(h.take_client(), Finished).token_ids == [7, 8, 9]
+
+
+def test_a_kv_lease_ends_only_kv_still_waiting_to_be_pulled():
+    """Leases sit in a heap by start, each looked at once when due: one whose pull has
+    started ends nothing; one still waiting is released; then nothing is left."""
+    h = CoreHarness(kv_lease_s=0.3)
+    h.register("prefill-0", "prefill")
+    h.register("decode-0", "decode")
+    for name in ("a", "b"):
+        h.generate(name, max_tokens=3, temperature=0)
+    pulled, waiting = (task.rid for task in one_each(h.take_node("prefill-0"), PrefillTask))
+    h.node("prefill-0", prefilled(pulled, 7))
+    h.node("prefill-0", prefilled(waiting, 7))
+    h.take_node("decode-0")
+    h.node("decode-0", PullRequest(rids=[pulled]))  # its pull starts (and takes a while)
+    assert one(h.take_node("prefill-0"), Push).rids == [pulled]
+    h.take_node("decode-0")
+    h.advance(0.4)
+    h.tick()
+    assert one(h.take_node("prefill-0"), Release).rid == waiting
+    assert one(h.take_node("decode-0"), SourceLost).rid == waiting
+    assert not h.core._kv_leases  # each entry looked at once
+    h.advance(1.0)
+    h.tick()
+    assert not h.take_node("prefill-0") and not h.take_node("decode-0")
 
 
 def test_pull_of_a_request_not_held_is_answered_release_and_a_second_pull_source_lost():
@@ -244,12 +265,18 @@ def test_a_silent_decode_node_is_dead_and_its_request_resumes_elsewhere_from_wha
     assert not h.core.nodes["decode-0"].alive
     resumed = one(h.take_node("decode-1"), DecodeTask)
     assert resumed.output_token_ids == [7, 8] and resumed.source is None
+    assert resumed.text_chars == len("<7><8>")  # the new node's text goes on from there
     h.node("decode-0", step(rid, 2, [99]))  # from a node declared dead: ignored
     h.node("decode-1", step(rid, 2, [9, 10], "length"))
     replies = h.take_client()
-    streamed = [(m.index, m.token_ids) for m in replies if isinstance(m, Tokens) and m.token_ids]
-    assert streamed == [(0, [7]), (1, [8]), (2, [9, 10])]
-    assert one(replies, Finished).token_ids == [7, 8, 9, 10]
+    assert [entry[1:] for entry in streamed(replies)] == [
+        (0, 7, "<7>"),
+        (1, 8, "<8>"),
+        (2, 9, "<9>"),
+        (3, 10, "<10>"),
+    ]
+    done = one(replies, Finished)
+    assert done.token_ids == [7, 8, 9, 10] and done.text == "<7><8><9><10>"
 
 
 def test_goodbye_from_a_prefill_node_reprefills_its_request_elsewhere():
@@ -346,9 +373,11 @@ def test_the_metrics_show_each_clients_service_exactly_once():
     for task in tasks:
         h.node("prefill-0", prefilled(task.rid, 7))
     rids = [task.rid for task in tasks]
-    h.node("decode-0", StepTokens(items=[TokenItem(rid=r, index=1, token_ids=[8]) for r in rids]))
+    h.node("decode-0", StepTokens(rids=rids, indices=[1, 1], tokens=[8, 8], texts=["x", "y"]))
     h.node("decode-0", step(rids[0], 1, [8]))  # a repeat: not charged again
     h.node("decode-0", step(rids[0], 2, [9, 10], "length"))  # its last two tokens
+    assert value(metrics, "disagg_client_service_total", client_id="bob", stage="decode") is None
+    h.tick()  # charges reach the metrics once per tick, summed per client
     cost = h.core.settings.fairness.cost
     out = cost(0, 1) - cost(0, 0)
     assert value(metrics, "disagg_client_service_total", client_id="bob", stage="decode") == (

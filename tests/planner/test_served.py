@@ -16,7 +16,7 @@ from disagg.planner.goodput import Evaluator, LatencySource, SLOTarget
 from disagg.planner.presets import CPU_NODE, load_plan_workload, resolve_model
 from disagg.planner.served import ServedRecorder, calibrate
 from disagg.planner.space import Deployment, PhaseConfig
-from disagg.protocol.cluster import Prefilled, PrefillResult, StepTokens, TokenItem
+from disagg.protocol.cluster import Ending, Prefilled, PrefillResult, StepTokens
 from disagg.sim.latency import DecodePiece, LatencyProfile, TpProfile, load_profile, save_profile
 
 PREFILL = (4.0, 0.05, 2e-5)  # ms
@@ -157,11 +157,11 @@ def test_recorder_sees_batches_steps_and_requests_as_the_coordinators_observer()
     ]
     (observe,) = observers
     observe(node, Prefilled(results=results), 2.3)
-    items = [
-        TokenItem(rid=7, index=3, token_ids=[1]),
-        TokenItem(rid=8, index=1, token_ids=[1], finish_reason="length"),
-    ]
-    observe(node, StepTokens(items=items, step_s=0.01), 2.6)
+    step = StepTokens(
+        rids=[7, 8], indices=[3, 1], tokens=[1, 1], texts=["", ""],
+        finished=[Ending(rid=8, finish_reason="length")], step_s=0.01,
+    )  # fmt: skip
+    observe(node, step, 2.6)
     log = recorder.log()
     assert log["prefill"] == [[2.0, 0.25, 40, 10 * 10 + 30 * 30, 2]]
     assert log["decode"][0] == ["p0", 2.6, 0.01, 2, (10 + 3) + (30 + 1), True]

@@ -21,35 +21,38 @@ def _best_us(fn, number: int, repeat: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=1, help="tokens per chunk")
+    parser.add_argument(
+        "--tokens", type=int, default=1, help="tokens in the message (one per request)"
+    )
     parser.add_argument("--number", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
 
-    rid = "3f2a9c0d4e5b6a7f8091a2b3c4d5e6f7"  # a uuid4 hex, as the client makes them
+    # uuid4 hexes, as the client makes them: one token of each of --tokens requests
+    rids = [f"3f2a9c0d4e5b6a7f8091a2b3c4d5{i:04x}" for i in range(args.tokens)]
     ids = [31337 + i for i in range(args.tokens)]
-    text = " hello" * args.tokens
-    msg = Tokens(request_id=rid, index=117, token_ids=ids, text=text)
+    indices = [117] * args.tokens
+    texts = [" hello"] * args.tokens
+
+    def build() -> Tokens:
+        return Tokens(request_ids=rids, indices=indices, token_ids=ids, texts=texts)
+
+    msg = build()
     frames = encode(msg)
     assert decode_reply(frames) == msg
 
     def stdlib_encode() -> list[bytes]:
-        obj = {"type": "tokens", "request_id": rid, "index": 117, "token_ids": ids, "text": text}
+        obj = {
+            "type": "tokens", "request_ids": rids, "indices": indices, "token_ids": ids,
+            "texts": texts,
+        }  # fmt: skip
         return [MAGIC, PROTOCOL_VERSION, json.dumps(obj, ensure_ascii=False).encode()]
 
     rows = [
-        (
-            "build Tokens (validated)",
-            lambda: Tokens(request_id=rid, index=117, token_ids=ids, text=text),
-        ),
+        ("build Tokens (validated)", build),
         ("encode", lambda: encode(msg)),
         ("decode_reply", lambda: decode_reply(frames)),
-        (
-            "build + encode + decode",
-            lambda: decode_reply(
-                encode(Tokens(request_id=rid, index=117, token_ids=ids, text=text))
-            ),
-        ),
+        ("build + encode + decode", lambda: decode_reply(encode(build()))),
         ("stdlib json.dumps (baseline)", stdlib_encode),
         ("stdlib json.loads (baseline)", lambda: json.loads(frames[2])),
     ]

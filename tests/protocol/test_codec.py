@@ -73,7 +73,14 @@ messages = st.one_of(
     st.builds(Abort, request_id=ids),
     st.builds(Ping, nonce=ids),
     st.builds(Accepted, request_id=ids, prompt_token_ids=token_ids),
-    st.builds(Tokens, request_id=ids, index=st.integers(0, 2**31), token_ids=token_ids, text=texts),
+    st.lists(st.tuples(ids, st.integers(0, 2**31), st.integers(0, 2**31), texts), max_size=5).map(
+        lambda entries: Tokens(
+            request_ids=[e[0] for e in entries],
+            indices=[e[1] for e in entries],
+            token_ids=[e[2] for e in entries],
+            texts=[e[3] for e in entries],
+        )
+    ),
     st.builds(
         Finished,
         request_id=ids,
@@ -172,7 +179,8 @@ def _refused(frames, **kwargs) -> ProtocolError:
         ([b"vllm", b"2", b'{"type":"ping","nonce":"n"}'], "wrong_magic"),
         ([b"", b"2", b'{"type":"ping","nonce":"n"}'], "wrong_magic"),
         (_frames('{"type":"ping","nonce":"n"}', version=b"1"), "unsupported_version"),
-        (_frames('{"type":"ping","nonce":"n"}', version=b"3"), "unsupported_version"),
+        (_frames('{"type":"ping","nonce":"n"}', version=b"2"), "unsupported_version"),
+        (_frames('{"type":"ping","nonce":"n"}', version=b"4"), "unsupported_version"),
         (_frames('{"type":"ping","nonce":"n"}', version=b""), "unsupported_version"),
         (_frames("{not json"), "not_json"),
         (_frames(b'{"type":"ping","nonce":"\xff"}'), "not_json"),  # not UTF-8
@@ -196,7 +204,7 @@ def test_each_way_of_being_wrong_has_its_code(frames, code):
 def test_an_unsupported_version_names_the_supported_ones():
     err = _refused(_frames('{"type":"abort","request_id":"r7"}', version=b"1"))
     assert err.field == "version" and err.request_id == "r7"
-    assert "'1'" in err.message and "supported versions: 2" in err.message
+    assert "'1'" in err.message and "supported versions: 3" in err.message
     reply = error_reply(err)
     assert reply == Error(
         request_id="r7",
@@ -213,36 +221,55 @@ def test_an_unsupported_version_names_the_supported_ones():
     ("payload", "field", "words"),
     [
         (
-            '{"type":"tokens","request_id":"r","index":"1","token_ids":[],"text":""}',
-            "index",
+            '{"type":"tokens","request_ids":["r"],"indices":["1"],"token_ids":[1],"texts":[""]}',
+            "indices.0",
             "integer",
         ),
         (
-            '{"type":"tokens","request_id":"r","index":1.0,"token_ids":[],"text":""}',
-            "index",
+            '{"type":"tokens","request_ids":["r"],"indices":[1.0],"token_ids":[1],"texts":[""]}',
+            "indices.0",
             "integer",
         ),
         (
-            '{"type":"tokens","request_id":"r","index":true,"token_ids":[],"text":""}',
-            "index",
+            '{"type":"tokens","request_ids":["r"],"indices":[true],"token_ids":[1],"texts":[""]}',
+            "indices.0",
             "integer",
         ),
         (
-            '{"type":"tokens","request_id":"r","index":-1,"token_ids":[],"text":""}',
-            "index",
+            '{"type":"tokens","request_ids":["r"],"indices":[-1],"token_ids":[1],"texts":[""]}',
+            "indices.0",
             "greater than or equal to 0",
         ),
         (
-            '{"type":"tokens","request_id":"r","index":0,"token_ids":[1,-1],"text":""}',
-            "token_ids.1",
+            '{"type":"tokens","request_ids":["r"],"indices":[0],"token_ids":[-1],"texts":[""]}',
+            "token_ids.0",
             "greater than or equal to 0",
         ),
         (
-            '{"type":"tokens","request_id":"r","index":0,"token_ids":[],"text":null}',
-            "text",
+            '{"type":"tokens","request_ids":["r"],"indices":[0],"token_ids":[1],"texts":[null]}',
+            "texts.0",
             "string",
         ),
-        ('{"type":"tokens","request_id":"r","index":0,"token_ids":[]}', "text", "required"),
+        (
+            '{"type":"tokens","request_ids":["r"],"indices":[0],"token_ids":[1]}',
+            "texts",
+            "required",
+        ),
+        (
+            '{"type":"tokens","request_ids":["r"],"indices":[0, 1],"token_ids":[1],"texts":[""]}',
+            "indices",
+            "has 2 entries where request_ids has 1",
+        ),
+        (
+            '{"type":"tokens","request_ids":["r"],"indices":[0],"token_ids":[1],"texts":[]}',
+            "texts",
+            "has 0 entries where request_ids has 1",
+        ),
+        (
+            '{"type":"tokens","request_ids":[""],"indices":[0],"token_ids":[1],"texts":[""]}',
+            "request_ids.0",
+            "at least 1",
+        ),
         (
             '{"type":"generate","request_id":"r","client_id":"c","prompt":[1,"2"]}',
             "prompt",
@@ -290,9 +317,9 @@ def test_invalid_fields_name_the_field_path(payload, field, words):
 
 
 def test_a_message_of_the_other_direction_is_an_unknown_type():
-    tokens = encode(Tokens(request_id="r", index=0, token_ids=[1], text="a"))
+    accepted = encode(Accepted(request_id="r", prompt_token_ids=[1]))
     with pytest.raises(ProtocolError) as caught:
-        decode_request(tokens)
+        decode_request(accepted)
     assert (
         caught.value.code == "unknown_type"
         and "'generate', 'abort', 'ping'" in caught.value.message
@@ -322,8 +349,23 @@ def test_the_size_limit_is_configurable_and_checked_before_parsing():
 
 def test_encode_refuses_text_that_utf8_cannot_carry():
     with pytest.raises(ProtocolError) as caught:
-        encode(Tokens(request_id="r", index=0, token_ids=[1], text="\ud800"))
+        encode(
+            Finished(
+                request_id="r", finish_reason="stop", token_ids=[1], text="\ud800",
+                prompt_token_ids=[1],
+            )
+        )  # fmt: skip
     assert caught.value.code == "invalid_fields" and caught.value.request_id == "r"
+
+
+def test_unreadable_tokens_name_every_request_they_were_for():
+    """So a client fails those requests instead of leaving them waiting."""
+    payload = '{"type":"tokens","request_ids":["a","b","a",7],"indices":[0,0,1],"token_ids":[1,2,3],"texts":["","",""]}'
+    with pytest.raises(ProtocolError) as caught:
+        decode_reply(_frames(payload))
+    err = caught.value
+    assert err.code == "invalid_fields" and err.field == "request_ids.3"
+    assert err.request_ids == ("a", "b") and err.request_id is None
 
 
 def test_seeds_keep_their_full_64_bit_range():

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from disagg.protocol.cluster import Admitted, DecodeTask, Refused, StepTokens, TokenItem, Welcome
+from disagg.protocol.cluster import Admitted, DecodeTask, Ending, Refused, StepTokens, Welcome
 from tests.coordinator.test_coordinator import FakeNode, Running, generate_in_background
 
 
@@ -37,12 +37,15 @@ def test_input_is_charged_once_at_admission_and_output_per_token():
         node.send(Admitted(rids=[task.rid]))
         wait_for(lambda: ledger.counters().get("alice") == prompt, "input is charged")
         node.send(Admitted(rids=[task.rid]))  # admitted again (after a preemption)
-        node.send(StepTokens(items=[TokenItem(rid=task.rid, index=0, token_ids=[11])]))
+        node.send(StepTokens(rids=[task.rid], indices=[0], tokens=[11], texts=["a"]))
         wait_for(lambda: ledger.counters()["alice"] == prompt + 2, "the first token is charged")
-        last = TokenItem(rid=task.rid, index=1, token_ids=[12], finish_reason="length")
-        node.send(StepTokens(items=[last]))
+        last = Ending(rid=task.rid, finish_reason="length")
+        node.send(
+            StepTokens(rids=[task.rid], indices=[1], tokens=[12], texts=["b"], finished=[last])
+        )
         done = result.result(timeout=20)
         assert done.token_ids == [11, 12] and done.nodes.decode == "colocated-0"
+        assert done.text == "ab"  # the node's texts, as it detokenised them
         assert ledger.counters()["alice"] == prompt + 4  # input once, two tokens at w_out 2
         node.close()
     finally:

@@ -70,10 +70,10 @@ def streams(sent) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for msg in sent:
         if isinstance(msg, StepTokens):
-            for item in msg.items:
-                have = out.setdefault(item.rid, [])
-                assert item.index == len(have), f"request {item.rid}: gap or repeat"
-                have.extend(item.token_ids)
+            for rid, index, token in zip(msg.rids, msg.indices, msg.tokens, strict=True):
+                have = out.setdefault(rid, [])
+                assert index == len(have), f"request {rid}: gap or repeat"
+                have.append(token)
     return out
 
 
@@ -105,10 +105,10 @@ def test_a_resumed_request_goes_on_from_the_next_index():
     node = colocated_node()
     node.handle(task(7, PROMPTS[0], streamed=want[:5]))
     run_to_idle(node)
-    items = [i for m in node.link.sent if isinstance(m, StepTokens) for i in m.items]
-    assert items[0].index == 5
-    assert [t for i in items for t in i.token_ids] == want[5:]
-    assert items[-1].finish_reason == "length"
+    steps = [m for m in node.link.sent if isinstance(m, StepTokens)]
+    assert steps[0].indices == [5]
+    assert [t for m in steps for t in m.tokens] == want[5:]
+    assert [e.finish_reason for m in steps for e in m.finished] == ["length"]
 
 
 def test_admission_follows_the_merged_counters():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 
@@ -108,20 +109,24 @@ def test_a_colocated_node_killed_mid_stream_loses_no_request(tmp_path, offline):
         assert all(finished_on[rid] == "colocated-1" for rid in moved)
         assert not cluster.coordinator.nodes["colocated-0"].alive
         # Each request's input was charged once and each token once, resumed or not.
-        charged = service_charged(cluster)
+        want = {}
         for client in {f"c{len(p) % 3}" for p, _ in jobs}:
             mine = [done for (_, done), (p, _) in zip(results, jobs, strict=True)
                     if f"c{len(p) % 3}" == client]  # fmt: skip
-            want_in = W_IN * sum(len(d.prompt_token_ids) for d in mine)
-            want_out = W_OUT * sum(len(d.token_ids) for d in mine)
-            assert charged[(client, "prefill")] == pytest.approx(want_in)
-            assert charged[(client, "decode")] == pytest.approx(want_out)
+            want[(client, "prefill")] = W_IN * sum(len(d.prompt_token_ids) for d in mine)
+            want[(client, "decode")] = W_OUT * sum(len(d.token_ids) for d in mine)
+        # (the metrics take the coordinator's charges once per tick: wait for the next)
+        deadline = time.monotonic() + 5.0
+        while service_charged(cluster, want) != pytest.approx(want) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert service_charged(cluster, want) == pytest.approx(want)
     finally:
         cluster.stop(drain_timeout=5)
 
 
-def service_charged(cluster) -> dict[tuple[str, str], float]:
-    """(client, stage) -> service charged, from the coordinator's Prometheus counters."""
+def service_charged(cluster, keys) -> dict[tuple[str, str], float]:
+    """(client, stage) -> service charged, from the coordinator's Prometheus counters,
+    for each of ``keys`` (0 when not charged yet)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out = {}
@@ -129,7 +134,7 @@ def service_charged(cluster) -> dict[tuple[str, str], float]:
         for sample in family.samples:
             if sample.name.endswith("client_service_total"):
                 out[(sample.labels["client_id"], sample.labels["stage"])] = sample.value
-    return out
+    return {key: out.get(key, 0.0) for key in keys}
 
 
 def single_stage_bound(longest_prompt: int, total_service: float, publish_interval: float):

@@ -11,6 +11,7 @@ import pytest
 
 from disagg.client import AsyncClient
 from disagg.engine.model_config import ModelConfig
+from disagg.engine.tokenizer import Tokenizer
 from disagg.serve import ServedCluster, ServeOptions
 from disagg.sim.latency import load_profile
 from disagg.simulated.base import SimSpec
@@ -71,7 +72,10 @@ def test_requests_complete_with_the_simulated_tokens_streams_and_all(cluster):
         assert chunk.index == index
         index += len(chunk.token_ids)
     assert [t for c in chunks for t in c.token_ids] == done.token_ids and len(done.token_ids) == 9
-    assert "".join(c.text for c in chunks) == done.text
+    # Simulated nodes detokenise as real ones do: the texts add up to the whole decode.
+    tokenizer = Tokenizer.from_dir(cluster.model_dir)
+    assert "".join(c.text for c in chunks) == done.text == tokenizer.decode(done.token_ids)
+    assert all(c.text == tokenizer.decode(c.token_ids) for c in plain)  # not streamed too
 
 
 def test_a_decode_step_takes_the_profiles_time(cluster):

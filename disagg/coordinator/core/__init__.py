@@ -88,15 +88,15 @@ class CoordinatorCore(NodeReports, Intake, Dispatch):
             self._on_node_message(node, msg)
         except Exception:  # a bug in one message's handling must not stop the service
             log.exception("handling %s from %s", msg.type, node.node_id)
-        if self.decode_charges:
-            self._export_charges()
         return self.outbox.take()
 
     def _export_charges(self) -> None:
-        assert self.metrics is not None
-        for client, amount in self.decode_charges.items():
-            self.metrics.charge(client, "decode", amount)
-        self.decode_charges.clear()
+        if self.metrics is None:
+            return
+        for stage, charges in self.charges.items():
+            for client, amount in charges.items():
+                self.metrics.charge(client, stage, amount)  # type: ignore[arg-type]
+            charges.clear()
 
     def dispatch(self, now: float) -> Outbox:
         """Hands queued requests to nodes with room (after a batch of messages)."""
@@ -106,12 +106,15 @@ class CoordinatorCore(NodeReports, Intake, Dispatch):
 
     def tick(self, now: float) -> Outbox:
         """The timers: silent nodes declared dead, bounded waits and KV leases, the
-        counters published (when changed, or as a heartbeat), then dispatch."""
+        counters published (when changed, or as a heartbeat), then dispatch; the output
+        charged since the last tick goes to the metrics (summed per client: once per
+        tick, not per node message)."""
         self.now = now
         self._check_nodes()
         self._check_waits()
         self._publish()
         self._dispatch()
+        self._export_charges()
         return self.outbox.take()
 
     def node_process_exited(self, node_id: str, pid: int, returncode: int, now: float) -> Outbox:
@@ -132,6 +135,7 @@ class CoordinatorCore(NodeReports, Intake, Dispatch):
         left = list(self.requests.values())
         for t in left:
             self._fail(t, exc, release=True)
+        self._export_charges()
         return len(left), self.outbox.take()
 
     def shutdown_nodes(self) -> Outbox:

@@ -42,8 +42,7 @@ class Dispatch(CoreState):
             if not t.input_charged:
                 policy.on_admitted(t, t.num_prompt_tokens)
                 t.input_charged = True
-                if self.metrics:
-                    self.metrics.charge(t.client_id, "prefill", self._cost_in(t.num_prompt_tokens))
+                self._charged("prefill", t.client_id, self._cost_in(t.num_prompt_tokens))
             t.phase, t.prefill_node = Phase.PREFILLING, node.node_id
             t.dispatched_at = t.dispatched_at or self.now
             node.requests.add(t.rid)
@@ -128,6 +127,7 @@ class Dispatch(CoreState):
                 counter=self._counter_of(policy, t.client_id),
                 arrival=t.arrival_time,
                 source=source,
+                text_chars=t.text_chars,
             ),
         )
 

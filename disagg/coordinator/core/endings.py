@@ -1,4 +1,4 @@
-"""A request's one ending: ``Finished`` (with the held-back text of a stream), an
+"""A request's one ending: ``Finished`` (with the text the nodes streamed), an
 ``Error``, or nothing (aborted); either way everything any node holds of it is released
 and it is forgotten."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from disagg.coordinator.core.state import CoreState
 from disagg.coordinator.tracked import Phase, Tracked
-from disagg.protocol import Finished, Nodes, Timings, Tokens, error_from_exception
+from disagg.protocol import Finished, Nodes, Timings, error_from_exception
 from disagg.protocol.cluster import Release
 
 
@@ -21,21 +21,11 @@ class Endings(CoreState):
             if self.metrics:
                 self.metrics.request_finished(t.client_id, reason, None, None)
             return
-        text = self.tokenizer.decode(t.output_token_ids) if self.tokenizer else ""
+        # The nodes' texts add up to the whole output decoded (their last one carries
+        # what they held back); a stop string cuts it where the node found it.
+        text = "".join(t.text_parts)
         if text_end is not None:
             text = text[:text_end]
-        elif t.stream and (held_back := t.text.rest(text)):
-            # The streamed texts add up to the final text (a stop string aside: then
-            # Finished.text, cut before it, is authoritative).
-            self._reply(
-                t.identity,
-                Tokens(
-                    request_id=t.request_id,
-                    index=t.num_output_tokens,
-                    token_ids=[],
-                    text=held_back,
-                ),
-            )
         timings = self._timings(t)
         self.finished_log.append((t.client_id, timings.total_s or 0.0, t.model_s))
         self._reply(

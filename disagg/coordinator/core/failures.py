@@ -6,6 +6,7 @@ already sent, so a client's stream never has a gap or a repeat), and the timers'
 
 from __future__ import annotations
 
+import heapq
 import logging
 
 from disagg.coordinator.core.endings import Endings
@@ -102,36 +103,47 @@ class Failures(Endings):
 
     def _check_waits(self) -> None:
         """Requests with no live node of the kind they need fail after the bounded wait;
-        prefilled KV nobody pulled within the lease is released."""
-        now = self.now
-        have = {
-            "prefill": bool(self.live_nodes("prefill")),
-            "decode": bool(self.live_nodes("decode")),
-            "colocated": bool(self.live_nodes("colocated")),
-        }
+        prefilled KV nobody pulled within the lease is released. Costs nothing per
+        request in flight while every kind has a live node and no lease is due (this
+        runs every tick, and a large cluster has many thousands of requests in flight)."""
+        now, s = self.now, self.settings
+        kinds = ("colocated",) if s.colocated else ("prefill", "decode")
+        missing = {kind for kind in kinds if not self.live_nodes(kind)}
+        if missing or self._unplaced:
+            self._check_unplaced(missing)
+        leases, later = self._kv_leases, []
+        while leases and now - leases[0][0] > s.kv_lease_s:
+            since, rid = heapq.heappop(leases)
+            t = self.requests.get(rid)
+            if t is None or not t.kv_node or t.kv_since != since or t.pull_started:
+                continue  # pulled, released or re-prefilled since
+            if t.unplaced_since is not None:  # fails by its bounded wait instead
+                later.append((since, rid))
+                continue
+            self._release_held_kv(t)
+            self._tell_decoder_source_lost(t)
+        for entry in later:
+            heapq.heappush(leases, entry)
+
+    def _check_unplaced(self, missing: set[str]) -> None:
+        now, s = self.now, self.settings
+        self._unplaced = False
         for t in list(self.requests.values()):
             need = {Phase.QUEUED: "prefill", Phase.WAITING_DECODE: "decode"}.get(t.phase)
-            if need is not None and self.settings.colocated:
+            if need is not None and s.colocated:
                 need = "colocated"
-            if need is not None and not have[need]:
-                if t.unplaced_since is None:
-                    t.unplaced_since = now
-                elif now - t.unplaced_since > self.settings.no_node_timeout_s:
-                    self._fail(
-                        t,
-                        ServerUnavailable(
-                            f"no live {need} node for {self.settings.no_node_timeout_s:.0f} s",
-                            address="",
-                        ),
-                        release=True,
-                    )
+            if need is None or need not in missing:
+                t.unplaced_since = None
                 continue
-            t.unplaced_since = None
-            if (
-                t.kv_node
-                and t.kv_since
-                and not t.pull_started
-                and now - t.kv_since > self.settings.kv_lease_s
-            ):
-                self._release_held_kv(t)
-                self._tell_decoder_source_lost(t)
+            if t.unplaced_since is None:
+                t.unplaced_since = now
+            elif now - t.unplaced_since > s.no_node_timeout_s:
+                self._fail(
+                    t,
+                    ServerUnavailable(
+                        f"no live {need} node for {s.no_node_timeout_s:.0f} s", address=""
+                    ),
+                    release=True,
+                )
+                continue
+            self._unplaced = True

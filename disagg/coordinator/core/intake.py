@@ -8,7 +8,6 @@ from typing import Any
 
 from disagg.coordinator.core.endings import Endings
 from disagg.coordinator.core.state import log
-from disagg.coordinator.detokenize import IncrementalText
 from disagg.coordinator.tracked import Tracked
 from disagg.errors import InvalidRequestError, RequestRejectedError, ServerUnavailable
 from disagg.protocol import (
@@ -79,7 +78,6 @@ class Intake(Endings):
             sampling=msg.sampling,
             params=params,
             stream=msg.stream,
-            text=IncrementalText(self.tokenizer),
             arrival_time=self.now,
         )
         try:
@@ -132,8 +130,8 @@ class Intake(Endings):
             ids = self.tokenizer.encode(prompt)
         else:
             vocab = self.model_config.vocab_size
-            bad = next((i for i, t in enumerate(prompt) if t >= vocab), None)
-            if bad is not None:
+            if max(prompt) >= vocab:  # (one pass in C; the position only when refused)
+                bad = next(i for i, t in enumerate(prompt) if t >= vocab)
                 raise InvalidRequestError(
                     "prompt", f"token id {prompt[bad]} at position {bad} is not in [0, {vocab})"
                 )

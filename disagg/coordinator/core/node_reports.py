@@ -6,6 +6,7 @@ hand-off and failure reports (delegated to ``kv`` and ``failures``); a colocated
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 from disagg.coordinator.auth import check_cluster_secret
@@ -14,7 +15,6 @@ from disagg.coordinator.core.state import log
 from disagg.coordinator.nodes import NodeState
 from disagg.coordinator.tracked import Phase, Tracked
 from disagg.engine.parallel.handoff import IncompatibleNodesError, check_compatible
-from disagg.protocol import Tokens
 from disagg.protocol.cluster import (
     Admitted,
     Credit,
@@ -29,7 +29,6 @@ from disagg.protocol.cluster import (
     Release,
     StepTokens,
     TaskFailed,
-    TokenItem,
     Welcome,
 )
 
@@ -116,11 +115,7 @@ class NodeReports(KVPairing):
                 self._on_prefilled(node, result)
         elif isinstance(msg, StepTokens):
             node.model_s += msg.step_s
-            for item in msg.items:
-                t = self.requests.get(item.rid)
-                if t is not None:
-                    t.model_s += msg.step_s
-                self._on_tokens(node, item)
+            self._on_step(node, msg)
             if msg.preempted and self.metrics:
                 for _ in msg.preempted:
                     self.metrics.preemption(node.node_id)
@@ -153,7 +148,8 @@ class NodeReports(KVPairing):
             node.requests.discard(t.rid)
         else:
             t.kv_node, t.kv_since = node.node_id, self.now
-        self._add_tokens(t, [r.first_token])
+            heapq.heappush(self._kv_leases, (self.now, t.rid))
+        self._add_token(t, r.first_token, r.text)
         if r.finish_reason is not None:
             self._finish(t, r.finish_reason, text_end=r.text_end)
             return
@@ -171,45 +167,53 @@ class NodeReports(KVPairing):
             if not t.input_charged:
                 policy.on_admitted(t, t.num_prompt_tokens)
                 t.input_charged = True
-                if self.metrics:
-                    self.metrics.charge(t.client_id, "prefill", self._cost_in(t.num_prompt_tokens))
+                self._charged("prefill", t.client_id, self._cost_in(t.num_prompt_tokens))
 
-    def _on_tokens(self, node: NodeState, item: TokenItem) -> None:
-        t = self.requests.get(item.rid)
-        if t is None or t.decode_node != node.node_id or t.phase is not Phase.DECODING:
-            return  # a stale report (aborted, or moved after its node was declared dead)
-        have = t.num_output_tokens
-        if item.index > have:
-            log.error("request %d: tokens from %d but %d sent; dropped", t.rid, item.index, have)
-            return
-        new = item.token_ids[have - item.index :]
-        if not new:
-            return
-        if have == 1 and item.index == 1:
-            self.events.record(str(t.rid), "decode_start", node_id=node.node_id, t=self.now)
-        self._add_tokens(t, new)
-        if item.finish_reason is not None:
-            node.requests.discard(t.rid)
-            self.events.record(str(t.rid), "decode_end", node_id=node.node_id, t=self.now)
-            self._finish(t, item.finish_reason, text_end=item.text_end)
+    def _on_step(self, node: NodeState, msg: StepTokens) -> None:
+        """Each token charged and forwarded once, in order: a token already had (a
+        repeated report) is dropped, one past a gap is refused."""
+        requests, node_id, step_s = self.requests, node.node_id, msg.step_s
+        ends = {e.rid: e for e in msg.finished}
+        # An ending comes with its request's last token in the message: index of that.
+        ending_at = (
+            {r: i for r, i in zip(msg.rids, msg.indices, strict=True) if r in ends} if ends else {}
+        )
+        last: Tracked | None = None
+        for rid, index, token, text in zip(
+            msg.rids, msg.indices, msg.tokens, msg.texts, strict=True
+        ):
+            t = requests.get(rid)
+            if t is None or t.decode_node != node_id or t.phase is not Phase.DECODING:
+                continue  # a stale report (aborted, or moved after its node was declared dead)
+            if t is not last:  # a request's model time counts each step once
+                t.model_s += step_s
+                last = t
+            have = len(t.output_token_ids)
+            if index != have:
+                if index > have:
+                    log.error("request %d: token %d but %d sent; dropped", rid, index, have)
+                continue
+            if have == 1:
+                self.events.record(str(rid), "decode_start", node_id=node_id, t=self.now)
+            self._add_token(t, token, text)
+            if ending_at and ending_at.get(rid) == index:
+                end = ends[rid]
+                node.requests.discard(rid)
+                self.events.record(str(rid), "decode_end", node_id=node_id, t=self.now)
+                self._finish(t, end.finish_reason, text_end=end.text_end)
 
-    def _add_tokens(self, t: Tracked, tokens: list[int]) -> None:
-        """Charges ``tokens`` (new, in order) as output and streams them."""
-        index = t.num_output_tokens
-        t.output_token_ids.extend(tokens)
+    def _add_token(self, t: Tracked, token: int, text: str) -> None:
+        """Charges ``token`` (the next one) as output and streams it with its text."""
+        index = len(t.output_token_ids)
+        t.output_token_ids.append(token)
+        if text:
+            t.text_parts.append(text)
+            t.text_chars += len(text)
         if t.first_token_at is None:
             t.first_token_at = self.now
-        self.pools.decode.on_tokens(t, len(tokens))
-        if self.metrics:  # summed per client, exported once per message (see on_node)
-            charges = self.decode_charges
-            charges[t.client_id] = charges.get(t.client_id, 0.0) + self._cost_out(len(tokens))
-        if t.stream:  # (built unvalidated: every field is the coordinator's own, checked)
-            self._reply(
-                t.identity,
-                Tokens.model_construct(
-                    request_id=t.request_id,
-                    index=index,
-                    token_ids=tokens,
-                    text=t.text.delta(t.output_token_ids),
-                ),
-            )
+        self.pools.decode.on_tokens(t, 1)
+        if self.metrics:  # summed per client, exported once per tick (see tick)
+            charges = self.charges["decode"]
+            charges[t.client_id] = charges.get(t.client_id, 0.0) + self._cost_out_one
+        if t.stream:
+            self.outbox.stream(t.identity).add(t.request_id, index, token, text)

@@ -7,26 +7,94 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from disagg.protocol import Batch
+from disagg.protocol import Batch, Tokens
 from disagg.protocol.cluster import NodeBatch, _NodeMessage
 
 
 @dataclass(slots=True)
+class StreamedTokens:
+    """One connection's streamed tokens, as they are decided: sent as one ``Tokens``
+    message (columns, one entry per token)."""
+
+    request_ids: list[str] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    def add(self, request_id: str, index: int, token: int, text: str) -> None:
+        self.request_ids.append(request_id)
+        self.indices.append(index)
+        self.token_ids.append(token)
+        self.texts.append(text)
+
+    def extend(self, other: StreamedTokens) -> None:
+        self.request_ids.extend(other.request_ids)
+        self.indices.extend(other.indices)
+        self.token_ids.extend(other.token_ids)
+        self.texts.extend(other.texts)
+
+    def message(self) -> Tokens:  # (built unvalidated: every field is the coordinator's own)
+        return Tokens.model_construct(
+            request_ids=self.request_ids,
+            indices=self.indices,
+            token_ids=self.token_ids,
+            texts=self.texts,
+        )
+
+
+@dataclass(slots=True)
 class Outbox:
-    # (the client's routing id, a disagg.protocol server message)
+    """What was decided, in order. A connection's streamed tokens gather in one
+    :class:`StreamedTokens`, placed where the first of them was decided. That keeps
+    each request's order: what a request is sent before its tokens (``Accepted``) went
+    out in an earlier turn (its tokens answer a task dispatched at the end of that
+    turn), and what it is sent after them (``Finished``, ``Error``) ends it."""
+
+    # (the client's routing id, a disagg.protocol server message or StreamedTokens)
     clients: list[tuple[bytes, Any]] = field(default_factory=list)
     # (the node's routing id, a disagg.protocol.cluster message)
     nodes: list[tuple[bytes, _NodeMessage]] = field(default_factory=list)
+    # the StreamedTokens in ``clients``, by connection
+    streams: dict[bytes, StreamedTokens] = field(default_factory=dict)
+
+    def stream(self, identity: bytes) -> StreamedTokens:
+        """The connection's streamed tokens (from here on, in this outbox)."""
+        tokens = self.streams.get(identity)
+        if tokens is None:
+            tokens = self.streams[identity] = StreamedTokens()
+            self.clients.append((identity, tokens))
+        return tokens
 
     def take(self) -> Outbox:
         """Everything decided since the last take; this outbox starts empty again."""
-        taken = Outbox(self.clients, self.nodes)
-        self.clients, self.nodes = [], []
+        taken = Outbox(self.clients, self.nodes, self.streams)
+        self.clients, self.nodes, self.streams = [], [], {}
         return taken
 
     def extend(self, other: Outbox) -> None:
-        self.clients.extend(other.clients)
+        """Appends ``other``'s messages; its streamed tokens join this outbox's of the
+        same connection."""
+        if not other.streams:
+            self.clients.extend(other.clients)
+        else:
+            for identity, msg in other.clients:
+                if type(msg) is StreamedTokens:
+                    mine = self.streams.get(identity)
+                    if mine is not None:
+                        mine.extend(msg)
+                        continue
+                    self.streams[identity] = msg
+                self.clients.append((identity, msg))
         self.nodes.extend(other.nodes)
+
+    def client_sends(self) -> list[tuple[bytes, Any]]:
+        """``clients`` as protocol messages (streamed tokens as ``Tokens``)."""
+        if not self.streams:
+            return self.clients
+        return [
+            (identity, msg.message() if type(msg) is StreamedTokens else msg)
+            for identity, msg in self.clients
+        ]
 
     def __bool__(self) -> bool:
         return bool(self.clients or self.nodes)

@@ -110,8 +110,15 @@ class CoreState:
         self._published_versions: tuple[int, ...] = ()
         self._published_at = float("-inf")
         self.accepting = True
-        # Output service charged since it was last exported to the metrics, by client.
-        self.decode_charges: dict[str, float] = {}
+        # Service charged since it was last exported to the metrics, by stage and client
+        # (exported once per tick: a metric update takes a lock, and these come per
+        # request and per token).
+        self.charges: dict[str, dict[str, float]] = {"prefill": {}, "decode": {}}
+        self._cost_out_one = self._cost_out(1)  # the metrics' charge of one output token
+        # (kv_since, rid) of each prefilled KV held for a pull, earliest lease end first
+        # (entries of requests pulled or gone since are dropped when they come up)
+        self._kv_leases: list[tuple[float, int]] = []
+        self._unplaced = False  # some request waits with no live node of its kind
 
     # -- acting: only ever appends to the outbox --------------------------------------
 
@@ -136,6 +143,12 @@ class CoreState:
     def _counters(self, role: str) -> dict[str, float]:
         policy = self.pools.prefill if role == "prefill" else self.pools.decode
         return policy.ledger.counters() if isinstance(policy, CounterOrdered) else {}
+
+    def _charged(self, stage: str, client: str, amount: float) -> None:
+        """``amount`` of service charged to ``client`` at ``stage``, for the metrics."""
+        if self.metrics:
+            charges = self.charges[stage]
+            charges[client] = charges.get(client, 0.0) + amount
 
     def _cost_in(self, n: int) -> float:
         return self.settings.fairness.cost(n, 0)

@@ -1,0 +1,148 @@
+"""The coordinator's CPU per request without sockets, nodes or a load generator: the
+core (``CoordinatorCore``) driven with the messages of short requests (16-token prompt,
+2-token output) as the served system sees them, ``--in-flight`` at a time, decoding what
+the coordinator receives and encoding what it sends included. Only the coordinator's
+side is timed, and split by handler, so what a change to the core or the codec costs
+per request shows without the machine's noise of a served run::
+
+    python -m bench.coordinator_core [--requests 20480] [--in-flight 1024] [--freeze]
+
+``--freeze`` does what the served coordinator does (``gc.freeze()`` of what the process
+holds when it starts serving, here after importing what ``disagg serve`` imports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from disagg.coordinator.core import CoordinatorCore, CoordinatorSettings, Outbox
+from disagg.coordinator.core.outbox import client_batch, coalesced, node_batch
+from disagg.coordinator.metrics import CoordinatorMetrics
+from disagg.engine.model_config import ModelConfig
+from disagg.engine.tokenizer import Tokenizer
+from disagg.engine.worker import resolve_model_dir
+from disagg.protocol import Generate, Sampling, decode_request, encode
+from disagg.protocol.cluster import (
+    Ending,
+    Prefilled,
+    PrefillResult,
+    Pulled,
+    PullRequest,
+    Pushed,
+    Register,
+    StepTokens,
+    decode_from_coordinator,
+    decode_from_node,
+    encode_node,
+)
+
+PROMPT = list(range(10, 26))
+
+
+class Timed:
+    """Seconds spent on the coordinator's side, by what it was doing."""
+
+    def __init__(self) -> None:
+        self.spent: Counter[str] = Counter()
+
+    def __call__(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        start = time.perf_counter()
+        out = fn(*args)
+        self.spent[what] += time.perf_counter() - start
+        return out
+
+
+def run(requests: int, in_flight: int) -> tuple[Timed, int]:
+    model_dir = resolve_model_dir("tiny")
+    core = CoordinatorCore(
+        ModelConfig.from_dir(model_dir),
+        Tokenizer.from_dir(model_dir),
+        CoordinatorSettings(),
+        metrics=CoordinatorMetrics(),
+    )
+    timed, now = Timed(), 100.0
+
+    def sent(out: Outbox) -> list[Any]:
+        """Encodes what the coordinator sends (timed); returns its node messages."""
+
+        def encode_all() -> list[list[bytes]]:
+            for _, msg in coalesced(out.client_sends(), client_batch):
+                encode(msg)
+            return [encode_node(msg) for _, msg in coalesced(out.nodes, node_batch)]
+
+        msgs = []
+        for frames in timed("encode replies and tasks", encode_all):
+            msg = decode_from_coordinator(frames)  # (the node's side: not timed)
+            msgs += msg.messages if msg.type == "batch" else [msg]
+        return msgs
+
+    def from_node(node_id: str, msg: Any) -> list[Any]:
+        frames = encode_node(msg)
+        decoded = timed(f"decode {msg.type}", decode_from_node, frames)
+        out = timed(f"on_node {msg.type}", core.on_node, node_id.encode(), decoded, now)
+        return sent(out) + sent(timed("dispatch", core.dispatch, now))
+
+    for node_id, role in (("p0", "prefill"), ("d0", "decode")):
+        from_node(node_id, Register(
+            node_id=node_id, role=role, endpoint=f"{node_id}@0a", model="tiny", block_size=16,
+            capacity_tokens=1 << 30, max_model_len=1024, max_batch_tokens=1 << 30, pid=1,
+        ))  # fmt: skip
+    sampling = Sampling(max_tokens=2, temperature=0)
+    done = 0
+    while done < requests:
+        for k in range(done, done + in_flight):
+            frames = encode(Generate(request_id=f"r{k}", client_id=f"c{k % 4}", prompt=PROMPT,
+                                     sampling=sampling))  # fmt: skip
+            msg = timed("decode generate", decode_request, frames)
+            sent(timed("on_client generate", core.on_client, b"client", msg, now))
+        tasks = [m for m in sent(timed("dispatch", core.dispatch, now)) if m.type == "prefill_task"]
+        results = [
+            PrefillResult(rid=t.rid, first_token=5, text="a", prefill_start=0.0, prefill_s=0.01)
+            for t in tasks
+        ]
+        work = [m for m in from_node("p0", Prefilled(results=results)) if m.type == "decode_task"]
+        rids = [t.rid for t in work]
+        from_node("d0", PullRequest(rids=rids))
+        from_node("p0", Pushed(rids=rids, dest="d0@0a"))
+        from_node("d0", Pulled(rids=rids, source="p0@0a"))
+        n = len(rids)
+        from_node("d0", StepTokens(
+            rids=rids, indices=[1] * n, tokens=[6] * n, texts=["b"] * n,
+            finished=[Ending(rid=r, finish_reason="length") for r in rids], step_s=0.01,
+        ))  # fmt: skip
+        now += 0.05
+        sent(timed("tick", core.tick, now))
+        assert not core.requests, f"{len(core.requests)} requests left"
+        done += in_flight
+    return timed, done
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=20480)
+    p.add_argument("--in-flight", type=int, default=1024)
+    p.add_argument("--freeze", action="store_true", help="gc.freeze() first, as served")
+    args = p.parse_args()
+    import disagg.serve  # noqa: F401  (what a serving process holds)
+
+    if args.freeze:
+        gc.freeze()
+    run(min(args.requests, args.in_flight), args.in_flight)  # warm-up
+    timed, done = run(args.requests, args.in_flight)
+    total = sum(timed.spent.values())
+    print(
+        f"coordinator core + codec, {done} requests, {args.in_flight} in flight"
+        f"{', gc frozen' if args.freeze else ''}: {total / done * 1e6:.1f} us per request"
+    )
+    for what, seconds in timed.spent.most_common():
+        print(f"  {what:<28} {seconds / done * 1e6:7.1f} us")
+    gc.unfreeze()  # (frozen objects are not freed at exit: some bindings then complain)
+
+
+if __name__ == "__main__":
+    main()
