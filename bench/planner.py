@@ -123,23 +123,28 @@ async def drive(address: str, workload, rate: float, seed: int) -> list[tuple[fl
 
 def process_cpu(root: int) -> dict[str, float]:
     """CPU seconds (user + system) of ``root`` (the coordinator's process) and of its
-    node processes, from /proc (Linux); empty elsewhere."""
+    node processes by role, a node's rank processes (its children) counted as the
+    node's, from /proc (Linux); empty elsewhere."""
     tick = os.sysconf("SC_CLK_TCK")
-    found: dict[str, float] = {}
+    procs: dict[int, tuple[int, float, str]] = {}  # pid -> (ppid, seconds, cmdline)
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
             cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, IndexError):
             continue
-        pid, ppid = int(stat.parent.name), int(fields[1])
         seconds = (int(fields[11]) + int(fields[12])) / tick
-        if pid == root:
-            found["coordinator"] = seconds
-        elif ppid == root:
-            role = "prefill" if "prefill_node" in cmd else "decode" if "decode_node" in cmd else ""
-            if role:
-                found[role] = found.get(role, 0.0) + seconds
+        procs[int(stat.parent.name)] = (int(fields[1]), seconds, cmd)
+    found: dict[str, float] = {}
+    if root in procs:
+        found["coordinator"] = procs[root][1]
+    for pid, (ppid, seconds, cmd) in procs.items():
+        if ppid != root:
+            continue
+        role = "prefill" if "prefill_node" in cmd else "decode" if "decode_node" in cmd else ""
+        if role:
+            ranks = sum(s for p, s, _ in procs.values() if p == pid)
+            found[role] = found.get(role, 0.0) + seconds + ranks
     return found
 
 
