@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.served_process import wait_for_address
+from bench.served_process import process_tree_cpu, wait_for_address
 
 WARMUP_REQUESTS = 8
 
@@ -122,29 +122,14 @@ async def drive(address: str, workload, rate: float, seed: int) -> list[tuple[fl
 
 
 def process_cpu(root: int) -> dict[str, float]:
-    """CPU seconds (user + system) of ``root`` (the coordinator's process) and of its
-    node processes by role, a node's rank processes (its children) counted as the
-    node's, from /proc (Linux); empty elsewhere."""
-    tick = os.sysconf("SC_CLK_TCK")
-    procs: dict[int, tuple[int, float, str]] = {}  # pid -> (ppid, seconds, cmdline)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError):
-            continue
-        seconds = (int(fields[11]) + int(fields[12])) / tick
-        procs[int(stat.parent.name)] = (int(fields[1]), seconds, cmd)
+    """CPU seconds of ``root`` (the coordinator's process) and of its node processes by
+    role (a node's rank processes counted as the node's): ``process_tree_cpu`` summed
+    per role."""
     found: dict[str, float] = {}
-    if root in procs:
-        found["coordinator"] = procs[root][1]
-    for pid, (ppid, seconds, cmd) in procs.items():
-        if ppid != root:
-            continue
-        role = "prefill" if "prefill_node" in cmd else "decode" if "decode_node" in cmd else ""
-        if role:
-            ranks = sum(s for p, s, _ in procs.values() if p == pid)
-            found[role] = found.get(role, 0.0) + seconds + ranks
+    for name, seconds in process_tree_cpu(root).items():
+        role = "coordinator" if name == "server" else name.rpartition("-")[0]
+        if role in ("coordinator", "prefill", "decode"):
+            found[role] = found.get(role, 0.0) + seconds
     return found
 
 

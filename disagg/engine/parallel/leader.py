@@ -89,7 +89,6 @@ class ParallelModelWorker(ModelWorker):
             kv_pipes=kv_service is not None,
         )
         num_blocks = self.group.num_blocks
-        self.block_size = config.block_size
         self.max_model_len = min(max_len, num_blocks * config.block_size)
         self.allocator = BlockAllocator(num_blocks)
         self.model = None
@@ -152,25 +151,26 @@ class ParallelModelWorker(ModelWorker):
         """A sequence's parameters go with every prefill and with the first plan that
         names it (a decode of a sequence prefilled elsewhere, e.g. a pulled one)."""
         self._step += 1
-        entries = tuple(
-            ScheduledSeq(
-                seq_id=s.seq_id,
-                token_ids=tuple(s.token_ids) if is_prefill else (s.last_token_id,),
-                num_tokens=s.num_tokens,
-                block_table=tuple(s.block_table),
-                params=s.params if is_prefill or first else None,
-                skip_draws=s.num_output_tokens if first else 0,
+        entries = []
+        for s in seqs:
+            first = self._on_driver.get(s.seq_id) is not s  # the driver has not seen it
+            entries.append(
+                ScheduledSeq(
+                    seq_id=s.seq_id,
+                    token_ids=tuple(s.token_ids) if is_prefill else (s.last_token_id,),
+                    num_tokens=s.num_tokens,
+                    block_table=tuple(s.block_table),
+                    params=s.params if is_prefill or first else None,
+                    skip_draws=s.num_output_tokens if first else 0,
+                )
             )
-            for s in seqs
-            for first in (self._on_driver.get(s.seq_id) is not s,)
-        )
         finished = [i for i, s in self._on_driver.items() if s.is_finished]
         for i in finished:
             del self._on_driver[i]
         released = (*self._forgotten, *finished)
         self._forgotten = []
         self._on_driver.update((s.seq_id, s) for s in seqs)
-        return StepPlan(self._step, is_prefill, entries, released, return_logits)
+        return StepPlan(self._step, is_prefill, tuple(entries), released, return_logits)
 
 
 def _rank_devices(device: str, world_size: int) -> list[str]:
