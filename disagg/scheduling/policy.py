@@ -9,6 +9,7 @@ drive the colocated engine, the prefill and decode nodes, and the simulator.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from collections.abc import Sequence as SeqList
 from typing import Protocol
 
@@ -67,6 +68,13 @@ class SchedulingPolicy(ABC):
     def on_tokens(self, request: Request, num_output_tokens: int) -> None:  # noqa: B027
         """The request produced output tokens (output service); the request's
         ``num_output_tokens`` already counts them."""
+
+    def on_tokens_of(self, counts: Mapping[Request, int]) -> None:
+        """:meth:`on_tokens` for several requests at once (a decode step's): ``counts``
+        maps each request to the tokens it produced, already counted in its
+        ``num_output_tokens``. A policy may charge them summed per client."""
+        for request, n in counts.items():
+            self.on_tokens(request, n)
 
     def on_finished(self, request: Request) -> None:  # noqa: B027
         """The request is done, wherever it was (queued, running, between stages)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from collections.abc import Sequence as SeqList
 from typing import Protocol
 
@@ -219,6 +219,21 @@ class CounterOrdered(SchedulingPolicy):
                 before = request.num_output_tokens - num_output_tokens
                 amount = output_charge(self.cost, n_in, before, num_output_tokens)
             self.view.charge(request.client_id, amount)
+
+    def on_tokens_of(self, counts: Mapping[Request, int]) -> None:
+        if not self.charge_output:
+            return
+        if self._linear is None:  # the charge depends on each request's length
+            for request, n in counts.items():
+                self.on_tokens(request, n)
+            return
+        per_client: dict[str, int] = {}  # one charge per client, whatever the batch
+        for request, n in counts.items():
+            per_client[request.client_id] = per_client.get(request.client_id, 0) + n
+        rate, charge = self._linear[1], self.view.charge
+        for client, n in per_client.items():
+            if n:
+                charge(client, rate * n)
 
     # -- internals -----------------------------------------------------------------
 

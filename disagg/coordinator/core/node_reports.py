@@ -11,6 +11,7 @@ from typing import Any
 
 from disagg.coordinator.auth import check_cluster_secret
 from disagg.coordinator.core.kv import KVPairing
+from disagg.coordinator.core.outbox import StreamedTokens
 from disagg.coordinator.core.state import log
 from disagg.coordinator.nodes import NodeState
 from disagg.coordinator.tracked import Phase, Tracked
@@ -171,36 +172,65 @@ class NodeReports(KVPairing):
 
     def _on_step(self, node: NodeState, msg: StepTokens) -> None:
         """Each token charged and forwarded once, in order: a token already had (a
-        repeated report) is dropped, one past a gap is refused."""
-        requests, node_id, step_s = self.requests, node.node_id, msg.step_s
+        repeated report) is dropped, one past a gap is refused. The step's charges are
+        made per request at once, before any of its requests ends (the path every
+        streamed token takes: kept to a few list and dictionary operations a token)."""
+        requests, node_id, step_s, now = self.requests, node.node_id, msg.step_s, self.now
         ends = {e.rid: e for e in msg.finished}
         # An ending comes with its request's last token in the message: index of that.
         ending_at = (
             {r: i for r, i in zip(msg.rids, msg.indices, strict=True) if r in ends} if ends else {}
         )
-        last: Tracked | None = None
+        decoding = Phase.DECODING
+        counts: dict[Tracked, int] = {}  # tokens taken this step, by request (to charge)
+        streams: dict[bytes, StreamedTokens] = {}
         for rid, index, token, text in zip(
             msg.rids, msg.indices, msg.tokens, msg.texts, strict=True
         ):
             t = requests.get(rid)
-            if t is None or t.decode_node != node_id or t.phase is not Phase.DECODING:
+            if t is None or t.decode_node != node_id or t.phase is not decoding:
                 continue  # a stale report (aborted, or moved after its node was declared dead)
-            if t is not last:  # a request's model time counts each step once
+            taken = counts.get(t)
+            if taken is None:  # a request's model time counts each step once
                 t.model_s += step_s
-                last = t
-            have = len(t.output_token_ids)
+                taken = counts[t] = 0
+            out = t.output_token_ids
+            have = len(out)
             if index != have:
                 if index > have:
                     log.error("request %d: token %d but %d sent; dropped", rid, index, have)
                 continue
             if have == 1:
-                self.events.record(str(rid), "decode_start", node_id=node_id, t=self.now)
-            self._add_token(t, token, text)
+                self.events.record(str(rid), "decode_start", node_id=node_id, t=now)
+            out.append(token)
+            counts[t] = taken + 1
+            if text:
+                t.text_parts.append(text)
+                t.text_chars += len(text)
+            if t.first_token_at is None:
+                t.first_token_at = now
+            if t.stream:
+                stream = streams.get(t.identity)
+                if stream is None:
+                    stream = streams[t.identity] = self.outbox.stream(t.identity)
+                stream.add(t.request_id, index, token, text)
             if ending_at and ending_at.get(rid) == index:
-                end = ends[rid]
+                self._charge_output(counts)  # before the ending leaves its client's queue
+                counts = {}
                 node.requests.discard(rid)
-                self.events.record(str(rid), "decode_end", node_id=node_id, t=self.now)
-                self._finish(t, end.finish_reason, text_end=end.text_end)
+                self.events.record(str(rid), "decode_end", node_id=node_id, t=now)
+                self._finish(t, ends[rid].finish_reason, text_end=ends[rid].text_end)
+        if counts:
+            self._charge_output(counts)
+
+    def _charge_output(self, counts: dict[Tracked, int]) -> None:
+        """Charges each request's new output tokens (the decode pool's policy, and the
+        per-client sums the metrics export each tick)."""
+        self.pools.decode.on_tokens_of(counts)
+        if self.metrics:
+            charges, one = self.charges["decode"], self._cost_out_one
+            for t, n in counts.items():
+                charges[t.client_id] = charges.get(t.client_id, 0.0) + one * n
 
     def _add_token(self, t: Tracked, token: int, text: str) -> None:
         """Charges ``token`` (the next one) as output and streams it with its text."""
