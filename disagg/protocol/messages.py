@@ -15,10 +15,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     PlainValidator,
     ValidationInfo,
     field_validator,
 )
+from pydantic_core import CoreSchema, core_schema
 
 from disagg.sampling_params import SamplingParams
 
@@ -50,6 +52,19 @@ def _check_prompt(value: Any) -> str | list[int]:
 
 
 Prompt = Annotated[str | list[int], PlainValidator(_check_prompt)]
+
+
+class SerializedAsItself:
+    """Serialize a discriminated union of models with each value's own serializer;
+    validation is untouched. pydantic-core serializes a union member to Python objects
+    first and then those to JSON, which doubles the cost of every message in a batch."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        schema = handler(source)
+        schema["serialization"] = core_schema.simple_ser_schema("any")
+        return schema
 
 
 class _Message(BaseModel):
@@ -216,7 +231,11 @@ class Batch(_Message):
 
     type: Literal["batch"] = "batch"
     messages: list[
-        Annotated[Accepted | Tokens | Finished | Error | Pong, Field(discriminator="type")]
+        Annotated[
+            Accepted | Tokens | Finished | Error | Pong,
+            Field(discriminator="type"),
+            SerializedAsItself(),
+        ]
     ]
 
 
