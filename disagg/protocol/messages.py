@@ -9,7 +9,8 @@ is the coordinator's question, answered with ``Error{code: "invalid_request"}``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from functools import cache
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -52,6 +53,35 @@ def _check_prompt(value: Any) -> str | list[int]:
 
 
 Prompt = Annotated[str | list[int], PlainValidator(_check_prompt)]
+
+
+_M = TypeVar("_M", bound=BaseModel)
+_setattr = object.__setattr__
+
+
+def made_here(cls: type[_M], **values: Any) -> _M:
+    """What ``cls.model_construct(**values)`` builds (no validation), at about half the
+    cost of ``cls(**values)``, where pydantic's own ``model_construct`` costs more than
+    validating. Only for messages whose every value the coordinator made or already
+    validated as the same type: never straight from what a client or node sent. Every
+    field without a plain default must be given."""
+    m = cls.__new__(cls)
+    fields = _template(cls).copy()
+    fields.update(values)  # (keys keep the template's order: the fields')
+    _setattr(m, "__dict__", fields)
+    _setattr(m, "__pydantic_fields_set__", set(values))
+    _setattr(m, "__pydantic_extra__", None)
+    _setattr(m, "__pydantic_private__", None)
+    return m
+
+
+@cache
+def _template(cls: type[BaseModel]) -> dict[str, Any]:
+    """Each field of ``cls`` in order, with its plain default (None where it has none)."""
+    return {
+        name: None if f.is_required() or f.default_factory is not None else f.default
+        for name, f in cls.model_fields.items()
+    }
 
 
 class SerializedAsItself:

@@ -39,6 +39,8 @@ from disagg.protocol import (
     error_from_exception,
     error_reply,
 )
+from disagg.protocol.cluster import DecodeTask, PrefillTask
+from disagg.protocol.messages import made_here
 from disagg.sampling_params import SamplingParams
 
 # -- strategies: random valid messages -------------------------------------------------
@@ -394,3 +396,22 @@ def test_error_from_exception_maps_each_error_to_its_code():
     assert (failed.code, failed.message) == ("failed", "RuntimeError")
     for err in (invalid, rejected, unavailable, bad, failed):
         assert decode_reply(encode(err)) == err
+
+
+@pytest.mark.parametrize(
+    ("cls", "values"),
+    [
+        (Accepted, {"request_id": "r1", "prompt_token_ids": [1, 2]}),
+        (PrefillTask, {"task": 1, "rid": 2, "client_id": "c", "prompt_token_ids": [3],
+                       "sampling": Sampling(stop=["x"]), "counter": 0.5, "arrival": 1.0}),
+        (DecodeTask, {"task": 1, "rid": 2, "client_id": "c", "prompt_token_ids": [3],
+                      "output_token_ids": [4], "sampling": Sampling(), "counter": 0.0,
+                      "arrival": 1.0, "text_chars": 1}),
+    ],
+)  # fmt: skip
+def test_made_here_builds_what_model_construct_does(cls, values):
+    made, constructed = made_here(cls, **values), cls.model_construct(**values)
+    assert made == constructed == cls(**values)
+    assert repr(made) == repr(constructed)  # the fields in their order, defaults filled
+    assert made.model_fields_set == constructed.model_fields_set
+    assert made.model_dump_json() == cls(**values).model_dump_json()
