@@ -128,17 +128,34 @@ class Sampling(_Message):
         )
 
     def to_params(self) -> SamplingParams:
-        """Raises :class:`~disagg.errors.InvalidRequestError` naming the bad field."""
-        return SamplingParams(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
-            stop=tuple(self.stop),
-            stop_token_ids=tuple(self.stop_token_ids),
-            ignore_eos=self.ignore_eos,
-        )
+        """Raises :class:`~disagg.errors.InvalidRequestError` naming the bad field.
+        Equal settings give the same params (immutable), checked once: most requests
+        share a few settings, and the checks cost more than the lookup."""
+        stop, stop_token_ids = tuple(self.stop), tuple(self.stop_token_ids)
+        # (pydantic made each field its type: a key never mixes 1 and True or 1.0)
+        key = (self.max_tokens, self.temperature, self.top_p, self.top_k, self.seed,
+               stop, stop_token_ids, self.ignore_eos)  # fmt: skip
+        params = _PARAMS.get(key)
+        if params is None:
+            params = SamplingParams(
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                seed=self.seed,
+                stop=stop,
+                stop_token_ids=stop_token_ids,
+                ignore_eos=self.ignore_eos,
+            )
+            if len(_PARAMS) >= _MAX_PARAMS:  # (distinct seeds would grow it without end)
+                _PARAMS.clear()
+            _PARAMS[key] = params
+        return params
+
+
+# Sampling.to_params's checked params, by settings (only valid ones are kept).
+_PARAMS: dict[tuple[Any, ...], SamplingParams] = {}
+_MAX_PARAMS = 4096
 
 
 # -- client -> coordinator -------------------------------------------------------------

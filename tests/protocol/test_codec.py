@@ -159,6 +159,23 @@ def test_sampling_values_are_checked_by_to_params_naming_the_field():
     assert caught.value.field == "top_p"
 
 
+def test_equal_settings_share_their_checked_params_and_bad_ones_are_refused_each_time():
+    from disagg.protocol import messages
+
+    assert (
+        Sampling(max_tokens=3, stop=["x"]).to_params()
+        is Sampling(max_tokens=3, stop=["x"]).to_params()
+    )
+    assert Sampling(max_tokens=3, seed=1).to_params().seed == 1
+    for _ in range(2):
+        with pytest.raises(InvalidRequestError) as caught:
+            Sampling(max_tokens=0).to_params()
+        assert caught.value.field == "max_tokens"
+    for seed in range(messages._MAX_PARAMS + 1):  # distinct seeds: the cache stays bounded
+        assert Sampling(seed=seed).to_params().seed == seed
+    assert len(messages._PARAMS) <= messages._MAX_PARAMS
+
+
 # -- every ProtocolError code ----------------------------------------------------------
 
 
