@@ -110,7 +110,7 @@ class RequestEvents:
             rec = self._records[rid] = RequestRecord(rid, client_id, request_id)
             if len(self._records) > self.capacity:
                 self._records.popitem(last=False)
-        else:
+        elif client_id is not None or request_id is not None:
             rec.client_id = rec.client_id or client_id
             rec.request_id = rec.request_id or request_id
         rec.events.append((event, self._clock() if t is None else t, node_id))

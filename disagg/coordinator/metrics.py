@@ -10,8 +10,10 @@ own series; later ones are reported together as ``client_id="_other"``.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -24,8 +26,10 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 #: The label value that stands for every client past the cardinality cap.
 OTHER_CLIENTS = "_other"
@@ -108,22 +112,18 @@ class CoordinatorMetrics:
             namespace=ns,
             registry=reg,
         )
-        self._ttft = Histogram(
-            "ttft_seconds",
+        self._ttft = _ClientHistogram(
+            f"{ns}_ttft_seconds",
             "Time to first token: arrival at the coordinator to the first token sent.",
-            ["client_id"],
-            namespace=ns,
-            registry=reg,
-            buckets=LATENCY_BUCKETS,
+            LATENCY_BUCKETS,
         )
-        self._tpot = Histogram(
-            "tpot_seconds",
+        self._tpot = _ClientHistogram(
+            f"{ns}_tpot_seconds",
             "Time per output token after the first, averaged over each request.",
-            ["client_id"],
-            namespace=ns,
-            registry=reg,
-            buckets=LATENCY_BUCKETS,
+            LATENCY_BUCKETS,
         )
+        reg.register(self._ttft)
+        reg.register(self._tpot)
         self._service = Counter(
             "client_service",
             "Service charged to each client (cost units of h(n_in, n_out), before the weight): "
@@ -195,9 +195,9 @@ class CoordinatorMetrics:
         label = self._label(client_id)
         self._child(self._finished, label, finish_reason).inc()
         if ttft_s is not None:
-            self._child(self._ttft, label).observe(ttft_s)
+            self._ttft.observe(label, ttft_s)
         if tpot_s is not None:
-            self._child(self._tpot, label).observe(tpot_s)
+            self._tpot.observe(label, tpot_s)
 
     def request_failed(self, client_id: str, code: str) -> None:
         self._child(self._failed, self._label(client_id), code).inc()
@@ -278,6 +278,50 @@ class CoordinatorMetrics:
             clients.add(client_id)
             return client_id
         return OTHER_CLIENTS
+
+
+class _ClientHistogram(Collector):
+    """A histogram by ``client_id``, exported as ``prometheus_client.Histogram`` exports
+    one (buckets, count, sum, created), observed with one bisect and two additions: the
+    coordinator observes two per finished request, and ``Histogram`` walks its buckets in
+    Python, with a lock per bucket. Observations come from the coordinator's thread,
+    scrapes from the exporter's."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self._name, self._documentation = name, documentation
+        self._bounds = (*buckets, math.inf)
+        self._lock = threading.Lock()
+        # client -> [observations in each bucket (not cumulative) ..., sum]
+        self._series: dict[str, list[float]] = {}
+        self._created: dict[str, float] = {}
+
+    def observe(self, client_id: str, amount: float) -> None:
+        series = self._series.get(client_id)
+        if series is None:
+            with self._lock:
+                series = self._series[client_id] = [0.0] * (len(self._bounds) + 1)
+                self._created[client_id] = time.time()
+        with self._lock:
+            series[bisect_left(self._bounds, amount)] += 1  # the first bound >= amount
+            series[-1] += amount
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        return iter([HistogramMetricFamily(self._name, self._documentation, labels=["client_id"])])
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            snap = {c: (list(s), self._created[c]) for c, s in self._series.items()}
+        family = HistogramMetricFamily(self._name, self._documentation, labels=["client_id"])
+        for client_id, (series, created) in snap.items():
+            cumulative, buckets = 0.0, []
+            for bound, n in zip(self._bounds, series, strict=False):
+                cumulative += n
+                buckets.append((floatToGoString(bound), cumulative))
+            family.add_metric([client_id], buckets, series[-1])
+            family.samples.append(
+                Sample(f"{self._name}_created", {"client_id": client_id}, created)
+            )
+        return iter([family])
 
 
 class _SlidingAttainment(Collector):

@@ -64,7 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from disagg.engine.parallel.handoff import KVNodeLayout
 from disagg.errors import ProtocolError
-from disagg.protocol.messages import Sampling
+from disagg.protocol.messages import Sampling, SerializedAsItself
 
 NODE_MAGIC = b"disagg-node"
 # Version 3 added ``NodeBatch`` (a node's messages of one coordinator turn in one);
@@ -339,6 +339,7 @@ class NodeBatch(_NodeMessage):
             Welcome | Refused | PrefillTask | DecodeTask | Push | PullGo | SourceLost
             | Release | Counters | Shutdown,
             Field(discriminator="type"),
+            SerializedAsItself(),
         ]
     ]  # fmt: skip
 

@@ -173,3 +173,25 @@ def test_http_exporter_answers_on_an_ephemeral_port():
     finally:
         m.close()
     m.close()  # idempotent
+
+
+def test_the_latency_histograms_read_as_prometheus_client_histograms():
+    """Bucket edges (a value on a bound counts in it), +Inf, count, sum: the text a scrape
+    reads is what ``prometheus_client.Histogram`` writes for the same observations."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from disagg.coordinator.metrics import LATENCY_BUCKETS
+
+    m, reg = CoordinatorMetrics(), CollectorRegistry()
+    help_ = "Time to first token: arrival at the coordinator to the first token sent."
+    ref = Histogram("ttft_seconds", help_, ["client_id"], namespace="disagg", registry=reg,
+                    buckets=LATENCY_BUCKETS)  # fmt: skip
+    for client, seconds in [("a", 0.0), ("a", 0.001), ("b", 0.0011), ("a", 70.0), ("b", 0.05)]:
+        m.request_finished(client, "stop", seconds, None)
+        ref.labels(client).observe(seconds)
+
+    def ttft_lines(text: bytes) -> list[str]:
+        return [x for x in text.decode().splitlines() if "ttft" in x and "_created{" not in x]
+
+    assert ttft_lines(m.render()) == ttft_lines(generate_latest(reg))
+    assert value(m, "disagg_ttft_seconds_created", client_id="a") is not None

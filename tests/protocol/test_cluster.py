@@ -1,6 +1,6 @@
 """The node protocol's frames: a step's tokens travel as columns and come back equal; a
 malformed node message is refused with a ``ProtocolError`` naming the field; another
-protocol version is refused by name."""
+protocol version is refused by name; a batch is its messages, each as it reads alone."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from disagg.protocol.cluster import (
     NODE_PROTOCOL_VERSION,
     DecodeTask,
     Ending,
+    NodeBatch,
     PrefillResult,
+    PrefillTask,
+    Release,
     StepTokens,
     decode_from_coordinator,
     decode_from_node,
@@ -92,3 +95,22 @@ def test_the_text_fields_of_prefill_results_and_decode_tasks():
     bad["text_chars"] = -1
     with pytest.raises(ProtocolError, match=r"decode_task\.text_chars"):
         decode_from_coordinator(_frames(bad))
+
+
+def test_a_batch_carries_each_message_as_it_reads_alone():
+    sampling = Sampling(max_tokens=2, stop=["x"])
+    msgs = [
+        PrefillTask(
+            task=1, rid=1, client_id="c", prompt_token_ids=[1, 2], sampling=sampling,
+            counter=0.5, arrival=1.0,
+        ),
+        DecodeTask(
+            task=2, rid=2, client_id="c", prompt_token_ids=[3], output_token_ids=[5],
+            sampling=sampling, counter=0.0, arrival=0.0, source="p0@0a",
+        ),
+        Release(rid=3),
+    ]  # fmt: skip
+    frames = encode_node(NodeBatch(messages=msgs))
+    assert decode_from_coordinator(frames) == NodeBatch(messages=msgs)
+    payload = json.loads(frames[2])
+    assert payload["messages"] == [json.loads(encode_node(m)[2]) for m in msgs]

@@ -39,6 +39,8 @@ from disagg.protocol import (
     error_from_exception,
     error_reply,
 )
+from disagg.protocol.cluster import DecodeTask, PrefillTask
+from disagg.protocol.messages import made_here
 from disagg.sampling_params import SamplingParams
 
 # -- strategies: random valid messages -------------------------------------------------
@@ -155,6 +157,23 @@ def test_sampling_values_are_checked_by_to_params_naming_the_field():
     with pytest.raises(InvalidRequestError) as caught:
         msg.sampling.to_params()
     assert caught.value.field == "top_p"
+
+
+def test_equal_settings_share_their_checked_params_and_bad_ones_are_refused_each_time():
+    from disagg.protocol import messages
+
+    assert (
+        Sampling(max_tokens=3, stop=["x"]).to_params()
+        is Sampling(max_tokens=3, stop=["x"]).to_params()
+    )
+    assert Sampling(max_tokens=3, seed=1).to_params().seed == 1
+    for _ in range(2):
+        with pytest.raises(InvalidRequestError) as caught:
+            Sampling(max_tokens=0).to_params()
+        assert caught.value.field == "max_tokens"
+    for seed in range(messages._MAX_PARAMS + 1):  # distinct seeds: the cache stays bounded
+        assert Sampling(seed=seed).to_params().seed == seed
+    assert len(messages._PARAMS) <= messages._MAX_PARAMS
 
 
 # -- every ProtocolError code ----------------------------------------------------------
@@ -394,3 +413,22 @@ def test_error_from_exception_maps_each_error_to_its_code():
     assert (failed.code, failed.message) == ("failed", "RuntimeError")
     for err in (invalid, rejected, unavailable, bad, failed):
         assert decode_reply(encode(err)) == err
+
+
+@pytest.mark.parametrize(
+    ("cls", "values"),
+    [
+        (Accepted, {"request_id": "r1", "prompt_token_ids": [1, 2]}),
+        (PrefillTask, {"task": 1, "rid": 2, "client_id": "c", "prompt_token_ids": [3],
+                       "sampling": Sampling(stop=["x"]), "counter": 0.5, "arrival": 1.0}),
+        (DecodeTask, {"task": 1, "rid": 2, "client_id": "c", "prompt_token_ids": [3],
+                      "output_token_ids": [4], "sampling": Sampling(), "counter": 0.0,
+                      "arrival": 1.0, "text_chars": 1}),
+    ],
+)  # fmt: skip
+def test_made_here_builds_what_model_construct_does(cls, values):
+    made, constructed = made_here(cls, **values), cls.model_construct(**values)
+    assert made == constructed == cls(**values)
+    assert repr(made) == repr(constructed)  # the fields in their order, defaults filled
+    assert made.model_fields_set == constructed.model_fields_set
+    assert made.model_dump_json() == cls(**values).model_dump_json()

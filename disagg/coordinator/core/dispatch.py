@@ -13,6 +13,7 @@ from disagg.coordinator.core.state import CoreState
 from disagg.coordinator.nodes import NodeState
 from disagg.coordinator.tracked import Phase, Tracked
 from disagg.protocol.cluster import Counters, DecodeTask, PrefillTask, Release
+from disagg.protocol.messages import made_here
 
 # Unchanged counters are sent again after this long: the coordinator's heartbeat.
 HEARTBEAT_S = 1.0
@@ -49,7 +50,8 @@ class Dispatch(CoreState):
             self.events.record(str(t.rid), "dispatched", node_id=node.node_id, t=self.now)
             self._send_node(
                 node,
-                PrefillTask(
+                made_here(  # (every value ours, or validated as the same type)
+                    PrefillTask,
                     task=node.reserve(need),
                     rid=t.rid,
                     client_id=t.client_id,
@@ -117,12 +119,13 @@ class Dispatch(CoreState):
         sent, pulling the KV from ``source`` when one holds it."""
         self._send_node(
             node,
-            DecodeTask(
+            made_here(  # (every value ours, or validated as the same type)
+                DecodeTask,
                 task=node.reserve(need),
                 rid=t.rid,
                 client_id=t.client_id,
                 prompt_token_ids=t.prompt_token_ids,
-                output_token_ids=t.output_token_ids,
+                output_token_ids=list(t.output_token_ids),  # (a copy: it grows)
                 sampling=t.sampling,
                 counter=self._counter_of(policy, t.client_id),
                 arrival=t.arrival_time,

@@ -63,11 +63,12 @@ class Endings(CoreState):
             self.pools.prefill.remove(t)
         elif t.phase is Phase.WAITING_DECODE:
             self.pools.decode.remove(t)
-        for name in {
+        # (a node named twice is released once: the second time it holds t no more)
+        for name in (
             t.prefill_node if t.phase is Phase.PREFILLING else None,
             t.kv_node,
             t.decode_node if t.phase is Phase.DECODING else None,
-        }:
+        ):
             node = self.nodes.get(name) if name else None
             if node is not None and t.rid in node.requests:
                 node.requests.discard(t.rid)

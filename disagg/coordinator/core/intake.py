@@ -19,6 +19,7 @@ from disagg.protocol import (
     Pong,
     error_from_exception,
 )
+from disagg.protocol.messages import made_here
 
 
 class Intake(Endings):
@@ -102,9 +103,11 @@ class Intake(Endings):
         )
         if self.metrics:
             self.metrics.request_arrived(client)
-        self._reply(
-            identity, Accepted(request_id=msg.request_id, prompt_token_ids=t.prompt_token_ids)
+        # (unvalidated: the id was validated on receipt, the token ids by _prompt_ids)
+        accepted = made_here(
+            Accepted, request_id=msg.request_id, prompt_token_ids=t.prompt_token_ids
         )
+        self._reply(identity, accepted)
 
     def _check_predicted_ttft(self, t: Tracked) -> None:
         s = self.settings
