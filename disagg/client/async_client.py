@@ -19,6 +19,7 @@ when it is released, so the coordinator never works for a caller that has gone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -28,7 +29,7 @@ from typing import Any
 import zmq
 
 from disagg.client.async_stream import AsyncStream
-from disagg.client.call import Call
+from disagg.client.call import Call, new_request_id
 from disagg.client.request import Request, check_timeout, exception_for, prepare_request
 from disagg.client.results import Completion, StreamChunk
 from disagg.errors import (
@@ -51,6 +52,7 @@ from disagg.protocol import (
     decode_reply,
     encode,
 )
+from disagg.sampling_params import SamplingParams
 
 _log = logging.getLogger(__name__)
 
@@ -162,7 +164,7 @@ class AsyncClient:
         sends nothing between ``Accepted`` and ``Finished``)."""
         request = prepare_request(prompt, client_id, timeout, sampling, self.timeout)
         loop = self._ensure_started()
-        call = Call(uuid.uuid4().hex)
+        call = Call(new_request_id())
         if request.timeout is not None:
             call.deadline = loop.time() + request.timeout
         try:
@@ -273,7 +275,7 @@ class AsyncClient:
                 client_id=request.client_id,
                 api_key=self._api_key,
                 prompt=request.prompt,
-                sampling=Sampling.from_params(request.params),
+                sampling=_sampling(request.params),
                 stream=stream,
             )
         )
@@ -472,3 +474,9 @@ class AsyncClient:
         # (or close(), if that comes first) sends the Abort.
         call.heard = True
         call.put(exc)
+
+
+@functools.lru_cache(maxsize=256)
+def _sampling(params: SamplingParams) -> Sampling:
+    # Callers mostly repeat a few settings; both types are immutable, so share the result.
+    return Sampling.from_params(params)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import uuid
 from typing import TYPE_CHECKING
 
-from disagg.client.call import Call
+from disagg.client.call import Call, new_request_id
 from disagg.client.request import Request, exception_for
 from disagg.client.results import Completion, StreamChunk
 from disagg.errors import RequestFailed
@@ -24,7 +23,7 @@ class AsyncStream:
     def __init__(self, client: AsyncClient, request: Request) -> None:
         self._client = client
         self._request = request
-        self._call = Call(uuid.uuid4().hex)
+        self._call = Call(new_request_id())
         self._started = False
         self._closed = False
         self.completion: Completion | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import deque
 
 from disagg.client.results import StreamChunk
@@ -10,6 +11,11 @@ from disagg.errors import DisaggError
 from disagg.protocol import ServerMessage
 
 Item = ServerMessage | StreamChunk | DisaggError
+
+
+def new_request_id() -> str:
+    """32 random hex digits, as unique as ``uuid4().hex`` and a fifth of its cost."""
+    return os.urandom(16).hex()
 
 
 class Call:
@@ -57,9 +63,20 @@ class Call:
         """The next item, waiting for one if none is there. Raises an item that is an
         exception, and :class:`TimeoutError` once :attr:`deadline` passes; ``wait_s``
         first moves the deadline to that many seconds from now (a bound on this wait)."""
-        if not self._items:
-            await self._wait(wait_s)
-        item = self._items.popleft()
+        items = self._items
+        if not items:  # wait (inline: a coroutine less per wait, and this runs per token)
+            loop = asyncio.get_running_loop()
+            if wait_s is not None:
+                self.deadline = loop.time() + wait_s
+            if self.deadline is not None and self._timer is None:
+                self._timer = loop.call_at(self.deadline, self._on_timer)
+                self._armed_for = self.deadline
+            self._waiter = loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = items.popleft()
         if isinstance(item, DisaggError):
             raise item
         return item
@@ -68,19 +85,6 @@ class Call:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-    async def _wait(self, wait_s: float | None) -> None:
-        loop = asyncio.get_running_loop()
-        if wait_s is not None:
-            self.deadline = loop.time() + wait_s
-        if self.deadline is not None and self._timer is None:
-            self._timer = loop.call_at(self.deadline, self._on_timer)
-            self._armed_for = self.deadline
-        self._waiter = loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
 
     def _on_timer(self) -> None:
         self._timer = None
