@@ -78,8 +78,8 @@ class AsyncClient:
 
     ``timeout`` is the default per call (seconds; ``math.inf`` for none). The socket
     connects at once (ZeroMQ connects in the background and queues messages meanwhile);
-    the client starts reading it on first use. Use ``async with`` or call :meth:`close`, which
-    aborts requests still in flight.
+    the client starts reading it on first use. Use ``async with`` or call :meth:`close`,
+    which aborts requests still in flight.
     """
 
     def __init__(
@@ -134,7 +134,9 @@ class AsyncClient:
         self._sock = sock
         self._fd: int = sock.getsockopt(zmq.FD)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._outbox: deque[list[bytes]] = deque()  # frames the socket could not take yet
+        # Messages the socket could not take yet (its pipe full), in order, with the id of
+        # the request each starts (None for the others).
+        self._outbox: deque[tuple[str | None, list[bytes]]] = deque()
         self._calls: dict[str, Call] = {}
         self._pings: dict[str, asyncio.Future[None]] = {}
         self._closed = False
@@ -281,7 +283,7 @@ class AsyncClient:
         )
         self._calls[call.request_id] = call
         call.submitted = True
-        self._send(frames)
+        self._send(frames, starts=call.request_id)
 
     def _release(self, call: Call) -> None:
         """The caller is done with ``call``: forget it, and abort it unless settled."""
@@ -292,6 +294,8 @@ class AsyncClient:
         call.settled = True
         if self._sock.closed:
             return  # close() already aborted every call it knew
+        if self._outbox and self._drop_unsent(call.request_id):
+            return  # its Generate never left: there is nothing to abort
         try:
             self._send(encode(Abort(request_id=call.request_id)))
         except zmq.ZMQError as e:
@@ -316,11 +320,12 @@ class AsyncClient:
 
     # -- the socket -----------------------------------------------------------------
 
-    def _send(self, frames: list[bytes]) -> None:
+    def _send(self, frames: list[bytes], *, starts: str | None = None) -> None:
         """Hands ``frames`` to the socket without blocking; what it cannot take yet (its
-        pipe is full) waits, in order, until the socket says ``POLLOUT``."""
+        pipe is full) waits, in order, until the socket says ``POLLOUT``. ``starts``: the
+        request these frames start."""
         if self._outbox or not self._try_send(frames):
-            self._outbox.append(frames)
+            self._outbox.append((starts, frames))
         # A send processes the socket's pending commands, which can consume the edge that
         # would have woken the reader: look at the events again, once per turn of the loop.
         if not self._events_check_scheduled:
@@ -341,8 +346,15 @@ class AsyncClient:
 
     def _flush_outbox(self) -> None:
         outbox = self._outbox
-        while outbox and self._try_send(outbox[0]):
+        while outbox and self._try_send(outbox[0][1]):
             outbox.popleft()
+
+    def _drop_unsent(self, request_id: str) -> bool:
+        for i, (starts, _) in enumerate(self._outbox):
+            if starts == request_id:
+                del self._outbox[i]
+                return True
+        return False
 
     def _on_events(self) -> None:
         """The loop's reader callback on the socket's FD, and the check after sends: sends

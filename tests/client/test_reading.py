@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from disagg.client import AsyncClient
+from disagg.client import AsyncClient, ServerUnavailable
 from disagg.protocol import Finished, Pong, Tokens, decode_request, encode
 
 # Long enough for a message sent by the ROUTER to reach the client's socket.
@@ -105,3 +105,54 @@ def test_one_tokens_message_naming_a_request_twice_gives_it_two_chunks(run, rout
     chunks_a, chunks_b = run(main())
     assert chunks_a == [(0, [10, 11], "ab"), (2, [12], "")]
     assert chunks_b == [(0, [20], "c"), (1, [21], "d")]
+
+
+def test_requests_past_a_full_pipe_wait_and_leave_in_order_once_it_drains(run, dead_address):
+    # Nothing listens yet: ZeroMQ queues 1000 messages (its send HWM), the client keeps the
+    # rest, and sends them, in order, once a coordinator appears and the pipe drains.
+    count = 1100
+
+    async def main():
+        async with AsyncClient(dead_address, timeout=5) as client:
+            streams = [client.stream([1], client_id="c", max_tokens=1) for _ in range(count)]
+            reading = [asyncio.ensure_future(s.__anext__()) for s in streams]
+            await asyncio.sleep(0.05)  # every request submitted
+            assert client._outbox, "the pipe took everything; the test needs a fuller one"
+            router = zmq.Context.instance().socket(zmq.ROUTER)
+            try:
+                router.bind(dead_address)
+                order = []
+                while len(order) < count:
+                    await asyncio.sleep(0)  # the client flushes on the loop
+                    if router.poll(50):
+                        identity, *frames = router.recv_multipart()
+                        order.append(decode_request(frames).request_id)
+                for rid in order:
+                    chunk = Tokens(request_ids=[rid], indices=[0], token_ids=[5], texts=["x"])
+                    router.send_multipart([identity, *encode(chunk)])
+                chunks = await asyncio.gather(*reading)
+            finally:
+                router.close(linger=0)
+            return [s.request_id for s in streams], order, chunks, list(client._outbox)
+
+    sent, order, chunks, outbox = run(main())
+    assert order == sent
+    assert [c.token_ids for c in chunks] == [[5]] * count
+    assert not outbox
+
+
+def test_a_request_that_never_left_is_dropped_not_aborted(run, dead_address):
+    # 1100 requests to nowhere: the pipe takes the first 1000 (its HWM), so those are
+    # aborted (the aborts wait for room); the rest never left, so they are dropped.
+    count = 1100
+
+    async def main():
+        async with AsyncClient(dead_address, timeout=0.3) as client:
+            calls = [client.generate([1], client_id="c") for _ in range(count)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            return results, [decode_request(frames) for _, frames in client._outbox]
+
+    results, waiting = run(main())
+    assert all(isinstance(r, ServerUnavailable) for r in results)
+    assert 0 < len(waiting) < count
+    assert all(msg.type == "abort" for msg in waiting)
