@@ -1,9 +1,14 @@
-"""The asyncio client: one DEALER socket, one receive task, many requests in flight.
+"""The asyncio client: one DEALER socket, many requests in flight.
 
-Every request is a :class:`Call` registered under its id; the receive task decodes each
-reply and puts it on that call's queue, and the coroutine that made the request reads
-its queue. So requests never wait on each other, and a reply the client cannot read
-fails only the request it names.
+Every request is a :class:`Call` registered under its id; the event loop's reader
+callback on the socket decodes each reply and hands it to that call, and the coroutine
+that made the request takes it from there. So requests never wait on each other, and a
+reply the client cannot read fails only the request it names.
+
+The socket is a plain ZeroMQ socket read from the loop's reader callback on its FD, not
+a ``zmq.asyncio`` one (which costs a future and several callbacks per message). That FD
+signals edges, not levels: a callback takes messages while ``EVENTS`` says ``POLLIN``,
+and since a send can consume an edge, every send looks at ``EVENTS`` again.
 
 Invariant: a call is *settled* once the coordinator has ended it (``Finished`` or
 ``Error``) or the client has sent ``Abort`` for it. A call that ends any other way (a
@@ -14,16 +19,17 @@ when it is released, so the coordinator never works for a caller that has gone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from disagg.client.async_stream import AsyncStream
-from disagg.client.call import Call
+from disagg.client.call import Call, new_request_id
 from disagg.client.request import Request, check_timeout, exception_for, prepare_request
 from disagg.client.results import Completion, StreamChunk
 from disagg.errors import (
@@ -46,6 +52,7 @@ from disagg.protocol import (
     decode_reply,
     encode,
 )
+from disagg.sampling_params import SamplingParams
 
 _log = logging.getLogger(__name__)
 
@@ -55,6 +62,15 @@ DEFAULT_CLIENT_MAX_MESSAGE_BYTES = 64 << 20
 # How long a closed socket keeps trying to deliver the Aborts sent just before closing.
 # ZeroMQ does this in its I/O thread: close() itself never blocks.
 _CLOSE_LINGER_MS = 1000
+# Messages one reader callback takes before it lets the loop's other callbacks run.
+_MAX_MESSAGES_PER_CALLBACK = 64
+# pyzmq's flags are enum members, and combining or converting one is a Python call.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+_EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
 
 
 class AsyncClient:
@@ -62,8 +78,8 @@ class AsyncClient:
 
     ``timeout`` is the default per call (seconds; ``math.inf`` for none). The socket
     connects at once (ZeroMQ connects in the background and queues messages meanwhile);
-    the receive task starts on first use. Use ``async with`` or call :meth:`close`, which
-    aborts requests still in flight.
+    the client starts reading it on first use. Use ``async with`` or call :meth:`close`,
+    which aborts requests still in flight.
     """
 
     def __init__(
@@ -73,7 +89,7 @@ class AsyncClient:
         timeout: float = 60.0,
         api_key: str | None = None,
         max_message_bytes: int = DEFAULT_CLIENT_MAX_MESSAGE_BYTES,
-        context: zmq.asyncio.Context | None = None,
+        context: zmq.Context | None = None,
         server_key: str | None = None,
     ) -> None:
         if (
@@ -94,8 +110,8 @@ class AsyncClient:
         self.timeout = check_timeout(timeout)
         self._api_key = api_key
         self._max_message_bytes = max_message_bytes
-        ctx = context or zmq.asyncio.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
+        # A plain socket even from a zmq.asyncio context: the loop's reader callback reads it.
+        sock = zmq.Socket(context or zmq.Context.instance(), zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         # A routing id of our own survives reconnects, so replies to requests in flight
         # still reach us after a dropped TCP connection (the coordinator's ROUTER sets
@@ -116,12 +132,16 @@ class AsyncClient:
             sock.close()
             raise ConfigError("address", f"cannot connect to {address!r}: {e}") from None
         self._sock = sock
+        self._fd: int = sock.getsockopt(zmq.FD)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._recv_task: asyncio.Task[None] | None = None
+        # Messages the socket could not take yet (its pipe full), in order, with the id of
+        # the request each starts (None for the others).
+        self._outbox: deque[tuple[str | None, list[bytes]]] = deque()
         self._calls: dict[str, Call] = {}
         self._pings: dict[str, asyncio.Future[None]] = {}
         self._closed = False
-        self._broken: str | None = None  # why the receive task stopped, if it did
+        self._events_check_scheduled = False
+        self._broken: str | None = None  # why the client stopped receiving, if it did
 
     # -- public API ----------------------------------------------------------------
 
@@ -145,17 +165,19 @@ class AsyncClient:
         """Runs one request to its end. ``timeout`` bounds the whole call (the coordinator
         sends nothing between ``Accepted`` and ``Finished``)."""
         request = prepare_request(prompt, client_id, timeout, sampling, self.timeout)
-        call = Call(uuid.uuid4().hex)
+        loop = self._ensure_started()
+        call = Call(new_request_id())
+        if request.timeout is not None:
+            call.deadline = loop.time() + request.timeout
         try:
-            async with asyncio.timeout(request.timeout):
-                await self._submit(call, request, stream=False)
-                while True:
-                    msg = await call.next()
-                    if isinstance(msg, Finished):
-                        return Completion.from_message(msg)
-                    if isinstance(msg, Error):
-                        raise exception_for(msg, self.address)
-                    # Accepted (and tokens, should the coordinator stream anyway): progress.
+            self._submit(call, request, stream=False)
+            while True:
+                msg = await call.next()
+                if isinstance(msg, Finished):
+                    return Completion.from_message(msg)
+                if isinstance(msg, Error):
+                    raise exception_for(msg, self.address)
+                # Accepted (and tokens, should the coordinator stream anyway): progress.
         except TimeoutError:
             raise self._timeout_error(call, request.timeout, "finish") from None
         finally:
@@ -188,7 +210,7 @@ class AsyncClient:
         start = time.perf_counter()  # uvloop.time() ticks in whole milliseconds
         try:
             async with asyncio.timeout(limit):
-                await self._sock.send_multipart(encode(Ping(nonce=nonce)))
+                self._send(encode(Ping(nonce=nonce)))
                 await pong
         except TimeoutError:
             raise ServerUnavailable(
@@ -209,7 +231,7 @@ class AsyncClient:
         self._closed = True
         for call in list(self._calls.values()):
             self._release(call)
-            call.queue.put_nowait(
+            call.put(
                 RequestFailed(
                     f"the client was closed while request {call.request_id} was in flight; "
                     "it was aborted",
@@ -220,9 +242,9 @@ class AsyncClient:
             if not pong.done():
                 pong.set_exception(RequestFailed("the client was closed during a ping"))
         self._pings.clear()
-        if self._recv_task is not None:
-            self._recv_task.cancel()
-            await asyncio.wait([self._recv_task])
+        self._stop_reading()
+        if self._outbox:  # a last try; the linger delivers what the socket takes
+            self._flush_outbox()
         self._sock.close(linger=_CLOSE_LINGER_MS)
 
     async def __aenter__(self) -> AsyncClient:
@@ -242,14 +264,12 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
-            self._recv_task = loop.create_task(
-                self._receive(), name=f"disagg-client {self.address}"
-            )
+            loop.add_reader(self._fd, self._on_events)
         elif loop is not self._loop:
             raise RuntimeError("an AsyncClient serves one event loop; make one per loop")
         return loop
 
-    async def _submit(self, call: Call, request: Request, *, stream: bool) -> None:
+    def _submit(self, call: Call, request: Request, *, stream: bool) -> None:
         self._ensure_started()
         frames = encode(
             Generate(
@@ -257,32 +277,29 @@ class AsyncClient:
                 client_id=request.client_id,
                 api_key=self._api_key,
                 prompt=request.prompt,
-                sampling=Sampling.from_params(request.params),
+                sampling=_sampling(request.params),
                 stream=stream,
             )
         )
         self._calls[call.request_id] = call
         call.submitted = True
-        await self._sock.send_multipart(frames)
+        self._send(frames, starts=call.request_id)
 
     def _release(self, call: Call) -> None:
         """The caller is done with ``call``: forget it, and abort it unless settled."""
         self._calls.pop(call.request_id, None)
+        call.cancel_timer()
         if call.settled or not call.submitted:
             return
         call.settled = True
         if self._sock.closed:
             return  # close() already aborted every call it knew
-        sent = self._sock.send_multipart(
-            encode(Abort(request_id=call.request_id)), flags=zmq.NOBLOCK
-        )
-        sent.add_done_callback(self._abort_sent)
-
-    def _abort_sent(self, sent: asyncio.Future[Any]) -> None:
-        if sent.cancelled():
-            return  # the socket closed first; close() lingers to deliver what it queued
-        if (exc := sent.exception()) is not None:
-            _log.warning("could not send an abort to %s: %s", self.address, exc)
+        if self._outbox and self._drop_unsent(call.request_id):
+            return  # its Generate never left: there is nothing to abort
+        try:
+            self._send(encode(Abort(request_id=call.request_id)))
+        except zmq.ZMQError as e:
+            _log.warning("could not send an abort to %s: %s", self.address, e)
 
     def _timeout_error(self, call: Call, timeout: float | None, what: str) -> DisaggError:
         # Nothing heard: the coordinator is down, unreachable or swamped, and as far as we
@@ -301,23 +318,93 @@ class AsyncClient:
             request_id=call.request_id,
         )
 
-    # -- the receive task ----------------------------------------------------------
+    # -- the socket -----------------------------------------------------------------
 
-    async def _receive(self) -> None:
+    def _send(self, frames: list[bytes], *, starts: str | None = None) -> None:
+        """Hands ``frames`` to the socket without blocking; what it cannot take yet (its
+        pipe is full) waits, in order, until the socket says ``POLLOUT``. ``starts``: the
+        request these frames start."""
+        if self._outbox or not self._try_send(frames):
+            self._outbox.append((starts, frames))
+        # A send processes the socket's pending commands, which can consume the edge that
+        # would have woken the reader: look at the events again, once per turn of the loop.
+        if not self._events_check_scheduled:
+            self._events_check_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._on_events)
+
+    def _try_send(self, frames: list[bytes]) -> bool:
+        *head, last = frames
+        send = self._sock.send
         try:
-            while True:
-                frames = await self._sock.recv_multipart()
-                self._dispatch(frames)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a dead receive task must fail every caller, not hang them
-            _log.exception("the receive task for %s stopped", self.address)
-            self._broken = f"{type(e).__name__}: {e}"
-            for call in list(self._calls.values()):
-                self._fail(call, RequestFailed(f"the client stopped receiving: {self._broken}"))
-            for pong in self._pings.values():
-                if not pong.done():
-                    pong.set_exception(RequestFailed(f"the client stopped: {self._broken}"))
+            for frame in head:
+                send(frame, _SNDMORE_NOBLOCK)
+            send(last, _NOBLOCK)
+        except zmq.Again:  # only at the first frame: ZeroMQ takes a message whole or not at all
+            return False
+        return True
+
+    def _flush_outbox(self) -> None:
+        outbox = self._outbox
+        while outbox and self._try_send(outbox[0][1]):
+            outbox.popleft()
+
+    def _drop_unsent(self, request_id: str) -> bool:
+        for i, (starts, _) in enumerate(self._outbox):
+            if starts == request_id:
+                del self._outbox[i]
+                return True
+        return False
+
+    def _on_events(self) -> None:
+        """The loop's reader callback on the socket's FD, and the check after sends: sends
+        what waits for room, then dispatches the replies queued, at most
+        ``_MAX_MESSAGES_PER_CALLBACK`` before letting other callbacks run."""
+        self._events_check_scheduled = False
+        if self._closed or self._broken is not None:
+            return
+        sock = self._sock
+        try:
+            events = sock.getsockopt(_EVENTS)
+            if self._outbox and events & _POLLOUT:
+                self._flush_outbox()
+                events = sock.getsockopt(_EVENTS)
+            for _ in range(_MAX_MESSAGES_PER_CALLBACK):
+                if not events & _POLLIN:
+                    return
+                self._dispatch(self._recv_frames())
+                events = sock.getsockopt(_EVENTS)
+        except Exception as e:  # a client that stopped reading must fail every caller
+            self._stop_receiving(e)
+            return
+        # More may be queued, and the FD will not signal it again: come back after the
+        # loop's other callbacks.
+        self._events_check_scheduled = True
+        assert self._loop is not None
+        self._loop.call_soon(self._on_events)
+
+    def _recv_frames(self) -> list[bytes]:
+        recv, get = self._sock.recv, self._sock.getsockopt
+        frames = [recv(_NOBLOCK)]
+        while get(_RCVMORE):
+            frames.append(recv(_NOBLOCK))
+        return frames
+
+    def _stop_reading(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+
+    def _stop_receiving(self, e: Exception) -> None:
+        _log.error("the client for %s stopped receiving", self.address, exc_info=e)
+        self._broken = f"{type(e).__name__}: {e}"
+        self._stop_reading()
+        for call in list(self._calls.values()):
+            self._fail(call, RequestFailed(f"the client stopped receiving: {self._broken}"))
+        for pong in self._pings.values():
+            if not pong.done():
+                pong.set_exception(RequestFailed(f"the client stopped: {self._broken}"))
+
+    # -- replies ---------------------------------------------------------------------
 
     def _dispatch(self, frames: list[bytes]) -> None:
         try:
@@ -352,7 +439,7 @@ class AsyncClient:
         if msg.type in ("finished", "error"):
             call.settled = True
             del self._calls[msg.request_id]
-        call.queue.put_nowait(msg)
+        call.put(msg)
 
     def _take_tokens(self, msg: Tokens) -> None:
         """A request's consecutive tokens in the message, as one chunk, to its request
@@ -368,7 +455,7 @@ class AsyncClient:
             if call is not None:
                 call.heard = True
                 texts = msg.texts[i] if j == i + 1 else "".join(msg.texts[i:j])
-                call.queue.put_nowait(StreamChunk(indices[i], msg.token_ids[i:j], texts))
+                call.put(StreamChunk(indices[i], msg.token_ids[i:j], texts))
             i = j
 
     def _on_unreadable(self, e: ProtocolError) -> None:
@@ -398,4 +485,10 @@ class AsyncClient:
         # Not settled, and still registered until the caller releases it: the release
         # (or close(), if that comes first) sends the Abort.
         call.heard = True
-        call.queue.put_nowait(exc)
+        call.put(exc)
+
+
+@functools.lru_cache(maxsize=256)
+def _sampling(params: SamplingParams) -> Sampling:
+    # Callers mostly repeat a few settings; both types are immutable, so share the result.
+    return Sampling.from_params(params)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import uuid
 from typing import TYPE_CHECKING
 
-from disagg.client.call import Call
+from disagg.client.call import Call, new_request_id
 from disagg.client.request import Request, exception_for
 from disagg.client.results import Completion, StreamChunk
 from disagg.errors import RequestFailed
@@ -25,7 +23,7 @@ class AsyncStream:
     def __init__(self, client: AsyncClient, request: Request) -> None:
         self._client = client
         self._request = request
-        self._call = Call(uuid.uuid4().hex)
+        self._call = Call(new_request_id())
         self._started = False
         self._closed = False
         self.completion: Completion | None = None
@@ -40,38 +38,34 @@ class AsyncStream:
     async def __anext__(self) -> StreamChunk:
         if self._closed:
             raise StopAsyncIteration
+        call = self._call
         try:
-            return await self._next_chunk()
-        except BaseException:  # the end, an error, a timeout or a cancellation: all final
+            if not self._started:
+                self._started = True
+                self._client._submit(call, self._request, stream=True)
+            while True:
+                msg = await call.next(self._request.timeout)
+                if type(msg) is StreamChunk:
+                    if msg.index != call.next_index:
+                        raise RequestFailed(
+                            f"request {call.request_id}: the coordinator sent tokens at "
+                            f"output position {msg.index}, expected {call.next_index}",
+                            request_id=call.request_id,
+                        )
+                    call.next_index += len(msg.token_ids)
+                    return msg
+                if isinstance(msg, Finished):
+                    self.completion = Completion.from_message(msg)
+                    raise StopAsyncIteration
+                if isinstance(msg, Error):
+                    raise exception_for(msg, self._client.address)
+        except BaseException as e:  # the end, an error, a timeout or a cancellation: all final
             self._closed = True
-            self._client._release(self._call)
+            self._client._release(call)
+            if isinstance(e, TimeoutError):
+                timeout = self._request.timeout
+                raise self._client._timeout_error(call, timeout, "send anything") from None
             raise
-
-    async def _next_chunk(self) -> StreamChunk:
-        client, call, timeout = self._client, self._call, self._request.timeout
-        try:
-            async with asyncio.timeout(timeout):
-                if not self._started:
-                    self._started = True
-                    await client._submit(call, self._request, stream=True)
-                while True:
-                    msg = await call.next()
-                    if isinstance(msg, StreamChunk):
-                        if msg.index != call.next_index:
-                            raise RequestFailed(
-                                f"request {call.request_id}: the coordinator sent tokens at "
-                                f"output position {msg.index}, expected {call.next_index}",
-                                request_id=call.request_id,
-                            )
-                        call.next_index += len(msg.token_ids)
-                        return msg
-                    if isinstance(msg, Finished):
-                        self.completion = Completion.from_message(msg)
-                        raise StopAsyncIteration
-                    if isinstance(msg, Error):
-                        raise exception_for(msg, client.address)
-        except TimeoutError:
-            raise client._timeout_error(call, timeout, "send anything") from None
 
     async def aclose(self) -> None:
         """Stops the stream; aborts the request if it has not finished."""
