@@ -7,6 +7,12 @@ per request shows without the machine's noise of a served run::
 
     python -m bench.coordinator_core [--requests 20480] [--in-flight 1024] [--freeze]
 
+``--stream-steps N`` times the streamed-token path instead: ``--in-flight`` streamed
+requests on one decode node, N decode steps of one token each (a ``StepTokens`` of the
+whole batch, each token with its text), split into decoding the step, the core's
+handling (index checks, charges, the connection's columns) and encoding the clients'
+``tokens``, per token.
+
 ``--freeze`` does what the served coordinator does (``gc.freeze()`` of what the process
 holds when it starts serving, here after importing what ``disagg serve`` imports).
 """
@@ -122,16 +128,88 @@ def run(requests: int, in_flight: int) -> tuple[Timed, int]:
     return timed, done
 
 
+def run_stream(in_flight: int, steps: int) -> tuple[Timed, int]:
+    """``in_flight`` streamed requests decoded ``steps`` tokens each on one node."""
+    model_dir = resolve_model_dir("tiny")
+    core = CoordinatorCore(
+        ModelConfig.from_dir(model_dir),
+        Tokenizer.from_dir(model_dir),
+        CoordinatorSettings(),
+        metrics=CoordinatorMetrics(),
+    )
+    timed, now = Timed(), 100.0
+
+    def sent(out: Outbox) -> list[Any]:
+        for _, msg in coalesced(out.client_sends(), client_batch):
+            timed("encode tokens", encode, msg)
+        msgs = []
+        for _, msg in coalesced(out.nodes, node_batch):
+            msg = decode_from_coordinator(encode_node(msg))
+            msgs += msg.messages if msg.type == "batch" else [msg]
+        return msgs
+
+    def from_node(node_id: str, msg: Any) -> list[Any]:
+        decoded = timed(f"decode {msg.type}", decode_from_node, encode_node(msg))
+        out = timed(f"on_node {msg.type}", core.on_node, node_id.encode(), decoded, now)
+        return sent(out) + sent(core.dispatch(now))
+
+    for node_id, role in (("p0", "prefill"), ("d0", "decode")):
+        from_node(node_id, Register(
+            node_id=node_id, role=role, endpoint=f"{node_id}@0a", model="tiny", block_size=16,
+            capacity_tokens=1 << 30, max_model_len=1 << 16, max_batch_tokens=1 << 30, pid=1,
+        ))  # fmt: skip
+    sampling = Sampling(max_tokens=steps + 1, temperature=0)
+    for k in range(in_flight):
+        frames = encode(Generate(request_id=f"r{k}", client_id=f"c{k % 4}", prompt=PROMPT,
+                                 sampling=sampling, stream=True))  # fmt: skip
+        sent(core.on_client(f"client{k % 4}".encode(), decode_request(frames), now))
+    tasks = [m for m in sent(core.dispatch(now)) if m.type == "prefill_task"]
+    results = [
+        PrefillResult(rid=t.rid, first_token=5, text="a", prefill_start=0.0, prefill_s=0.01)
+        for t in tasks
+    ]
+    rids = [m.rid for m in from_node("p0", Prefilled(results=results)) if m.type == "decode_task"]
+    from_node("d0", PullRequest(rids=rids))
+    from_node("p0", Pushed(rids=rids, dest="d0@0a"))
+    from_node("d0", Pulled(rids=rids, source="p0@0a"))
+    timed.spent.clear()  # only the steps
+    n = len(rids)
+    for i in range(1, steps + 1):
+        ends = [Ending(rid=r, finish_reason="length") for r in rids] if i == steps else []
+        from_node("d0", StepTokens(
+            rids=rids, indices=[i] * n, tokens=[6 + i % 100] * n, texts=[" ab"] * n,
+            finished=ends, step_s=0.01,
+        ))  # fmt: skip
+        now += 0.001
+    assert not core.requests, f"{len(core.requests)} requests left"
+    return timed, n * steps
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=20480)
     p.add_argument("--in-flight", type=int, default=1024)
     p.add_argument("--freeze", action="store_true", help="gc.freeze() first, as served")
+    p.add_argument("--stream-steps", type=int, metavar="N",
+                   help="time streamed tokens: N decode steps of --in-flight requests")  # fmt: skip
     args = p.parse_args()
     import disagg.serve  # noqa: F401  (what a serving process holds)
 
     if args.freeze:
         gc.freeze()
+    if args.stream_steps:
+        run_stream(args.in_flight, min(args.stream_steps, 16))  # warm-up
+        timed, tokens = run_stream(args.in_flight, args.stream_steps)
+        total = sum(timed.spent.values())
+        print(
+            f"coordinator core + codec, {args.in_flight} streams x {args.stream_steps} "
+            f"tokens{', gc frozen' if args.freeze else ''}: {total / tokens * 1e6:.2f} us "
+            "per streamed token (the last step's endings included)"
+        )
+        for what, seconds in timed.spent.most_common():
+            print(f"  {what:<28} {seconds / tokens * 1e6:7.2f} us")
+        gc.unfreeze()
+        return
     run(min(args.requests, args.in_flight), args.in_flight)  # warm-up
     timed, done = run(args.requests, args.in_flight)
     total = sum(timed.spent.values())
