@@ -10,8 +10,8 @@ all of it, one message per peer (a ``batch`` of several where needed); every
 Runs on one asyncio loop (uvloop when installed by ``main``); every handler is
 synchronous and short, so no locks. The sockets are plain (blocking-free) ZeroMQ
 sockets read from the loop's reader callbacks on their file descriptors, not
-zmq.asyncio's: that costs a future and several callbacks per message, which at tens of
-thousands of node and client messages a second was a quarter of the coordinator's CPU.
+zmq.asyncio's: that costs a future and several callbacks per message, a quarter of the
+coordinator's Python time (py-spy) at tens of thousands of messages a second.
 """
 
 from __future__ import annotations
