@@ -247,3 +247,31 @@ def test_a_stale_view_learns_a_lift_with_the_request_that_caused_it():
     prefill_view = pools.views[0]
     assert prefill_view.counter("late") == pools.ledgers[0].counter("late") == 250
     assert prefill_view.counter("busy") == 250
+
+
+@pytest.mark.parametrize("cost", [LinearCost(), LinearCost(w_in=1, w_out=3), QuadraticCost()])
+def test_a_steps_tokens_charged_at_once_equal_them_charged_one_by_one(cost):
+    """The coordinator charges a decode step's tokens per request at once
+    (``on_tokens_of``); with a linear cost VTC sums them per client. The counters come
+    out as charging every token alone (quadratic: each request's run of tokens priced
+    from where it started)."""
+    ledger_kwargs = dict(weights={"b": 2.0})
+    one, many = (CounterOrdered(ServiceLedger(**ledger_kwargs), cost) for _ in range(2))
+    reqs = {p: [Req(i, c, prompt=7 + i) for i, c in enumerate("aabc")] for p in (one, many)}
+    for p, rs in reqs.items():
+        for r in rs:
+            p.add(r)
+        for _ in rs:
+            admit(p)
+    for step_tokens in ([1, 1, 1, 1], [2, 0, 3, 1], [1, 4, 1, 0]):
+        for r, n in zip(reqs[one], step_tokens, strict=True):
+            for _ in range(n):
+                produce(one, r)
+        counts = {}
+        for r, n in zip(reqs[many], step_tokens, strict=True):
+            r.output += n
+            counts[r] = n
+        many.on_tokens_of(counts)
+        for client in "abc":
+            assert many.ledger.counter(client) == pytest.approx(one.ledger.counter(client))
+    assert one.ledger.counter("a") > 0
