@@ -63,17 +63,28 @@ class Timed:
         return out
 
 
-def run(requests: int, in_flight: int) -> tuple[Timed, int]:
-    model_dir = resolve_model_dir("tiny")
-    core = CoordinatorCore(
-        ModelConfig.from_dir(model_dir),
-        Tokenizer.from_dir(model_dir),
-        CoordinatorSettings(),
-        metrics=CoordinatorMetrics(),
-    )
-    timed, now = Timed(), 100.0
+class Driver:
+    """A coordinator core with one prefill node (p0) and one decode node (d0) registered,
+    fed messages as the served system feeds it (each encoded, then decoded): what the
+    coordinator's side spends is timed in ``timed``, by what it was doing."""
 
-    def sent(out: Outbox) -> list[Any]:
+    def __init__(self) -> None:
+        model_dir = resolve_model_dir("tiny")
+        self.core = CoordinatorCore(
+            ModelConfig.from_dir(model_dir),
+            Tokenizer.from_dir(model_dir),
+            CoordinatorSettings(),
+            metrics=CoordinatorMetrics(),
+        )
+        self.timed, self.now = Timed(), 100.0
+        for node_id, role in (("p0", "prefill"), ("d0", "decode")):
+            self.from_node(node_id, Register(
+                node_id=node_id, role=role, endpoint=f"{node_id}@0a", model="tiny",
+                block_size=16, capacity_tokens=1 << 30, max_model_len=1 << 16,
+                max_batch_tokens=1 << 30, pid=1,
+            ))  # fmt: skip
+
+    def sent(self, out: Outbox) -> list[Any]:
         """Encodes what the coordinator sends (timed); returns its node messages."""
 
         def encode_all() -> list[list[bytes]]:
@@ -82,107 +93,84 @@ def run(requests: int, in_flight: int) -> tuple[Timed, int]:
             return [encode_node(msg) for _, msg in coalesced(out.nodes, node_batch)]
 
         msgs = []
-        for frames in timed("encode replies and tasks", encode_all):
+        for frames in self.timed("encode replies and tasks", encode_all):
             msg = decode_from_coordinator(frames)  # (the node's side: not timed)
             msgs += msg.messages if msg.type == "batch" else [msg]
         return msgs
 
-    def from_node(node_id: str, msg: Any) -> list[Any]:
-        frames = encode_node(msg)
-        decoded = timed(f"decode {msg.type}", decode_from_node, frames)
-        out = timed(f"on_node {msg.type}", core.on_node, node_id.encode(), decoded, now)
-        return sent(out) + sent(timed("dispatch", core.dispatch, now))
+    def dispatch(self) -> list[Any]:
+        return self.sent(self.timed("dispatch", self.core.dispatch, self.now))
 
-    for node_id, role in (("p0", "prefill"), ("d0", "decode")):
-        from_node(node_id, Register(
-            node_id=node_id, role=role, endpoint=f"{node_id}@0a", model="tiny", block_size=16,
-            capacity_tokens=1 << 30, max_model_len=1024, max_batch_tokens=1 << 30, pid=1,
-        ))  # fmt: skip
-    sampling = Sampling(max_tokens=2, temperature=0)
-    done = 0
-    while done < requests:
-        for k in range(done, done + in_flight):
-            frames = encode(Generate(request_id=f"r{k}", client_id=f"c{k % 4}", prompt=PROMPT,
-                                     sampling=sampling))  # fmt: skip
-            msg = timed("decode generate", decode_request, frames)
-            sent(timed("on_client generate", core.on_client, b"client", msg, now))
-        tasks = [m for m in sent(timed("dispatch", core.dispatch, now)) if m.type == "prefill_task"]
+    def from_node(self, node_id: str, msg: Any) -> list[Any]:
+        decoded = self.timed(f"decode {msg.type}", decode_from_node, encode_node(msg))
+        out = self.timed(
+            f"on_node {msg.type}", self.core.on_node, node_id.encode(), decoded, self.now
+        )
+        return self.sent(out) + self.dispatch()
+
+    def generate(self, k: int, sampling: Sampling, *, stream: bool = False) -> None:
+        """Client ``c{k % 4}`` sends request ``r{k}`` (all through one connection)."""
+        frames = encode(Generate(request_id=f"r{k}", client_id=f"c{k % 4}", prompt=PROMPT,
+                                 sampling=sampling, stream=stream))  # fmt: skip
+        msg = self.timed("decode generate", decode_request, frames)
+        self.sent(self.timed("on_client generate", self.core.on_client, b"client", msg, self.now))
+
+    def prefill_and_hand_off(self) -> list[int]:
+        """Dispatches what waits, prefills it on p0 and moves its KV to d0: the rids now
+        decoding on d0."""
+        tasks = [m for m in self.dispatch() if m.type == "prefill_task"]
         results = [
             PrefillResult(rid=t.rid, first_token=5, text="a", prefill_start=0.0, prefill_s=0.01)
             for t in tasks
         ]
-        work = [m for m in from_node("p0", Prefilled(results=results)) if m.type == "decode_task"]
-        rids = [t.rid for t in work]
-        from_node("d0", PullRequest(rids=rids))
-        from_node("p0", Pushed(rids=rids, dest="d0@0a"))
-        from_node("d0", Pulled(rids=rids, source="p0@0a"))
+        work = self.from_node("p0", Prefilled(results=results))
+        rids = [m.rid for m in work if m.type == "decode_task"]
+        self.from_node("d0", PullRequest(rids=rids))
+        self.from_node("p0", Pushed(rids=rids, dest="d0@0a"))
+        self.from_node("d0", Pulled(rids=rids, source="p0@0a"))
+        return rids
+
+
+def run(requests: int, in_flight: int) -> tuple[Timed, int]:
+    """``requests`` 2-token requests, ``in_flight`` at a time."""
+    d = Driver()
+    sampling = Sampling(max_tokens=2, temperature=0)
+    done = 0
+    while done < requests:
+        for k in range(done, done + in_flight):
+            d.generate(k, sampling)
+        rids = d.prefill_and_hand_off()
         n = len(rids)
-        from_node("d0", StepTokens(
+        d.from_node("d0", StepTokens(
             rids=rids, indices=[1] * n, tokens=[6] * n, texts=["b"] * n,
             finished=[Ending(rid=r, finish_reason="length") for r in rids], step_s=0.01,
         ))  # fmt: skip
-        now += 0.05
-        sent(timed("tick", core.tick, now))
-        assert not core.requests, f"{len(core.requests)} requests left"
+        d.now += 0.05
+        d.sent(d.timed("tick", d.core.tick, d.now))
+        assert not d.core.requests, f"{len(d.core.requests)} requests left"
         done += in_flight
-    return timed, done
+    return d.timed, done
 
 
 def run_stream(in_flight: int, steps: int) -> tuple[Timed, int]:
-    """``in_flight`` streamed requests decoded ``steps`` tokens each on one node."""
-    model_dir = resolve_model_dir("tiny")
-    core = CoordinatorCore(
-        ModelConfig.from_dir(model_dir),
-        Tokenizer.from_dir(model_dir),
-        CoordinatorSettings(),
-        metrics=CoordinatorMetrics(),
-    )
-    timed, now = Timed(), 100.0
-
-    def sent(out: Outbox) -> list[Any]:
-        for _, msg in coalesced(out.client_sends(), client_batch):
-            timed("encode tokens", encode, msg)
-        msgs = []
-        for _, msg in coalesced(out.nodes, node_batch):
-            msg = decode_from_coordinator(encode_node(msg))
-            msgs += msg.messages if msg.type == "batch" else [msg]
-        return msgs
-
-    def from_node(node_id: str, msg: Any) -> list[Any]:
-        decoded = timed(f"decode {msg.type}", decode_from_node, encode_node(msg))
-        out = timed(f"on_node {msg.type}", core.on_node, node_id.encode(), decoded, now)
-        return sent(out) + sent(core.dispatch(now))
-
-    for node_id, role in (("p0", "prefill"), ("d0", "decode")):
-        from_node(node_id, Register(
-            node_id=node_id, role=role, endpoint=f"{node_id}@0a", model="tiny", block_size=16,
-            capacity_tokens=1 << 30, max_model_len=1 << 16, max_batch_tokens=1 << 30, pid=1,
-        ))  # fmt: skip
+    """``in_flight`` streamed requests decoded ``steps`` tokens each on one node; only
+    the steps are timed."""
+    d = Driver()
     sampling = Sampling(max_tokens=steps + 1, temperature=0)
     for k in range(in_flight):
-        frames = encode(Generate(request_id=f"r{k}", client_id=f"c{k % 4}", prompt=PROMPT,
-                                 sampling=sampling, stream=True))  # fmt: skip
-        sent(core.on_client(f"client{k % 4}".encode(), decode_request(frames), now))
-    tasks = [m for m in sent(core.dispatch(now)) if m.type == "prefill_task"]
-    results = [
-        PrefillResult(rid=t.rid, first_token=5, text="a", prefill_start=0.0, prefill_s=0.01)
-        for t in tasks
-    ]
-    rids = [m.rid for m in from_node("p0", Prefilled(results=results)) if m.type == "decode_task"]
-    from_node("d0", PullRequest(rids=rids))
-    from_node("p0", Pushed(rids=rids, dest="d0@0a"))
-    from_node("d0", Pulled(rids=rids, source="p0@0a"))
-    timed.spent.clear()  # only the steps
+        d.generate(k, sampling, stream=True)
+    rids = d.prefill_and_hand_off()
+    d.timed.spent.clear()
     n = len(rids)
     for i in range(1, steps + 1):
         ends = [Ending(rid=r, finish_reason="length") for r in rids] if i == steps else []
-        from_node("d0", StepTokens(
+        d.from_node("d0", StepTokens(
             rids=rids, indices=[i] * n, tokens=[6 + i % 100] * n, texts=[" ab"] * n,
             finished=ends, step_s=0.01,
         ))  # fmt: skip
-        now += 0.001
-    assert not core.requests, f"{len(core.requests)} requests left"
-    return timed, n * steps
+        d.now += 0.001
+    assert not d.core.requests, f"{len(d.core.requests)} requests left"
+    return d.timed, n * steps
 
 
 def main() -> None:
