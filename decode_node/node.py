@@ -12,61 +12,39 @@ stream goes on from the next token index.
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from disagg.engine.detokenize import TextStream
-from disagg.engine.sequence import Sequence, blocks_for_tokens
-from disagg.node.local_queue import CounterQueue
-from disagg.node.runtime import NodeRuntime
+from disagg.engine.sequence import blocks_for_tokens
+from disagg.node.decoding import Decoding, DecodingNode, StepBatch
 from disagg.node.transfers import TransferDone
 from disagg.protocol.cluster import (
     CoordinatorToNode,
     DecodeTask,
-    Ending,
     Pulled,
     PullGo,
     PullRequest,
     Release,
     SourceLost,
-    StepTokens,
-    TaskFailed,
 )
-from disagg.scheduling.admission import Limits, make_room, take_in_order, watermark
+from disagg.scheduling.admission import Limits, take_in_order
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, eq=False)
-class Decoding:
-    rid: int
-    client_id: str
-    counter: float
-    arrival: float
-    seq: Sequence
-    source: str | None  # the KV endpoint holding its prompt KV; None: recompute
-    text: TextStream  # its output text, streamed from where the coordinator says it is
+class Incoming(Decoding):
+    """A request whose KV is pulled from a prefill node, or recomputed here."""
+
+    source: str | None = None  # the KV endpoint holding its prompt KV; None: recompute
     receiving: bool = False  # the KV receive is under way
-    released: bool = False  # released while receiving: free when the receive ends
 
 
-@dataclass(slots=True)
-class DecodeBatch:
-    items: list[Decoding]
-    prefill: bool  # recompute (prefill over all tokens) or one decode step
-    preempted: list[int] = field(default_factory=list)
-
-
-class DecodeNode(NodeRuntime):
-    waiting: CounterQueue[Decoding]
-
+class DecodeNode(DecodingNode[Incoming]):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pulling: dict[int, Decoding] = {}
-        self.recompute: dict[int, Decoding] = {}
-        self.running: dict[int, Decoding] = {}
-        self.watermark = watermark(self.worker.num_blocks)
-        self.stepping: dict[int, Decoding] = {}  # the batch on the model thread
+        self.pulling: dict[int, Incoming] = {}
+        self.recompute: dict[int, Incoming] = {}
         # rid -> (peer, blocks) of a receive given up on (its source died): the blocks
         # stay with the transfer until it ends, then are freed.
         self.abandoned: dict[int, tuple[str, list[int]]] = {}
@@ -86,10 +64,10 @@ class DecodeNode(NodeRuntime):
         else:
             log.warning("decode node ignores %s", msg.type)
 
-    def _decoding(self, t: DecodeTask) -> Decoding:
+    def _decoding(self, t: DecodeTask) -> Incoming:
         seq = self.sequence(t, t.output_token_ids)
         text = TextStream.resume(self.worker.tokenizer, seq.output_token_ids, t.text_chars)
-        return Decoding(t.rid, t.client_id, t.counter, t.arrival, seq, t.source, text)
+        return Incoming(t.rid, t.client_id, t.counter, t.arrival, seq, text, source=t.source)
 
     def _pull(self, msg: PullGo) -> None:
         """One transfer for every request in ``msg.rids``, blocks back to back. A request
@@ -145,8 +123,7 @@ class DecodeNode(NodeRuntime):
             or self.running.pop(rid, None)
         )
         if d is not None:
-            self.worker.allocator.free(d.seq.block_table)
-            self.worker.forget(rid)
+            self._forget(d)
 
     def on_transfer(self, done: TransferDone) -> None:
         self.link.send(Pulled(source=done.peer, **done.report()))
@@ -161,8 +138,7 @@ class DecodeNode(NodeRuntime):
                 continue
             del self.pulling[rid]
             if d.released:
-                self.worker.allocator.free(d.seq.block_table)
-                self.worker.forget(d.rid)
+                self._forget(d)
             elif done.error is None:
                 self.running[d.rid] = d
             else:  # the KV did not arrive whole: recompute it here
@@ -209,13 +185,10 @@ class DecodeNode(NodeRuntime):
         if pulls:  # one message; the coordinator batches them per prefill node
             self.link.send(PullRequest(rids=pulls))
 
-    def _blocks_needed(self, d: Decoding) -> int:
-        return blocks_for_tokens(d.seq.num_tokens, self.block_size)
-
-    def prepare_step(self) -> DecodeBatch | None:
+    def prepare_step(self) -> StepBatch[Incoming] | None:
         if self.recompute:  # resumed, preempted or failed pulls: prefill their KV here
             budget = self.settings.max_batch_tokens
-            batch: list[Decoding] = []
+            batch: list[Incoming] = []
             tokens = 0
             for d in list(self.recompute.values()):
                 n = d.seq.num_tokens
@@ -225,88 +198,12 @@ class DecodeNode(NodeRuntime):
                 tokens += n
             for d in batch:
                 del self.recompute[d.rid]
-            step = DecodeBatch(batch, prefill=True)
-        elif self.running:
-            preempted = self._make_room()
-            step = DecodeBatch(list(self.running.values()), prefill=False, preempted=preempted)
-            if not step.items:
-                self.link.send(StepTokens(preempted=preempted))
-                return None
-        else:
-            return None
-        self.stepping = {d.rid: d for d in step.items}
-        return step
+            return self._stepping(StepBatch(batch, prefill=True))
+        if self.running:
+            step = self._decode_step()
+            return None if step is None else self._stepping(step)
+        return None
 
-    def execute(self, step: DecodeBatch) -> tuple[list[int], float]:
-        seqs = [d.seq for d in step.items]
-        start = time.perf_counter()
-        tokens = self.worker.execute(seqs, step.prefill, self.generator)
-        return tokens, time.perf_counter() - start
-
-    def finish_step(self, step: DecodeBatch, result) -> None:
-        self.stepping = {}
-        allocator = self.worker.allocator
-        if isinstance(result, Exception):
-            for d in step.items:
-                self.running.pop(d.rid, None)
-                allocator.free(d.seq.block_table)
-                self.worker.forget(d.rid)
-                if not d.released:
-                    self.link.send(TaskFailed(rid=d.rid, message=f"decode failed: {result!r}"))
-            return
-        tokens, step_s = result
-        rids: list[int] = []
-        indices: list[int] = []
-        out_tokens: list[int] = []
-        texts: list[str] = []
-        finished: list[Ending] = []
-        for d, token in zip(step.items, tokens, strict=True):
-            seq = d.seq
-            if d.released:  # released during the step: its blocks are free to go now
-                allocator.free(seq.block_table)
-                self.worker.forget(d.rid)
-                continue
-            seq.output_token_ids.append(token)
-            reason = self.worker.finish_reason(seq, token)
-            rids.append(d.rid)
-            indices.append(seq.num_output_tokens - 1)
-            out_tokens.append(token)
-            texts.append(d.text.advance(seq.output_token_ids, reason is not None))
-            if reason is None:
-                self.running[d.rid] = d
-            else:
-                finished.append(Ending(rid=d.rid, finish_reason=reason, text_end=seq.text_end))  # type: ignore[arg-type]
-                self.running.pop(d.rid, None)
-                allocator.free(seq.block_table)
-                self.worker.forget(d.rid)
-        self.link.send(
-            StepTokens(
-                rids=rids, indices=indices, tokens=out_tokens, texts=texts, finished=finished,
-                preempted=step.preempted, step_s=step_s,
-            )
-        )  # fmt: skip
-
-    def _make_room(self) -> list[int]:
-        """Gives every running sequence the blocks its next token needs, preempting the
-        running request of the most-served client while blocks are short (the shared
-        rule, :func:`disagg.scheduling.admission.make_room`)."""
-        allocator = self.worker.allocator
-        order = sorted(self.running.values(), key=lambda d: (d.arrival, d.rid))
-        _, evicted = make_room(
-            order,
-            lambda d: blocks_for_tokens(d.seq.num_tokens, self.block_size) - len(d.seq.block_table),
-            lambda: allocator.num_free,
-            self.waiting.preemption_victim,
-            self._preempt,
-            lambda d, n: d.seq.block_table.extend(allocator.allocate(n)),
-        )
-        return [d.rid for d in evicted]
-
-    def _preempt(self, d: Decoding) -> None:
-        """Frees ``d``'s blocks and queues it again, to recompute its KV when readmitted."""
-        del self.running[d.rid]
-        self.worker.allocator.free(d.seq.block_table)
-        d.seq.block_table = []
-        d.seq.num_preemptions += 1
-        d.source = None
-        self.waiting.push(d)
+    def _preempt(self, d: Incoming) -> None:
+        d.source = None  # recomputed here when readmitted
+        super()._preempt(d)
