@@ -340,9 +340,10 @@ class Coordinator:
         for identity, msg in coalesced(out.client_sends(), client_batch):
             counts["client_out"] += 1
             self._send_client(identity, msg)
-        if self._loop is not None:  # a send may have taken a socket's readable edge
+        if self._loop is not None:  # a send may have taken its socket's readable edge
             for sock, handle in self._readers():
-                if sock.get(_EVENTS) & _POLLIN:
+                sent = out.nodes if sock is self.node_socket else out.clients
+                if sent and sock.get(_EVENTS) & _POLLIN:
                     self._loop.call_soon(self._drain, sock, handle)
 
     def _send_client(self, identity: bytes, msg: Any) -> None:
