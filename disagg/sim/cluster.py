@@ -1,8 +1,9 @@
 """What a simulated cluster is: its shape and its instances' behaviour per step.
 
 Instances are driven by :class:`disagg.sim.simulator.Simulator`; each plans its next
-step from the shared pool policies (the very objects the real nodes use) and reports
-what the step did. Decode runs in *macro-steps*: k identical-batch decode steps at once,
+step from the pool policies (the very objects the real nodes use) and reports what the
+step did, except a disaggregated prefill instance, which batches the prompts dispatched
+to it (:class:`PrefillQueue`), as a prefill node batches its local queue. Decode runs in *macro-steps*: k identical-batch decode steps at once,
 cut wherever something could change the batch (a request finishing, memory running
 out, a new request becoming admissible), which is exact for the metrics kept and makes
 simulation of long outputs cheap.
@@ -11,12 +12,13 @@ simulation of long outputs cheap.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from disagg.errors import ConfigError
 from disagg.scheduling import LinearCost, SchedulingPolicy
-from disagg.scheduling.admission import Limits, take_in_order, watermark
+from disagg.scheduling.admission import Limits, Ordered, take_in_order, watermark
 from disagg.sim.latency import LatencyModel
 from disagg.sim.request import SimRequest
 
@@ -136,15 +138,64 @@ class Instance:
         )
 
 
+class PrefillQueue:
+    """The prompts dispatched to one disaggregated prefill instance, waiting for its next
+    batch, in the order a prefill node takes them (its
+    :class:`~disagg.node.local_queue.CounterQueue`): the client's counter as the pool's
+    view has it when the batch is formed (``counter``; None orders by arrival only, as
+    every counter is 0 under FCFS and RPM), then arrival. ``need`` is the KV they will
+    take on admission, which dispatch counts as taken, as a node's credit does."""
+
+    def __init__(self, instance: Instance, counter: Callable[[str], float] | None):
+        self._instance = instance
+        self._counter = counter
+        self._items: list[SimRequest] = []  # after order(): the head last
+        self.need = 0
+
+    def add(self, r: SimRequest) -> None:
+        self._items.append(r)
+        self.need += self._instance.need(r, r.prefill_tokens)
+
+    def order(self) -> None:
+        """Sorts for the next batch. A node's order moves with a publication, not with
+        what it admits, so it is fixed while one batch is taken."""
+        counter = self._counter
+        if counter is None:
+            self._items.sort(key=lambda r: (r.arrival_time, r.seq_id), reverse=True)
+        else:
+            self._items.sort(
+                key=lambda r: (counter(r.client_id), r.arrival_time, r.seq_id), reverse=True
+            )
+
+    def peek(self) -> SimRequest | None:
+        return self._items[-1] if self._items else None
+
+    def pop(self) -> SimRequest:
+        r = self._items.pop()
+        self.need -= self._instance.need(r, r.prefill_tokens)
+        return r
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 def _prefill_tokens(r: SimRequest) -> int:
     return r.prefill_tokens
 
 
 def admit_prefill_batch(
-    policy: SchedulingPolicy, instance: Instance, running: int, now: float, log: ServiceLog
+    queue: Ordered[SimRequest],
+    instance: Instance,
+    running: int,
+    now: float,
+    log: ServiceLog,
+    charge: SchedulingPolicy | None,
 ) -> list[SimRequest]:
-    """Takes waiting requests in policy order while the head fits (token budget, KV
-    memory, batch size); the head blocks the queue when it does not."""
+    """Takes waiting requests in the queue's order while the head fits (token budget,
+    KV memory, batch size); the head blocks the queue when it does not. ``charge``: the
+    policy charged a request's input on its first admission (an engine charges as it
+    admits), or None when that was done at dispatch (the coordinator charges a
+    disaggregated prefill as it dispatches it)."""
 
     def take(head: SimRequest) -> None:
         # What was checked is what is taken: the prompt (or recompute) and the slot of
@@ -155,7 +206,8 @@ def admit_prefill_batch(
         if head.prefill_start is None:
             head.prefill_start = now
         head.instance = instance.index
-        policy.on_admitted(head, head.prompt_len if first_time else 0)
+        if charge is not None:
+            charge.on_admitted(head, head.prompt_len if first_time else 0)
         if first_time:
             log.input(now, head)
 
@@ -163,7 +215,7 @@ def admit_prefill_batch(
         return instance.need(r, r.prefill_tokens)
 
     limits = instance.limits(running, instance.spec.max_batch_tokens)
-    return take_in_order(policy, limits, need, _prefill_tokens, on_take=take)
+    return take_in_order(queue, limits, need, _prefill_tokens, on_take=take)
 
 
 def prefill_duration(latency: LatencyModel, batch: list[SimRequest]) -> float:

@@ -25,6 +25,7 @@ from disagg.scheduling.admission import take_in_order
 from disagg.sim.cluster import (
     ClusterSpec,
     Instance,
+    PrefillQueue,
     ServiceLog,
     admit_prefill_batch,
     decode_duration,
@@ -53,14 +54,22 @@ class SimResult:
 
 class _Node(Instance):
     """An instance plus what it runs: ``running`` decodes; ``incoming`` are pulled
-    requests whose KV is still in flight (disaggregated decode only)."""
+    requests whose KV is still in flight (disaggregated decode only); ``queue`` holds
+    the prompts dispatched to it (disaggregated prefill only)."""
 
     def __init__(self, index: int, latency: LatencyModel, spec: ClusterSpec, *, decodes: bool):
         super().__init__(index, latency, spec, decodes=decodes)
         self.running: list[SimRequest] = []
         self.incoming: list[SimRequest] = []
         self.prefilling: list[list] = []  # chunked prefill: [request, tokens left]
+        self.queue: PrefillQueue | None = None
         self.busy_until = 0.0
+
+    def room(self) -> int:
+        """KV a prefill instance can still take, its queued prompts counted as taken:
+        what the coordinator reads from a prefill node's credit."""
+        assert self.queue is not None
+        return self.free - self.queue.need
 
 
 class Simulator:
@@ -115,6 +124,10 @@ class Simulator:
                 _Node(cluster.prefill + i, dl, cluster, decodes=True) for i in range(cluster.decode)
             ]
             self.nodes = self.prefill_nodes + self.decode_nodes
+            prefill = self.pools.prefill
+            counter = prefill.view.counter if isinstance(prefill, CounterOrdered) else None
+            for node in self.prefill_nodes:
+                node.queue = PrefillQueue(node, counter)
         decoding = self.decode_nodes if self.pools is not None else self.nodes
         self._decode_capacity = min(n.capacity for n in decoding)
         self._prefill_capacity = min((n.capacity for n in self.prefill_nodes), default=INF)
@@ -196,8 +209,12 @@ class Simulator:
             self.log.pending(self.now, r.client_id, +1)
             accepted = True
         self._schedule_next_arrival()
-        if accepted:
-            self._wake(self.nodes if self.pools is None else self.prefill_nodes)
+        if not accepted:
+            return
+        if self.pools is None:
+            self._wake(self.nodes)
+        else:
+            self._dispatch_prefill()
 
     def _can_ever_run(self, r: SimRequest) -> bool:
         """Whether ``r`` fits an instance alone all the way to its last token (as the
@@ -227,7 +244,9 @@ class Simulator:
 
     def _start_colocated(self, node: _Node) -> None:
         if self.cluster.chunked_prefill is None:
-            batch = admit_prefill_batch(self.policy, node, len(node.running), self.now, self.log)
+            batch = admit_prefill_batch(
+                self.policy, node, len(node.running), self.now, self.log, self.policy
+            )
             if batch:
                 for r in batch:
                     self.log.pending(self.now, r.client_id, -1)
@@ -248,9 +267,8 @@ class Simulator:
         self._decode_step(node, self.policy, self.policy)
 
     def _admit_chunked(self, node: _Node) -> None:
-        batch = admit_prefill_batch(
-            self.policy, node, len(node.running) + len(node.prefilling), self.now, self.log
-        )
+        running = len(node.running) + len(node.prefilling)
+        batch = admit_prefill_batch(self.policy, node, running, self.now, self.log, self.policy)
         for r in batch:
             self.log.pending(self.now, r.client_id, -1)
             node.prefilling.append([r, r.prefill_tokens])
@@ -309,9 +327,30 @@ class Simulator:
 
     # -- disaggregated ---------------------------------------------------------------
 
-    def _start_prefill(self, node: _Node) -> None:
+    def _dispatch_prefill(self) -> None:
+        """The coordinator's rule (disagg/coordinator/core/dispatch.py): the pool's head
+        goes at once to the prefill instance with the most KV room (its queued prompts
+        counted as taken; the first instance on a tie) and is charged its input there; a
+        head that fits none waits and is not overtaken. Each instance then batches from
+        its own queue, so prompts waiting together are split over the instances rather
+        than taken whole by the first to go idle."""
         assert self.pools is not None
-        batch = admit_prefill_batch(self.pools.prefill, node, 0, self.now, self.log)
+        policy, nodes = self.pools.prefill, self.prefill_nodes
+        while (head := policy.peek()) is not None:
+            node = max(nodes, key=_Node.room)
+            if node.room() < node.need(head, head.prefill_tokens):
+                break
+            policy.pop()
+            if head.num_preemptions == 0:  # a recompute is not charged again
+                policy.on_admitted(head, head.prompt_len)
+            assert node.queue is not None
+            node.queue.add(head)
+        self._wake(nodes)
+
+    def _start_prefill(self, node: _Node) -> None:
+        assert node.queue is not None
+        node.queue.order()
+        batch = admit_prefill_batch(node.queue, node, 0, self.now, self.log, None)
         if not batch:
             node.busy = False
             return
@@ -333,6 +372,7 @@ class Simulator:
             self._run(node, self.cluster.prefill_gap, lambda: self._start(node))
         else:
             self._start(node)
+        self._dispatch_prefill()  # a request that ended here freed its KV
         self._wake(self.decode_nodes)
 
     def _start_decode(self, node: _Node) -> None:
@@ -367,8 +407,8 @@ class Simulator:
         r.instance = node.index
         node.incoming.remove(r)
         node.running.append(r)
-        if source is not None and not source.busy:
-            self._start(source)
+        if source is not None:
+            self._dispatch_prefill()  # the source has room again
         if not node.busy:
             self._start(node)
 
@@ -477,7 +517,7 @@ class Simulator:
         requeue_to.requeue(victim)
         self.log.pending(self.now, victim.client_id, +1)
         if self.pools is not None:
-            self._wake(self.prefill_nodes)
+            self._dispatch_prefill()
 
     def _policies(self):
         return (self.policy,) if self.pools is None else (self.pools.prefill, self.pools.decode)

@@ -327,6 +327,33 @@ def test_requests_arriving_together_are_prefilled_together():
     assert a.first_token_time == pytest.approx(0.5 + LIN.prefill_time(150, 12500, 2))
 
 
+def test_prompts_go_to_a_prefill_instance_on_arrival_as_the_coordinator_sends_them():
+    """Each prompt goes, as it arrives, to the prefill instance with the most KV room
+    (its queued prompts counted as taken), and each instance batches its own queue, as
+    the coordinator and the prefill nodes do. Instance 0 is free first, but C and D
+    went to instance 1 (B is shorter than A) and only E, once they had taken instance
+    1's room, to instance 0; instances pulling from one shared queue would have run C,
+    D and E as one batch on instance 0."""
+    arrivals = [
+        Arrival(0.0, "a", 1000, 2),  # A: instance 0 (a tie goes to the first)
+        Arrival(0.05, "a", 600, 2),  # B: instance 1, which has more room
+        Arrival(0.06, "a", 300, 2),  # C
+        Arrival(0.07, "a", 300, 2),  # D
+        Arrival(0.08, "a", 300, 2),  # E
+    ]
+    cluster = ClusterSpec(kind="disagg", prefill=2, decode=1)
+    _, _, c, d, e = simulate(workload(arrivals, 5.0), cluster).requests
+    a_end = LIN.prefill_time(1000, 1000**2, 1)
+    b_end = 0.05 + LIN.prefill_time(600, 600**2, 1)
+    assert a_end < b_end
+    assert [c.prefill_start, d.prefill_start, e.prefill_start] == pytest.approx(
+        [b_end, b_end, a_end], rel=1e-12
+    )
+    assert c.first_token_time == d.first_token_time
+    assert c.first_token_time == pytest.approx(b_end + LIN.prefill_time(600, 2 * 300**2, 2))
+    assert e.first_token_time == pytest.approx(a_end + LIN.prefill_time(300, 300**2, 1))
+
+
 # -- conservation --------------------------------------------------------------------
 
 MIXED = {
