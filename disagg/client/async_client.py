@@ -52,6 +52,7 @@ from disagg.protocol import (
     decode_reply,
     encode,
 )
+from disagg.protocol.sockets import POLLIN, POLLOUT, events, recv_frames, send_frames
 from disagg.sampling_params import SamplingParams
 
 _log = logging.getLogger(__name__)
@@ -64,13 +65,6 @@ DEFAULT_CLIENT_MAX_MESSAGE_BYTES = 64 << 20
 _CLOSE_LINGER_MS = 1000
 # Messages one reader callback takes before it lets the loop's other callbacks run.
 _MAX_MESSAGES_PER_CALLBACK = 64
-# pyzmq's flags are enum members, and combining or converting one is a Python call.
-_NOBLOCK = int(zmq.NOBLOCK)
-_SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
-_EVENTS = int(zmq.EVENTS)
-_RCVMORE = int(zmq.RCVMORE)
-_POLLIN = int(zmq.POLLIN)
-_POLLOUT = int(zmq.POLLOUT)
 
 
 class AsyncClient:
@@ -334,13 +328,9 @@ class AsyncClient:
             self._loop.call_soon(self._on_events)
 
     def _try_send(self, frames: list[bytes]) -> bool:
-        *head, last = frames
-        send = self._sock.send
         try:
-            for frame in head:
-                send(frame, _SNDMORE_NOBLOCK)
-            send(last, _NOBLOCK)
-        except zmq.Again:  # only at the first frame: ZeroMQ takes a message whole or not at all
+            send_frames(self._sock, frames)
+        except zmq.Again:  # the pipe is full (ZeroMQ took none of the message)
             return False
         return True
 
@@ -365,15 +355,15 @@ class AsyncClient:
             return
         sock = self._sock
         try:
-            events = sock.getsockopt(_EVENTS)
-            if self._outbox and events & _POLLOUT:
+            now = events(sock)
+            if self._outbox and now & POLLOUT:
                 self._flush_outbox()
-                events = sock.getsockopt(_EVENTS)
+                now = events(sock)
             for _ in range(_MAX_MESSAGES_PER_CALLBACK):
-                if not events & _POLLIN:
+                if not now & POLLIN:
                     return
-                self._dispatch(self._recv_frames())
-                events = sock.getsockopt(_EVENTS)
+                self._dispatch(recv_frames(sock))
+                now = events(sock)
         except Exception as e:  # a client that stopped reading must fail every caller
             self._stop_receiving(e)
             return
@@ -382,13 +372,6 @@ class AsyncClient:
         self._events_check_scheduled = True
         assert self._loop is not None
         self._loop.call_soon(self._on_events)
-
-    def _recv_frames(self) -> list[bytes]:
-        recv, get = self._sock.recv, self._sock.getsockopt
-        frames = [recv(_NOBLOCK)]
-        while get(_RCVMORE):
-            frames.append(recv(_NOBLOCK))
-        return frames
 
     def _stop_reading(self) -> None:
         if self._loop is not None and not self._loop.is_closed():

@@ -43,30 +43,11 @@ from disagg.errors import ConfigError, ProtocolError, ServerUnavailable
 from disagg.protocol import decode_request, encode, error_reply
 from disagg.protocol.cluster import decode_from_node, encode_node
 from disagg.protocol.curve import configure_curve_server
+from disagg.protocol.sockets import POLLIN, events, recv_frames, send_frames
 
 __all__ = ["MAX_PAIR_EPOCHS", "Coordinator", "CoordinatorSettings"]
 
 log = logging.getLogger(__name__)
-
-# ZeroMQ's constants as plain ints: pyzmq's enums (and its *_multipart helpers, which
-# use them) cost a Python call per frame on the hot path.
-_EVENTS, _POLLIN, _RCVMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE)
-_NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK) | int(zmq.SNDMORE)
-
-
-def _recv_frames(sock: zmq.Socket) -> list[bytes]:
-    """One whole message's frames (raises ``zmq.Again`` if none is queued)."""
-    frames = [sock.recv(_NOBLOCK)]
-    while sock.get(_RCVMORE):
-        frames.append(sock.recv(_NOBLOCK))
-    return frames
-
-
-def _send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
-    """Queues one message without blocking (raises ``zmq.ZMQError`` if it cannot)."""
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        sock.send(frame, _MORE if i < last else _NOBLOCK)
 
 
 class Coordinator:
@@ -264,9 +245,9 @@ class Coordinator:
         (ZeroMQ's rule), so this reads until the socket says it holds nothing more; a
         send may also take the edge, so every flush checks both sockets again."""
         taken = 0
-        while taken < self._DRAIN_LIMIT and sock.get(_EVENTS) & _POLLIN:
+        while taken < self._DRAIN_LIMIT and events(sock) & POLLIN:
             try:
-                frames = _recv_frames(sock)
+                frames = recv_frames(sock)
             except zmq.Again:
                 break
             taken += 1
@@ -334,7 +315,7 @@ class Coordinator:
         for identity, msg in coalesced(out.nodes, node_batch):
             counts["node_out"] += 1
             try:
-                _send_frames(self.node_socket, [identity, *encode_node(msg)])
+                send_frames(self.node_socket, [identity, *encode_node(msg)])
             except zmq.ZMQError as e:  # a node whose pipe is full or gone: drop, go on
                 log.warning("message to node %r dropped: %s", identity, e)
         for identity, msg in coalesced(out.client_sends(), client_batch):
@@ -343,7 +324,7 @@ class Coordinator:
         if self._loop is not None:  # a send may have taken its socket's readable edge
             for sock, handle in self._readers():
                 sent = out.nodes if sock is self.node_socket else out.clients
-                if sent and sock.get(_EVENTS) & _POLLIN:
+                if sent and events(sock) & POLLIN:
                     self._loop.call_soon(self._drain, sock, handle)
 
     def _send_client(self, identity: bytes, msg: Any) -> None:
@@ -353,6 +334,6 @@ class Coordinator:
             log.error("a reply to a client could not be encoded, dropped: %s", e)
             return
         try:
-            _send_frames(self.clients, [identity, *frames])
+            send_frames(self.clients, [identity, *frames])
         except zmq.ZMQError as e:  # a client whose pipe is full or gone: drop, go on
             log.warning("reply to a client dropped: %s", e)

@@ -11,7 +11,6 @@ from typing import Any
 
 from disagg.coordinator.auth import check_cluster_secret
 from disagg.coordinator.core.kv import KVPairing
-from disagg.coordinator.core.outbox import StreamedTokens
 from disagg.coordinator.core.state import log
 from disagg.coordinator.nodes import NodeState
 from disagg.coordinator.tracked import Phase, Tracked
@@ -150,7 +149,8 @@ class NodeReports(KVPairing):
         else:
             t.kv_node, t.kv_since = node.node_id, self.now
             heapq.heappush(self._kv_leases, (self.now, t.rid))
-        self._add_token(t, r.first_token, r.text)
+        self._take_token(t, r.first_token, r.text)
+        self._charge_output({t: 1})
         if r.finish_reason is not None:
             self._finish(t, r.finish_reason, text_end=r.text_end)
             return
@@ -183,7 +183,6 @@ class NodeReports(KVPairing):
         )
         decoding = Phase.DECODING
         counts: dict[Tracked, int] = {}  # tokens taken this step, by request (to charge)
-        streams: dict[bytes, StreamedTokens] = {}
         for rid, index, token, text in zip(
             msg.rids, msg.indices, msg.tokens, msg.texts, strict=True
         ):
@@ -202,18 +201,8 @@ class NodeReports(KVPairing):
                 continue
             if have == 1:
                 self.events.record(str(rid), "decode_start", node_id=node_id, t=now)
-            out.append(token)
+            self._take_token(t, token, text)
             counts[t] = taken + 1
-            if text:
-                t.text_parts.append(text)
-                t.text_chars += len(text)
-            if t.first_token_at is None:
-                t.first_token_at = now
-            if t.stream:
-                stream = streams.get(t.identity)
-                if stream is None:
-                    stream = streams[t.identity] = self.outbox.stream(t.identity)
-                stream.add(t.request_id, index, token, text)
             if ending_at and ending_at.get(rid) == index:
                 self._charge_output(counts)  # before the ending leaves its client's queue
                 counts = {}
@@ -232,8 +221,9 @@ class NodeReports(KVPairing):
             for t, n in counts.items():
                 charges[t.client_id] = charges.get(t.client_id, 0.0) + one * n
 
-    def _add_token(self, t: Tracked, token: int, text: str) -> None:
-        """Charges ``token`` (the next one) as output and streams it with its text."""
+    def _take_token(self, t: Tracked, token: int, text: str) -> None:
+        """Appends ``token`` (the next one) with its text and streams it; the caller
+        charges it (:meth:`_charge_output`)."""
         index = len(t.output_token_ids)
         t.output_token_ids.append(token)
         if text:
@@ -241,9 +231,5 @@ class NodeReports(KVPairing):
             t.text_chars += len(text)
         if t.first_token_at is None:
             t.first_token_at = self.now
-        self.pools.decode.on_tokens(t, 1)
-        if self.metrics:  # summed per client, exported once per tick (see tick)
-            charges = self.charges["decode"]
-            charges[t.client_id] = charges.get(t.client_id, 0.0) + self._cost_out_one
         if t.stream:
             self.outbox.stream(t.identity).add(t.request_id, index, token, text)
